@@ -1,0 +1,277 @@
+"""Find and drive a real ComfyUI: in-process (import) or as a server on 127.0.0.1.
+
+The bundled host is the unmodified ComfyUI 0.3.75 tree that scripts/setup_host.sh
+provisions under .host/ComfyUI; COMFYUI_DIR points everything at another tree.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree to use: $COMFYUI_DIR, else the provisioned one, else the tree we sit in."""
+    candidates = []
+    if os.environ.get("COMFYUI_DIR"):
+        candidates.append(Path(os.environ["COMFYUI_DIR"]))
+    marker = PACK_ROOT / ".host" / "comfyui_dir"
+    if marker.is_file():
+        candidates.append(Path(marker.read_text().strip()))
+    candidates.append(PACK_ROOT / ".host" / "ComfyUI")
+    # installed as ComfyUI/custom_nodes/<pack>
+    candidates.append(PACK_ROOT.parents[1])
+    for c in candidates:
+        if (c / "main.py").is_file() and (c / "comfy").is_dir():
+            return c.resolve()
+    raise FileNotFoundError(
+        "No ComfyUI found. Run `bash scripts/setup_host.sh` (provisions ComfyUI 0.3.75 under .host/) "
+        "or set COMFYUI_DIR to your ComfyUI folder (the one with main.py)."
+    )
+
+
+_IMPORTED = False
+
+
+def import_comfy(cpu: bool | None = None) -> Path:
+    """Make the real ComfyUI importable in this process (idempotent). Returns its root.
+
+    Order matters: CPU mode must be set before comfy.model_management is imported, and
+    utils.extra_config before nodes (nodes.py puts comfy/ on sys.path, after which
+    `utils` would resolve to comfy/utils.py).
+    """
+    global _IMPORTED
+    root = comfyui_dir()
+    if _IMPORTED:
+        return root
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import torch
+
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import utils.extra_config  # noqa: F401
+    import folder_paths  # noqa: F401
+    import nodes  # noqa: F401
+
+    _IMPORTED = True
+    return root
+
+
+class _Server:
+    """The minimum PromptExecutor needs from PromptServer."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class InProcessComfy:
+    """A real ComfyUI loaded in this process with the InDomain pack registered."""
+
+    def __init__(self, models_dir: Path | None = None, output_dir: Path | None = None):
+        root = import_comfy()
+        import folder_paths
+        import nodes
+
+        self.root = root
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            folder_paths.set_output_directory(str(output_dir))
+        if models_dir is not None:
+            add_model_dirs(Path(models_dir))
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        before = set(nodes.NODE_CLASS_MAPPINGS)
+        self.pack_loaded = asyncio.run(nodes.load_custom_node(str(PACK_ROOT)))
+        self.pack_nodes = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+        self.nodes = nodes
+
+    def node(self, class_type: str):
+        return self.nodes.NODE_CLASS_MAPPINGS[class_type]
+
+    def run(self, prompt: dict, outputs: list[str] | None = None) -> "RunResult":
+        """Validate and execute an API-format prompt; return UI outputs and node outputs."""
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise RuntimeError(f"prompt failed validation: {valid[1]} {json.dumps(valid[3], default=str)[:2000]}")
+        server = _Server()
+        executor = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+        executor.execute(prompt, prompt_id, {}, valid[2])
+        errors = [m for m in server.messages if m[0] == "execution_error"] + [
+            m for m in executor.status_messages if m[0] == "execution_error"
+        ]
+        if not executor.success or errors:
+            raise RuntimeError(f"prompt failed: {errors[:1]}")
+        node_outputs = {}
+        for node_id in outputs or list(prompt):
+            entry = executor.caches.outputs.get(node_id)
+            if entry is not None:
+                node_outputs[node_id] = getattr(entry, "outputs", entry)
+        return RunResult(executor.history_result, node_outputs, server.messages)
+
+
+class RunResult:
+    def __init__(self, history, node_outputs, messages):
+        self.history = history
+        self.node_outputs = node_outputs
+        self.messages = messages
+
+    def output(self, node_id: str, index: int = 0):
+        """The index-th output of a node; ComfyUI stores one list per output (batched lists)."""
+        value = self.node_outputs[node_id][index]
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def add_model_dirs(models_dir: Path) -> None:
+    """Register models_dir/<kind> folders with ComfyUI's folder_paths (in-process)."""
+    import folder_paths
+
+    for kind in ("checkpoints", "controlnet", "diffusion_models", "domain_unets", "vae", "loras"):
+        d = models_dir / kind
+        d.mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def frontend_installed(python: str = sys.executable) -> bool:
+    r = subprocess.run([python, "-c", "import comfyui_frontend_package"], capture_output=True)
+    return r.returncode == 0
+
+
+class ComfyServer:
+    """A real ComfyUI server on 127.0.0.1 with its own base directory (models, custom_nodes, output).
+
+    The pack is linked into BASE/custom_nodes/indomain; models are linked from `models` (a dict
+    kind -> list of files, or kind -> {name: file}). Stopped by PID; the log is kept at BASE/server.log.
+    """
+
+    def __init__(self, base: Path, models: dict | None = None, real_frontend: bool = False,
+                 extra_args: list[str] | None = None):
+        self.base = Path(base)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.real_frontend = real_frontend
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / "indomain"
+        if not link.exists():
+            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        for kind in ("checkpoints", "controlnet", "domain_unets", "vae", "loras", "diffusion_models"):
+            (self.base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        for kind, files in (models or {}).items():
+            named = files.items() if isinstance(files, dict) else [(Path(f).name, f) for f in files]
+            for name, f in named:
+                dst = self.base / "models" / kind / name
+                if not dst.exists():
+                    dst.symlink_to(Path(f).resolve())
+        self.log_path = self.base / "server.log"
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        root = comfyui_dir()
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+        if not self.real_frontend:
+            stub = self.base / "frontend_stub"
+            stub.mkdir(exist_ok=True)
+            (stub / "index.html").write_text("<html><body>InDomain test stub frontend</body></html>")
+            cmd += ["--front-end-root", str(stub)]
+        cmd += self.extra_args
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(root), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get_json("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI server did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- HTTP helpers (stdlib only, so they work before any extra install)
+    def get_json(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str, timeout: float = 30) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return r.read()
+
+    def post_json(self, path: str, body: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')[:4000]}") from None
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,200 @@
+"""The domain UNet checkpoint: one `.safetensors` file with the null-text UNet weights (the
+calibrated constants included, as `<block>.attn2.constant`) and string metadata:
+
+    indomain.format          "indomain.domain_unet"
+    indomain.format_version  "1"
+    indomain.base_architecture   ComfyUI model family of the base (e.g. "SD15", "SDXL")
+    indomain.model_type      prediction type of the base ("EPS", "V_PREDICTION")
+    indomain.base_signature  sha256 of the base UNet's key/shape layout (the architecture)
+    indomain.base_fingerprint    sha256 over sampled base weights (which base it started from)
+    indomain.calibration     JSON: how the constants were computed
+    indomain.training        JSON: settings and data summary of the training run
+
+Reading validates all of it and says what is wrong and what to do. Only safetensors is ever
+read (never pickle); writes go to a temp file in the same folder and are renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .nulltext import CONSTANT_NAME
+
+FORMAT_NAME = "indomain.domain_unet"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("indomain.format", "indomain.format_version", "indomain.base_architecture",
+                 "indomain.model_type", "indomain.base_signature", "indomain.base_fingerprint")
+
+
+class DomainCheckpointError(ValueError):
+    """A domain UNet file is missing, unreadable, or not what it should be. The message names the fix."""
+
+
+@dataclass
+class DomainMeta:
+    base_architecture: str
+    model_type: str
+    base_signature: str
+    base_fingerprint: str
+    format_version: int = FORMAT_VERSION
+    calibration: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        md = {
+            "indomain.format": FORMAT_NAME,
+            "indomain.format_version": str(self.format_version),
+            "indomain.base_architecture": self.base_architecture,
+            "indomain.model_type": self.model_type,
+            "indomain.base_signature": self.base_signature,
+            "indomain.base_fingerprint": self.base_fingerprint,
+            "indomain.calibration": json.dumps(self.calibration, sort_keys=True),
+            "indomain.training": json.dumps(self.training, sort_keys=True),
+        }
+        for k, v in self.extra.items():
+            md[f"indomain.extra.{k}"] = str(v)
+        return md
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, str], path: str = "") -> "DomainMeta":
+        missing = [k for k in REQUIRED_KEYS if k not in md]
+        if missing:
+            raise DomainCheckpointError(
+                f"{path}: missing InDomain metadata {missing}. This is not a domain UNet written by InDomain's "
+                "trainer (or its metadata was stripped). Train one with `python -m indomain.training` or the "
+                "'Train Domain UNet' node; a plain UNet belongs in core's 'Load Diffusion Model' node instead.")
+        if md["indomain.format"] != FORMAT_NAME:
+            raise DomainCheckpointError(f"{path}: format is {md['indomain.format']!r}, expected {FORMAT_NAME!r}.")
+        try:
+            version = int(md["indomain.format_version"])
+        except ValueError:
+            raise DomainCheckpointError(f"{path}: unreadable format_version {md['indomain.format_version']!r}.") from None
+        if version > FORMAT_VERSION:
+            raise DomainCheckpointError(
+                f"{path}: format version {version} is newer than this InDomain supports ({FORMAT_VERSION}); update the pack.")
+
+        def _json(key):
+            try:
+                return json.loads(md.get(key, "{}") or "{}")
+            except json.JSONDecodeError:
+                raise DomainCheckpointError(f"{path}: metadata {key} is not valid JSON.") from None
+
+        extra = {k[len("indomain.extra."):]: v for k, v in md.items() if k.startswith("indomain.extra.")}
+        return cls(md["indomain.base_architecture"], md["indomain.model_type"], md["indomain.base_signature"],
+                   md["indomain.base_fingerprint"], version, _json("indomain.calibration"), _json("indomain.training"), extra)
+
+
+def architecture_signature(shapes: dict[str, tuple]) -> str:
+    """sha256 of a UNet's sorted key:shape layout (identifies the architecture, not the weights)."""
+    h = hashlib.sha256()
+    for k in sorted(shapes):
+        h.update(f"{k}:{tuple(int(s) for s in shapes[k])}\n".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples_per_tensor: int = 256) -> str:
+    """sha256 over names, shapes and a strided sample of each tensor's values (fast even for SDXL)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        h.update(f"{k}:{tuple(t.shape)}\n".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].float().cpu()
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    constants = [k for k in state_dict if k.endswith(f".attn2.{CONSTANT_NAME}")]
+    if not constants:
+        raise DomainCheckpointError(f"{where}: no '<block>.attn2.{CONSTANT_NAME}' tensors: not a null-text domain UNet.")
+    leftovers = [k for k in state_dict if ".attn2.to_" in k]
+    if leftovers:
+        raise DomainCheckpointError(f"{where}: still has cross-attention weights ({leftovers[0]}); not a null-text UNet.")
+    if all(float(state_dict[k].abs().max()) == 0.0 for k in constants):
+        raise DomainCheckpointError(f"{where}: every null-text constant is zero: calibration never ran. "
+                                    "Re-train; the trainer calibrates the constants before step 0.")
+
+
+def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
+    """Validate and write atomically (temp file in the same folder, then rename). Returns the path."""
+    import safetensors.torch
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
+    _check_null_text(state_dict, str(path))
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DomainCheckpointError(f"refusing to write {path}: non-finite values in {bad[:3]} (training diverged?).")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise DomainCheckpointError(f"cannot write to {folder}: {e.strerror or e}. Choose a writable output folder.") from None
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        safetensors.torch.save_file(tensors, tmp, metadata=meta.to_metadata())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], DomainMeta]:
+    """Read and validate a domain UNet file. Raises DomainCheckpointError naming the problem and the fix."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DomainCheckpointError(f"domain UNet not found: {path}. Put trained files in ComfyUI/models/domain_unets "
+                                    "(the trainer writes there by default).")
+    if path.suffix.lower() != ".safetensors":
+        raise DomainCheckpointError(f"{path.name}: only .safetensors domain UNets are loaded (pickle-based "
+                                    ".ckpt/.pt/.bin files can run code and are never opened). Re-export it as .safetensors.")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            md = f.metadata() or {}
+            meta = DomainMeta.from_metadata(md, path.name)
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except DomainCheckpointError:
+        raise
+    except Exception as e:  # safetensors raises several types for truncated/corrupt headers and data
+        raise DomainCheckpointError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {e}. "
+                                    "Copy it again or re-run training to rewrite it.") from None
+    _check_null_text(state_dict, path.name)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DomainCheckpointError(f"{path.name}: contains NaN/inf in {bad[:3]}; the training run that wrote it diverged. "
+                                    "Use an earlier checkpoint or re-train with a lower learning rate.")
+    return state_dict, meta
+
+
+def read_domain_metadata(path: str | os.PathLike) -> DomainMeta:
+    """Just the metadata (cheap: reads the header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return DomainMeta.from_metadata(f.metadata() or {}, path.name)
+    except DomainCheckpointError:
+        raise
+    except Exception as e:
+        raise DomainCheckpointError(f"{path.name}: not a readable safetensors file: {e}") from None

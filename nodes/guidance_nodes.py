@@ -1,0 +1,189 @@
+"""Decoupled-guidance nodes: Domain KSampler, Domain Guider, Apply Domain Guidance, Guidance Term,
+Multi-Term Guider. Wiring only: the guider is nodes/runtime.py, the maths guidance/combine.py."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from .runtime import (DecoupledGuider, GuidanceTerm as Term, domain_guider, ensure_base_model,
+                      patch_model_for_domain_guidance, sample_with_guider)
+
+Terms = io.Custom("INDOMAIN_TERMS")
+
+TIP_BASE = "The frozen BASE model: it gives the unconditional prediction and every text/ControlNet prediction."
+TIP_DOMAIN = "The domain MODEL from 'Load Domain UNet' (or 'Train Domain UNet'). It gives only the domain direction."
+TIP_CFG = ("Control weight w_c: strength of the text (and ControlNet) guidance from the base model. "
+           "0 = unconditional in-domain generation. Start around 2.5 (the paper) to 5.")
+TIP_DOMAIN_WEIGHT = ("Domain weight w_d: how strongly to pull towards the trained domain. 0 = plain CFG on the base "
+                     "(exactly core KSampler). Start around 2.0 (1.5–2.5).")
+TIP_DOMAIN_CN = ("Also feed the ControlNet attached to 'positive' to the domain UNet. Off: the domain pass sees no hint "
+                 "(the control comes only from the base). On: both passes follow the hint.")
+TIP_START = "Percent of the schedule (0 = first step) at which the domain term switches on; outside it the domain UNet is not run."
+TIP_END = "Percent of the schedule at which the domain term switches off (1 = last step)."
+TIP_TERMS = "Optional extra terms from a 'Guidance Term' chain, added on top (each w * (M(x, c) - u))."
+
+
+def _domain_inputs() -> list:
+    return [
+        io.Float.Input("domain_weight", default=2.0, min=-10.0, max=30.0, step=0.05, round=0.01, tooltip=TIP_DOMAIN_WEIGHT),
+    ]
+
+
+def _tail_inputs() -> list:
+    return [
+        io.Boolean.Input("domain_on_controlnet", default=False, tooltip=TIP_DOMAIN_CN),
+        io.Float.Input("domain_start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=TIP_START),
+        io.Float.Input("domain_end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=TIP_END),
+    ]
+
+
+class DomainKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainKSampler",
+            display_name="Domain KSampler",
+            category="InDomain",
+            description="KSampler with decoupled guidance: eps = u + w_d (D(x) - u) + w_c (B(x, c) - u), u = B(x, ∅). "
+                        "denoise < 1 gives domain-guided img2img editing.",
+            inputs=[
+                io.Model.Input("model", tooltip=TIP_BASE),
+                io.Model.Input("domain_model", tooltip=TIP_DOMAIN),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Random seed for the initial noise."),
+                io.Int.Input("steps", default=25, min=1, max=10000, tooltip="Number of denoising steps (25 with a multistep solver is the paper's setting)."),
+                io.Float.Input("cfg", default=2.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
+                *_domain_inputs(),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m",
+                               tooltip="Sampling algorithm (as in KSampler)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras",
+                               tooltip="Noise schedule (as in KSampler)."),
+                io.Conditioning.Input("positive", tooltip="Text prompt (optionally with a ControlNet applied): the control condition c."),
+                io.Conditioning.Input("negative", tooltip="Empty prompt or your negative prompt: the unconditional ∅."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for generation, or an encoded image for img2img editing."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 generates from noise; below 1 edits latent_image (SDEdit) towards the domain."),
+                *_tail_inputs(),
+                Terms.Input("extra_terms", optional=True, tooltip=TIP_TERMS),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, domain_model, seed, steps, cfg, domain_weight, sampler_name, scheduler, positive, negative,
+                latent_image, denoise, domain_on_controlnet=False, domain_start_percent=0.0, domain_end_percent=1.0,
+                extra_terms=None) -> io.NodeOutput:
+        guider = domain_guider(model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet,
+                               domain_start_percent, domain_end_percent, extra_terms)
+        return io.NodeOutput(sample_with_guider(guider, model, seed, steps, sampler_name, scheduler, latent_image, denoise))
+
+
+class DomainGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainGuider",
+            display_name="Domain Guider",
+            category="InDomain",
+            description="Decoupled-guidance GUIDER for SamplerCustomAdvanced (same maths as Domain KSampler).",
+            inputs=[
+                io.Model.Input("model", tooltip=TIP_BASE),
+                io.Model.Input("domain_model", tooltip=TIP_DOMAIN),
+                io.Conditioning.Input("positive", tooltip="Text prompt (optionally with a ControlNet applied): the control condition c."),
+                io.Conditioning.Input("negative", tooltip="Empty prompt or your negative prompt: the unconditional ∅."),
+                io.Float.Input("cfg", default=2.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
+                *_domain_inputs(),
+                *_tail_inputs(),
+                Terms.Input("extra_terms", optional=True, tooltip=TIP_TERMS),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
+                domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None) -> io.NodeOutput:
+        return io.NodeOutput(domain_guider(model, domain_model, positive, negative, cfg, domain_weight,
+                                           domain_on_controlnet, domain_start_percent, domain_end_percent, extra_terms))
+
+
+class ApplyDomainGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainApplyGuidance",
+            display_name="Apply Domain Guidance",
+            category="InDomain",
+            description="Patches the base MODEL so any sampler node (core KSampler included) does decoupled guidance. "
+                        "The sampler's cfg stays the control weight w_c. Other CFG patches (RescaleCFG, PAG, ...) keep working.",
+            inputs=[
+                io.Model.Input("model", tooltip=TIP_BASE),
+                io.Model.Input("domain_model", tooltip=TIP_DOMAIN),
+                *_domain_inputs(),
+                *_tail_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The base model with decoupled guidance; connect to KSampler's model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
+                domain_end_percent=1.0) -> io.NodeOutput:
+        return io.NodeOutput(patch_model_for_domain_guidance(model, domain_model, domain_weight, domain_on_controlnet,
+                                                             domain_start_percent, domain_end_percent))
+
+
+class GuidanceTerm(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainGuidanceTerm",
+            display_name="Guidance Term",
+            category="InDomain",
+            description="One term w * (M(x, c) - u) of multi-guidance. Chain several (text, ControlNet, one or more domain "
+                        "UNets) and feed the chain to Multi-Term Guider or to 'extra_terms'. Terms on the same model are "
+                        "batched together.",
+            inputs=[
+                io.Model.Input("model", tooltip="Model that evaluates this term: the base model for text/ControlNet terms, "
+                               "a domain MODEL for domain terms."),
+                io.Conditioning.Input("conditioning", tooltip="Condition c for this term. A ControlNet applied to it "
+                                      "(ControlNetApplyAdvanced) is used by this term, also for a domain model."),
+                io.Float.Input("weight", default=2.0, min=-30.0, max=30.0, step=0.05, round=0.01,
+                               tooltip="Term weight w. 0 skips the term (its model is not run)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Schedule percent where the term switches on."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Schedule percent where the term switches off."),
+                Terms.Input("previous", optional=True, tooltip="Earlier terms of the chain (optional)."),
+            ],
+            outputs=[Terms.Output(display_name="terms")],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, weight, start_percent, end_percent, previous=None) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ValueError(f"Guidance Term: start_percent ({start_percent}) is after end_percent ({end_percent}); swap them.")
+        label = f"term {len(previous or []) + 1}"
+        return io.NodeOutput(list(previous or []) + [Term(model, conditioning, weight, start_percent, end_percent, label)])
+
+
+class MultiTermGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainMultiGuider",
+            display_name="Multi-Term Guider",
+            category="InDomain",
+            description="GUIDER for out = u + Σ w_i (M_i(x, c_i) - u), u = B(x, negative), with the terms of a Guidance Term chain.",
+            inputs=[
+                io.Model.Input("model", tooltip=TIP_BASE),
+                io.Conditioning.Input("negative", tooltip="Empty prompt or your negative prompt: the unconditional ∅."),
+                Terms.Input("terms", tooltip="The Guidance Term chain."),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, negative, terms) -> io.NodeOutput:
+        ensure_base_model(model)
+        if not terms:
+            raise ValueError("Multi-Term Guider: the term chain is empty; connect at least one Guidance Term.")
+        return io.NodeOutput(DecoupledGuider(model, negative, [Term(**{**t.__dict__}) for t in terms]))

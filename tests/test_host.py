@@ -1,0 +1,65 @@
+"""The pack in a real ComfyUI 0.3.75 host: in-process and through the HTTP server."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from indomain.devkit.graphs import t2i_core
+
+PACK_NODES = {"InDomainLoadDomainUNet", "InDomainKSampler", "InDomainGuider", "InDomainApplyGuidance",
+              "InDomainGuidanceTerm", "InDomainMultiGuider"}
+
+
+def wait_history(server, prompt_id, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = server.get_json(f"/history/{prompt_id}")
+        if prompt_id in hist:
+            entry = hist[prompt_id]
+            status = entry.get("status", {})
+            if status.get("completed") or status.get("status_str") in ("success", "error"):
+                return entry
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+
+def test_pack_loads_in_process_without_import_failure(comfy):
+    assert comfy.pack_loaded, "ComfyUI's load_custom_node reported an import failure for the pack"
+    assert PACK_NODES <= set(comfy.pack_nodes)
+    for node_id in PACK_NODES:
+        schema = comfy.node(node_id).GET_SCHEMA()
+        assert schema.category == "InDomain"
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
+
+
+def test_pack_loads_in_server_and_object_info_lists_nodes(server):
+    info = server.get_json("/object_info")
+    assert PACK_NODES <= set(info), sorted(k for k in info if k.startswith("InDomain"))
+    log = server.log()
+    assert "Cannot import" not in log or "indomain" not in log.split("Cannot import", 1)[1][:300]
+    assert "IMPORT FAILED" not in "".join(l for l in log.splitlines() if "indomain" in l.lower())
+    # the loader's combo lists the domain UNet folder
+    combo = info["InDomainLoadDomainUNet"]["input"]["required"]["domain_unet_name"]
+    assert "tiny_domain.safetensors" in str(combo)
+
+
+@pytest.mark.server
+def test_core_t2i_graph_through_http_api(server):
+    res = server.post_json("/prompt", {"prompt": t2i_core("tiny_sd15.safetensors", prefix="core_t2i")})
+    entry = wait_history(server, res["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["7"]["images"]
+    assert images and images[0]["filename"].startswith("core_t2i")
+    data = server.get_bytes(f"/view?filename={images[0]['filename']}&type=output&subfolder={images[0]['subfolder']}")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_controlnet_with_core_apply_advanced(comfy):
+    graph = t2i_core("tiny_sd15.safetensors", controlnet="tiny_controlnet.safetensors", prefix="core_cn")
+    plain = t2i_core("tiny_sd15.safetensors", prefix="core_plain")
+    with_cn = comfy.run(graph, outputs=["5"]).output("5")["samples"]
+    without = comfy.run(plain, outputs=["5"]).output("5")["samples"]
+    assert with_cn.shape == without.shape == (1, 4, 8, 8)
+    assert (with_cn - without).abs().max() > 1e-3, "the ControlNet had no effect on sampling"

@@ -1,0 +1,145 @@
+"""Building the null-text domain UNet from a ComfyUI base model, and its native-target loss.
+
+Uses ComfyUI's own model code and model sampling, so the loss target is the model's native
+one (ε for SD1.x/SDXL, v for v-prediction models) and every family ComfyUI loads works.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..guidance.checkpoint import DomainMeta, architecture_signature, weights_fingerprint
+from ..guidance.nulltext import calibrate_constants, convert_to_null_text
+
+CALIBRATION_SIGMA_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass
+class EmptyPrompt:
+    """The empty-prompt inputs for the UNet (context, and SDXL's y), computed once from the text encoder."""
+
+    context: torch.Tensor
+    y: torch.Tensor | None
+
+    def expand(self, batch: int, device, dtype) -> dict:
+        out = {"context": self.context.to(device=device, dtype=dtype).expand(batch, -1, -1)}
+        if self.y is not None:
+            out["y"] = self.y.to(device=device, dtype=dtype).expand(batch, -1)
+        return out
+
+
+def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]) -> EmptyPrompt:
+    """Encode "" with the checkpoint's own text encoder and let the model build its extra inputs."""
+    tokens = clip.tokenize("")
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    base = model_patcher.model
+    h, w = latent_hw
+    noise = torch.zeros(1, base.latent_format.latent_channels, h, w)
+    extra = base.extra_conds(cross_attn=cond, pooled_output=pooled, noise=noise, device="cpu",
+                             width=w * 8, height=h * 8)
+    context = extra["c_crossattn"].cond if "c_crossattn" in extra else cond
+    y = extra["y"].cond if "y" in extra else None
+    return EmptyPrompt(context.detach().float().cpu(), None if y is None else y.detach().float().cpu())
+
+
+def detached_unet_copy(model_patcher) -> torch.nn.Module:
+    """A float32 copy of the base UNet with any patches (LoRA etc.) baked in, free of ComfyUI's
+    per-call weight casting, ready for training."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    unet = copy.deepcopy(model_patcher.model.diffusion_model).float().cpu()
+    for m in unet.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            m.comfy_cast_weights = False
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+        if hasattr(m, "bias_function"):
+            m.bias_function = []
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return unet
+
+
+def noisy_inputs(model_sampling, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor):
+    """(model input, timestep, noisy latent) exactly as ComfyUI's BaseModel feeds its UNet."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    x_noisy = model_sampling.noise_scaling(s, noise, x0)
+    xc = model_sampling.calculate_input(s, x_noisy)
+    t = model_sampling.timestep(sigma).float()
+    return xc, t, x_noisy
+
+
+def native_target(model_sampling, sigma: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_noisy: torch.Tensor):
+    """The target whose prediction ComfyUI's calculate_denoised maps back to x0."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        sd = model_sampling.sigma_data
+        return (x_noisy * sd ** 2 / (s ** 2 + sd ** 2) - x0) * (s ** 2 + sd ** 2) ** 0.5 / (s * sd)
+    if isinstance(model_sampling, ms.EPS):
+        return noise
+    raise NotImplementedError(f"training for {type(model_sampling).__name__} models is not supported "
+                              "(InDomain trains ε- and v-prediction UNets: SD1.x, SD2.x, SDXL)")
+
+
+def sample_sigmas(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform discrete timesteps, as in DDPM training."""
+    n = len(model_sampling.sigmas)
+    idx = torch.randint(0, n, (batch,), generator=generator)
+    return model_sampling.sigmas[idx].float()
+
+
+@torch.no_grad()
+def calibrate(unet: torch.nn.Module, model_sampling, prompt: EmptyPrompt, latents: torch.Tensor, seed: int,
+              batch_size: int = 8, percents=CALIBRATION_SIGMA_PERCENTS) -> dict[str, torch.Tensor]:
+    """Mean cross-attention output of every layer of `unet` (the base) on noisy domain latents."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for p in percents:
+        sigma = float(model_sampling.percent_to_sigma(p))
+        for i in range(0, latents.shape[0], batch_size):
+            x0 = latents[i:i + batch_size]
+            noise = torch.randn(x0.shape, generator=gen)
+            batches.append((x0, torch.full((x0.shape[0],), sigma), noise))
+
+    def run(batch):
+        x0, sigma, noise = batch
+        xc, t, _ = noisy_inputs(model_sampling, x0, sigma, noise)
+        unet(xc, t, **prompt.expand(x0.shape[0], xc.device, xc.dtype))
+
+    return calibrate_constants(unet, run, batches)
+
+
+def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: int = 0):
+    """Base UNet -> (null-text UNet in float32, constants, EmptyPrompt, calibration record)."""
+    unet = detached_unet_copy(model_patcher)
+    ms = model_patcher.get_model_object("model_sampling")
+    prompt = empty_prompt(model_patcher, clip, tuple(calib_latents.shape[-2:]))
+    constants = calibrate(unet, ms, prompt, calib_latents, seed)
+    convert_to_null_text(unet, constants)
+    record = {"latents": int(calib_latents.shape[0]), "sigma_percents": list(CALIBRATION_SIGMA_PERCENTS),
+              "prompt": "", "seed": seed,
+              "constant_norm_mean": float(sum(v.norm() for v in constants.values()) / max(1, len(constants)))}
+    return unet, constants, prompt, record
+
+
+def base_meta(model_patcher, calibration: dict, training: dict) -> DomainMeta:
+    base = model_patcher.model
+    sd = base.diffusion_model.state_dict()
+    return DomainMeta(
+        base_architecture=type(base.model_config).__name__,
+        model_type=base.model_type.name,
+        base_signature=architecture_signature({k: tuple(v.shape) for k, v in sd.items()}),
+        base_fingerprint=weights_fingerprint(sd),
+        calibration=calibration,
+        training=training,
+    )
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
