@@ -121,6 +121,12 @@ class InProcessComfy:
         import execution
 
         prompt_id = str(uuid.uuid4())
+        prompt = dict(prompt)
+        for node_id in outputs or []:
+            # a real output node downstream, so validation accepts latent/model-only graphs
+            cls = self.nodes.NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]]
+            if not getattr(cls, "OUTPUT_NODE", False):
+                prompt[f"sink_{node_id}"] = {"class_type": "PreviewAny", "inputs": {"source": [node_id, 0]}}
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise RuntimeError(f"prompt failed validation: {valid[1]} {json.dumps(valid[3], default=str)[:2000]}")

@@ -31,7 +31,10 @@ def node_list() -> list[type[io.ComfyNode]]:
                                  MultiTermGuider)
     from .loader import LoadDomainUNet
 
-    return [LoadDomainUNet, DomainKSampler, DomainGuider, ApplyDomainGuidance, GuidanceTerm, MultiTermGuider]
+    from .train_node import TrainDomainUNet
+
+    return [LoadDomainUNet, DomainKSampler, DomainGuider, ApplyDomainGuidance, GuidanceTerm, MultiTermGuider,
+            TrainDomainUNet]
 
 
 class InDomainExtension(ComfyExtension):

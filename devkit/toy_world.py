@@ -1,0 +1,230 @@
+"""A procedural toy world that lives in latent space (see ../shared/DESIGN.md, "A toy world").
+
+"Images" are 4-channel 8x8 latents in the model's own space (what the UNet sees after
+`latent_format.process_in`): a shape painted with a colour vector into channels 0-2 and its
+mask into channel 3. Two styles:
+
+- plain: flat background, flat colour (the base model's world, every shape x colour);
+- domain: a tinted background with a checkerboard texture in channel 3 and a shifted palette
+  (the "unlabelled domain images"), drawn only for DOMAIN_SHAPES x DOMAIN_COLOURS in the
+  training set, but renderable for any shape/colour so the evaluators know what a held-out
+  combination looks like in the domain style.
+
+Also the evaluators trained inside the benchmark: a small CNN with shape / colour / style
+heads whose penultimate layer is the feature space of the Fréchet distance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SHAPES = ("square", "ring", "cross", "triangle")
+COLOURS = ("red", "green", "blue", "yellow")
+DOMAIN_SHAPES = ("square", "ring")
+DOMAIN_COLOURS = ("red", "blue")
+SIZE = 8
+SHAPE_SIZE = 5
+MAX_OFFSET = SIZE - SHAPE_SIZE  # top-left corner in 0..MAX_OFFSET
+
+COLOUR_VECTORS = {
+    "red": (1.0, -0.6, -0.6),
+    "green": (-0.6, 1.0, -0.6),
+    "blue": (-0.6, -0.6, 1.0),
+    "yellow": (0.9, 0.9, -0.8),
+}
+# domain palette: every colour pulled towards a warm tint; background tinted, textured
+DOMAIN_TINT = torch.tensor([0.35, 0.15, -0.35])
+DOMAIN_PALETTE_MIX = 0.75
+PLAIN_MASK_LEVEL = 0.8
+PLAIN_BACKGROUND_CH3 = -0.8
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    n = SHAPE_SIZE
+    square = torch.ones(n, n)
+    ring = torch.ones(n, n)
+    ring[1:-1, 1:-1] = 0
+    cross = torch.zeros(n, n)
+    cross[n // 2, :] = 1
+    cross[:, n // 2] = 1
+    tri = torch.tril(torch.ones(n, n))
+    return {"square": square, "ring": ring, "cross": cross, "triangle": tri}
+
+
+MASKS = _masks()
+
+
+def prompt(shape: str, colour: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def all_combos() -> list[tuple[str, str]]:
+    return [(s, c) for s in SHAPES for c in COLOURS]
+
+
+def domain_combos() -> list[tuple[str, str]]:
+    return [(s, c) for s in DOMAIN_SHAPES for c in DOMAIN_COLOURS]
+
+
+def in_domain(shape: str, colour: str) -> bool:
+    return shape in DOMAIN_SHAPES and colour in DOMAIN_COLOURS
+
+
+def render(shape: str, colour: str, style: str, dx: int, dy: int, gen: torch.Generator, noise: float = 0.04) -> torch.Tensor:
+    """One 4x8x8 latent (model space)."""
+    mask = torch.zeros(SIZE, SIZE)
+    mask[dy:dy + SHAPE_SIZE, dx:dx + SHAPE_SIZE] = MASKS[shape]
+    col = torch.tensor(COLOUR_VECTORS[colour])
+    x = torch.zeros(4, SIZE, SIZE)
+    if style == "plain":
+        x[:3] = col.view(3, 1, 1) * mask
+        x[3] = PLAIN_BACKGROUND_CH3 * (1 - mask) + PLAIN_MASK_LEVEL * mask
+    elif style == "domain":
+        col = DOMAIN_PALETTE_MIX * col + (1 - DOMAIN_PALETTE_MIX) * DOMAIN_TINT * 2
+        background = DOMAIN_TINT.view(3, 1, 1).expand(3, SIZE, SIZE)
+        x[:3] = col.view(3, 1, 1) * mask + background * (1 - mask)
+        ii, jj = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+        checker = ((ii + jj) % 2).float() * 2 - 1
+        x[3] = 0.7 * checker * (1 - mask) + PLAIN_MASK_LEVEL * mask
+    else:
+        raise ValueError(style)
+    return x + noise * torch.randn(x.shape, generator=gen)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor   # (N, 4, 8, 8), model space
+    shape: torch.Tensor     # (N,) index into SHAPES
+    colour: torch.Tensor    # (N,) index into COLOURS
+    style: torch.Tensor     # (N,) 0 plain, 1 domain
+
+
+def sample_batch(n: int, gen: torch.Generator, style: str | None = None,
+                 combos: list[tuple[str, str]] | None = None) -> Batch:
+    """n random images; `style` None mixes both; `combos` restricts (shape, colour)."""
+    combos = combos or all_combos()
+    idx = torch.randint(0, len(combos), (n,), generator=gen)
+    offs = torch.randint(0, MAX_OFFSET + 1, (n, 2), generator=gen)
+    styles = (torch.randint(0, 2, (n,), generator=gen) if style is None
+              else torch.full((n,), 1 if style == "domain" else 0))
+    xs, sh, co = [], [], []
+    for i in range(n):
+        s, c = combos[int(idx[i])]
+        xs.append(render(s, c, "domain" if styles[i] else "plain", int(offs[i, 0]), int(offs[i, 1]), gen))
+        sh.append(SHAPES.index(s))
+        co.append(COLOURS.index(c))
+    return Batch(torch.stack(xs), torch.tensor(sh), torch.tensor(co), styles.long())
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+FEATURE_DIM = 64
+
+
+class Evaluator(nn.Module):
+    """Small CNN: 64-d features (the Fréchet space) and shape / colour / style heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.SiLU(),
+        )
+        self.shape = nn.Linear(FEATURE_DIM, len(SHAPES))
+        self.colour = nn.Linear(FEATURE_DIM, len(COLOURS))
+        self.style = nn.Linear(FEATURE_DIM, 2)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.shape(f), self.colour(f), self.style(f)
+
+
+def train_evaluator(steps: int, seed: int, batch: int = 128, aug_noise: float = 0.15) -> tuple[Evaluator, dict]:
+    """Train on fresh procedural data from both styles, every combination; report held-out accuracy."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = Evaluator()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    ce = nn.CrossEntropyLoss()
+    for _ in range(steps):
+        b = sample_batch(batch, gen)
+        # noise augmentation: sampled latents are not perfectly clean
+        x = b.latents + aug_noise * torch.rand(()) * torch.randn(b.latents.shape, generator=gen)
+        ls, lc, lst = net(x)
+        loss = ce(ls, b.shape) + ce(lc, b.colour) + ce(lst, b.style)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    test = sample_batch(512, torch.Generator().manual_seed(seed + 999))
+    with torch.no_grad():
+        ls, lc, lst = net(test.latents)
+    acc = {
+        "shape": float((ls.argmax(1) == test.shape).float().mean()),
+        "colour": float((lc.argmax(1) == test.colour).float().mean()),
+        "style": float((lst.argmax(1) == test.style).float().mean()),
+    }
+    return net, acc
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    from scipy import linalg
+
+    a = a.double().numpy()
+    b = b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1 = np.cov(a, rowvar=False)
+    s2 = np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps).dot(s2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@torch.no_grad()
+def evaluate(net: Evaluator, latents: torch.Tensor, shapes: torch.Tensor, colours: torch.Tensor) -> dict:
+    """Per-sample results: does it show the asked shape / colour, and its P(domain style)."""
+    ls, lc, lst = net(latents)
+    return {
+        "shape_ok": (ls.argmax(1) == shapes).float(),
+        "colour_ok": (lc.argmax(1) == colours).float(),
+        "p_domain": lst.softmax(1)[:, 1],
+        "features": net.features(latents),
+    }
+
+
+def to_rgb(latents: torch.Tensor) -> np.ndarray:
+    """Channels 0-2 -> RGB uint8 (N, H, W, 3), channel 3 shown as brightness texture."""
+    x = latents[:, :3] + 0.15 * latents[:, 3:4]
+    x = ((x.clamp(-1.2, 1.2) + 1.2) / 2.4 * 255).round().byte()
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid_png(rows: list[tuple[str, torch.Tensor]], path, scale: int = 6, pad: int = 2) -> None:
+    """One row per (label, latents); pixels upscaled by `scale`. Labels go to a sidecar caption."""
+    from PIL import Image
+
+    ncol = max(r[1].shape[0] for r in rows)
+    cell = SIZE * scale
+    w = ncol * (cell + pad) + pad
+    h = len(rows) * (cell + pad) + pad
+    img = np.full((h, w, 3), 255, np.uint8)
+    for r, (_label, lat) in enumerate(rows):
+        rgb = to_rgb(lat)
+        for c in range(rgb.shape[0]):
+            tile = np.kron(rgb[c], np.ones((scale, scale, 1), np.uint8))
+            y0, x0 = pad + r * (cell + pad), pad + c * (cell + pad)
+            img[y0:y0 + cell, x0:x0 + cell] = tile
+    Image.fromarray(img).save(path, optimize=True)

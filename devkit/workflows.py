@@ -1,0 +1,346 @@
+"""The specs of the shared workflows in workflows/: one spec each, emitted as UI format
+(workflows/<name>.json, drag and drop) and API format (workflows/api/<name>.json, for POST /prompt).
+
+Regenerate after a node schema change (starts a real ComfyUI server to read /object_info):
+
+    .venv/bin/python -m indomain.devkit.workflows            # writes workflows/*.json
+    .venv/bin/python -m indomain.devkit.workflows --check    # fails if the files are stale
+
+The API twins live in a subfolder so ComfyUI's template browser (which lists workflows/*.json)
+only offers the UI files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .host import PACK_ROOT
+from .workflow_builder import Workflow
+
+WORKFLOWS_DIR = PACK_ROOT / "workflows"
+API_DIR = WORKFLOWS_DIR / "api"
+
+# Placeholders a user replaces with their own files (tests override them with the tiny models).
+BASE_CKPT = "v1-5-pruned-emaonly.safetensors"
+DOMAIN_UNET = "my_domain.safetensors"
+CONTROLNET = "control_v11p_sd15_canny.safetensors"
+HINT_IMAGE = "control_hint.png"
+INPUT_IMAGE = "input_image.png"
+TRAIN_FOLDER = "/path/to/your/domain_images"
+
+# The paper's starting point: 25 steps of a multistep solver, control weight 2.5, domain weight 2.0.
+STEPS, SAMPLER, SCHEDULER = 25, "dpmpp_2m", "karras"
+CFG, DOMAIN_WEIGHT, SEED = 2.5, 2.0, 42
+SIZE = 512
+
+BLUE, ORANGE, GREEN, PURPLE, RED = "#3f789e", "#b58b2a", "#8A8", "#a1309b", "#b06634"
+
+COL_MODELS, COL_PROMPTS, COL_CONTROL, COL_SAMPLE, COL_OUT = 0, 380, 840, 1240, 1640
+
+
+def _models(wf: Workflow, y: int = 0):
+    ckpt = wf.add("CheckpointLoaderSimple", (COL_MODELS, y), title="Base checkpoint (frozen, SD1.5)",
+                  size=(315, 98), ckpt_name=BASE_CKPT)
+    domain = wf.add("InDomainLoadDomainUNet", (COL_MODELS, y + 170), title="Load Domain UNet (your trained domain)",
+                    size=(315, 82), model=ckpt[0], domain_unet_name=DOMAIN_UNET)
+    wf.group("1. Models: frozen base + text-free domain UNet", [ckpt, domain], BLUE)
+    return ckpt, domain
+
+
+def _prompts(wf: Workflow, ckpt, positive: str, negative: str = "", pos_title: str = "Positive prompt (text control)"):
+    pos = wf.add("CLIPTextEncode", (COL_PROMPTS, 0), title=pos_title, size=(400, 160), text=positive, clip=ckpt[1])
+    neg = wf.add("CLIPTextEncode", (COL_PROMPTS, 230), title="Negative prompt (empty = unconditional)",
+                 size=(400, 160), text=negative, clip=ckpt[1])
+    wf.group("2. Prompts", [pos, neg], ORANGE)
+    return pos, neg
+
+
+def _output(wf: Workflow, latent, ckpt, prefix: str, x: int = COL_OUT):
+    decode = wf.add("VAEDecode", (x, 0), size=(210, 46), samples=latent, vae=ckpt[2])
+    save = wf.add("SaveImage", (x, 100), size=(400, 420), images=decode[0], filename_prefix=prefix)
+    wf.group("Output", [decode, save], PURPLE)
+    return decode, save
+
+
+def _domain_ksampler(wf: Workflow, pos, x, y, title, model, domain, positive, negative, latent, cfg=CFG,
+                     denoise=1.0, domain_on_controlnet=False):
+    return wf.add("InDomainKSampler", (x, y), title=title, size=(340, 474),
+                  model=model, domain_model=domain, seed=SEED, steps=STEPS, cfg=cfg, domain_weight=DOMAIN_WEIGHT,
+                  sampler_name=SAMPLER, scheduler=SCHEDULER, positive=positive, negative=negative,
+                  latent_image=latent, denoise=denoise, domain_on_controlnet=domain_on_controlnet,
+                  domain_start_percent=0.0, domain_end_percent=1.0)
+
+
+def unconditional() -> Workflow:
+    wf = Workflow("indomain_1_unconditional")
+    ckpt, domain = _models(wf)
+    pos, neg = _prompts(wf, ckpt, "", pos_title="Positive prompt (ignored at cfg 0)")
+    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=4)
+    sampler = _domain_ksampler(wf, None, COL_CONTROL, 0, "Domain KSampler (cfg 0 = unconditional, domain weight 2.0)",
+                               ckpt[0], domain[0], pos[0], neg[0], latent[0], cfg=0.0)
+    wf.group("3. Decoupled sampling: eps = u + w_d (D(x) - u)", [latent, sampler], GREEN)
+    _output(wf, sampler[0], ckpt, "indomain/unconditional", x=COL_SAMPLE)
+    wf.note("Unconditional in-domain generation.\n\ncfg (control weight) = 0: no text term, two model passes per "
+            "step: u = base(x, empty prompt) and d = domain(x).\ndomain_weight 2.0 (1.5-2.5): how hard to pull "
+            "into your domain. domain_weight 0 = the plain base model.\n25 steps dpmpp_2m karras.",
+            (COL_MODELS, 330), size=(315, 230))
+    return wf
+
+
+def text_guided() -> Workflow:
+    wf = Workflow("indomain_2_text_guided")
+    ckpt, domain = _models(wf)
+    pos, neg = _prompts(wf, ckpt, "a cat wearing a hat, sitting on a chair", "blurry, low quality")
+    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    sampler = _domain_ksampler(wf, None, COL_CONTROL, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
+                               ckpt[0], domain[0], pos[0], neg[0], latent[0])
+    wf.group("3. Decoupled sampling: eps = u + w_d (D - u) + w_c (B(c) - u)", [latent, sampler], GREEN)
+    _output(wf, sampler[0], ckpt, "indomain/text_guided", x=COL_SAMPLE)
+    wf.note("Text-guided in-domain generation.\n\nThe frozen base model follows the prompt (cfg = control weight, "
+            "start at 2.5); the domain UNet pulls towards your images (domain_weight, start at 2.0).\n"
+            "domain_weight 0 gives exactly the core KSampler with the same cfg: use it to compare.\n"
+            "25 steps dpmpp_2m karras.", (COL_MODELS, 330), size=(315, 250))
+    return wf
+
+
+def _controlnet_block(wf: Workflow, positive, negative, vae, y: int = 0, title: str = "Apply ControlNet (strength 1.0)"):
+    cn = wf.add("ControlNetLoader", (COL_CONTROL, y), title="ControlNet (SD1.5)", size=(340, 58),
+                control_net_name=CONTROLNET)
+    hint = wf.add("LoadImage", (COL_CONTROL, y + 110), title="Control hint image (edges / depth / pose)",
+                  size=(340, 314), image=HINT_IMAGE)
+    apply = wf.add("ControlNetApplyAdvanced", (COL_CONTROL, y + 490), title=title, size=(340, 186),
+                   positive=positive, negative=negative, control_net=cn[0], image=hint[0], strength=1.0,
+                   start_percent=0.0, end_percent=1.0, vae=vae)
+    wf.group("3. Spatial control (ControlNet)", [cn, hint, apply], RED)
+    return cn, hint, apply
+
+
+def controlnet() -> Workflow:
+    wf = Workflow("indomain_3_controlnet")
+    ckpt, domain = _models(wf)
+    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "")
+    _, _, apply = _controlnet_block(wf, pos[0], neg[0], ckpt[2])
+    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    sampler = _domain_ksampler(wf, None, COL_SAMPLE, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
+                               ckpt[0], domain[0], apply[0], apply[1], latent[0])
+    wf.group("4. Decoupled sampling", [latent, sampler], GREEN)
+    _output(wf, sampler[0], ckpt, "indomain/controlnet", x=COL_OUT)
+    wf.note("ControlNet-guided in-domain generation.\n\nThe ControlNet rides on the base model's text term "
+            "(cfg 2.5). domain_on_controlnet decides whether the domain UNet also sees the hint: off = the "
+            "domain pass is hint-free (the paper's default), on = both follow it.\ndomain_weight 2.0; "
+            "25 steps dpmpp_2m karras.", (COL_MODELS, 330), size=(315, 260))
+    return wf
+
+
+def img2img() -> Workflow:
+    wf = Workflow("indomain_4_img2img")
+    ckpt, domain = _models(wf)
+    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "")
+    image = wf.add("LoadImage", (COL_CONTROL, 0), title="Image to edit", size=(340, 314), image=INPUT_IMAGE)
+    encode = wf.add("VAEEncode", (COL_CONTROL, 380), size=(210, 46), pixels=image[0], vae=ckpt[2])
+    wf.group("3. Image to edit", [image, encode], RED)
+    sampler = _domain_ksampler(wf, None, COL_SAMPLE, 0, "Domain KSampler (denoise 0.6 = edit, cfg 2.5, domain 2.0)",
+                               ckpt[0], domain[0], pos[0], neg[0], encode[0], denoise=0.6)
+    wf.group("4. Domain-guided editing (SDEdit)", [sampler], GREEN)
+    _output(wf, sampler[0], ckpt, "indomain/img2img", x=COL_OUT)
+    wf.note("Domain-guided img2img editing.\n\nThe image is encoded, partly re-noised (denoise 0.6) and denoised "
+            "with decoupled guidance, which moves it into your domain while keeping its layout.\nLower denoise "
+            "keeps more of the input; higher denoise gives the domain more say.\ncfg 2.5, domain_weight 2.0, "
+            "25 steps dpmpp_2m karras.", (COL_MODELS, 330), size=(315, 260))
+    return wf
+
+
+def multi_guidance() -> Workflow:
+    wf = Workflow("indomain_5_multi_guidance")
+    ckpt, domain = _models(wf)
+    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "", pos_title="Positive prompt (text term)")
+    # The ControlNet term uses the EMPTY prompt with the hint: B(x, ∅ + hint) - u is the pure spatial direction.
+    _, _, apply = _controlnet_block(wf, neg[0], neg[0], ckpt[2], title="Apply ControlNet to the empty prompt")
+    x = COL_SAMPLE
+    text = wf.add("InDomainGuidanceTerm", (x, 0), title="Term 1: text (w 2.5)", size=(340, 150),
+                  model=ckpt[0], conditioning=pos[0], weight=2.5, start_percent=0.0, end_percent=1.0)
+    spatial = wf.add("InDomainGuidanceTerm", (x, 210), title="Term 2: ControlNet (w 1.5)", size=(340, 150),
+                     model=ckpt[0], conditioning=apply[0], weight=1.5, start_percent=0.0, end_percent=1.0,
+                     previous=text[0])
+    dom = wf.add("InDomainGuidanceTerm", (x, 420), title="Term 3: domain UNet (w 2.0)", size=(340, 150),
+                 model=domain[0], conditioning=neg[0], weight=2.0, start_percent=0.0, end_percent=1.0,
+                 previous=spatial[0])
+    guider = wf.add("InDomainMultiGuider", (x, 630), title="Multi-Term Guider: u + sum w_i (M_i - u)",
+                    size=(340, 80), model=ckpt[0], negative=neg[0], terms=dom[0])
+    wf.group("4. Guidance terms (text + ControlNet + domain)", [text, spatial, dom, guider], GREEN)
+    x2 = COL_OUT
+    noise = wf.add("RandomNoise", (x2, 0), size=(315, 82), noise_seed=SEED)
+    sampler_sel = wf.add("KSamplerSelect", (x2, 140), title="Sampler (dpmpp_2m)", size=(315, 58), sampler_name=SAMPLER)
+    sigmas = wf.add("BasicScheduler", (x2, 250), title="Scheduler (karras, 25 steps)", size=(315, 106),
+                    model=ckpt[0], scheduler=SCHEDULER, steps=STEPS, denoise=1.0)
+    latent = wf.add("EmptyLatentImage", (x2, 410), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (x2, 570), size=(315, 106), noise=noise[0], guider=guider[0],
+                    sampler=sampler_sel[0], sigmas=sigmas[0], latent_image=latent[0])
+    wf.group("5. Sampling (SamplerCustomAdvanced)", [noise, sampler_sel, sigmas, latent, sample], BLUE)
+    _output(wf, sample[0], ckpt, "indomain/multi_guidance", x=2040)
+    wf.note("Multi-guidance: eps = u + sum_i w_i (M_i(x, c_i) - u), u = base(x, negative).\n\nEach Guidance "
+            "Term has its own model, condition, weight and schedule; chain as many as you like (a second domain "
+            "UNet is one more term).\nStarting weights: text 2.5, ControlNet 1.5, domain 2.0; 25 steps "
+            "dpmpp_2m karras. A weight of 0 skips that term's model pass.", (COL_MODELS, 330), size=(315, 280))
+    return wf
+
+
+def train_and_sample() -> Workflow:
+    wf = Workflow("indomain_6_train_and_sample")
+    ckpt = wf.add("CheckpointLoaderSimple", (COL_MODELS, 0), title="Base checkpoint (frozen, SD1.5)",
+                  size=(315, 98), ckpt_name=BASE_CKPT)
+    wf.group("1. Base model", [ckpt], BLUE)
+    train = wf.add("InDomainTrainDomainUNet", (COL_PROMPTS, 0), title="Train Domain UNet (on a folder of images)",
+                   size=(400, 330), model=ckpt[0], clip=ckpt[1], vae=ckpt[2], image_folder=TRAIN_FOLDER,
+                   **TRAIN_WIDGETS)
+    wf.group("2. Train the text-free domain UNet (saved to models/domain_unets)", [train], RED)
+    pos = wf.add("CLIPTextEncode", (COL_CONTROL, 0), title="Positive prompt (text control)", size=(360, 140),
+                 text="a cat sitting on a chair", clip=ckpt[1])
+    neg = wf.add("CLIPTextEncode", (COL_CONTROL, 200), title="Negative prompt (empty = unconditional)",
+                 size=(360, 140), text="", clip=ckpt[1])
+    latent = wf.add("EmptyLatentImage", (COL_CONTROL, 400), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    wf.group("3. Prompts", [pos, neg, latent], ORANGE)
+    sampler = _domain_ksampler(wf, None, COL_SAMPLE + 20, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
+                               ckpt[0], train[0], pos[0], neg[0], latent[0])
+    wf.group("4. Sample with the freshly trained domain UNet", [sampler], GREEN)
+    _output(wf, sampler[0], ckpt, "indomain/train_and_sample", x=COL_OUT + 60)
+    wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPoint image_folder at a folder of "
+            "images from your domain (no captions needed). Training is interruptible and shows progress; "
+            "the result is saved under models/domain_unets and can later be loaded with 'Load Domain UNet'.\n"
+            "Sampling: cfg 2.5, domain_weight 2.0, 25 steps dpmpp_2m karras.", (COL_MODELS, 170), size=(315, 300))
+    return wf
+
+
+# Widget values of the training node after the links and image_folder; filled from its real schema
+# (see _train_widgets) so the file follows the node.
+TRAIN_WIDGETS: dict = {}
+
+
+def _train_widgets(object_info: dict) -> dict:
+    """Defaults of InDomainTrainDomainUNet's widgets (its own choices), with a friendly save name."""
+    info = object_info["InDomainTrainDomainUNet"]
+    values = {}
+    for name, spec, optional in Workflow._ordered_inputs(info):
+        if name in ("model", "clip", "vae", "image_folder") or not Workflow.is_widget(spec):
+            continue
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if name == "save_name":
+            values[name] = DOMAIN_UNET.removesuffix(".safetensors")
+        elif "default" in opts:
+            values[name] = opts["default"]
+        elif isinstance(spec[0], list) and spec[0]:
+            values[name] = spec[0][0]
+        elif spec[0] == "COMBO" and opts.get("options"):
+            values[name] = opts["options"][0]
+        elif not optional:
+            raise KeyError(f"InDomainTrainDomainUNet input {name!r} has no default; give it a value in the spec")
+    return values
+
+
+SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample]
+
+
+def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
+    """name -> (ui, api) for every workflow whose nodes exist in object_info."""
+    result = {}
+    if "InDomainTrainDomainUNet" in object_info:
+        TRAIN_WIDGETS.clear()
+        TRAIN_WIDGETS.update(_train_widgets(object_info))
+    for spec in SPECS:
+        if spec is train_and_sample and "InDomainTrainDomainUNet" not in object_info:
+            print("skipping the training workflow: InDomainTrainDomainUNet is not registered", file=sys.stderr)
+            continue
+        wf = spec()
+        result[wf.name] = (wf.ui(object_info), wf.api(object_info))
+    return result
+
+
+def live_object_info() -> dict:
+    """/object_info of a real ComfyUI server with this pack installed (no models needed)."""
+    from .host import ComfyServer
+
+    with tempfile.TemporaryDirectory(prefix="indomain_oi_") as d:
+        with ComfyServer(Path(d)) as srv:
+            return srv.get_json("/object_info")
+
+
+def dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare with the files on disk; exit 1 if stale")
+    args = ap.parse_args(argv)
+    built = build_all(live_object_info())
+    stale = []
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for name, (ui, api) in built.items():
+        for path, obj in ((WORKFLOWS_DIR / f"{name}.json", ui), (API_DIR / f"{name}.json", api)):
+            text = dumps(obj)
+            if path.exists() and path.read_text() == text:
+                continue
+            stale.append(path)
+            if not args.check:
+                _write(path, text)
+    verb = "stale" if args.check else "written"
+    for p in stale:
+        print(f"{verb}: {p.relative_to(PACK_ROOT)}")
+    print(f"{len(built)} workflows, {len(stale)} file(s) {verb}")
+    return 1 if (args.check and stale) else 0
+
+
+
+# ----------------------------------------------------------------------------- for tests and the demo
+
+def tiny_model_names() -> dict[str, str]:
+    """Placeholder file name -> the tiny model names the test `server` fixture serves."""
+    return {BASE_CKPT: "tiny_sd15.safetensors", DOMAIN_UNET: "tiny_domain.safetensors",
+            CONTROLNET: "tiny_controlnet.safetensors"}
+
+
+def substitute(obj, mapping: dict):
+    """A copy of a workflow (UI or API) with every string value found in mapping replaced."""
+    if isinstance(obj, dict):
+        return {k: substitute(v, mapping) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, mapping) for v in obj]
+    if isinstance(obj, str) and obj in mapping:
+        return mapping[obj]
+    return obj
+
+
+def workflow_files() -> list[tuple[str, Path, Path]]:
+    """(name, ui_path, api_path) for every shared workflow on disk."""
+    return [(p.stem, p, API_DIR / p.name) for p in sorted(WORKFLOWS_DIR.glob("*.json"))]
+
+
+def write_test_images(folder: Path, size: int = 64) -> dict[str, Path]:
+    """The images the workflows' LoadImage nodes name (hint and image to edit), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hint = Image.new("RGB", (size, size), "black")
+    d = ImageDraw.Draw(hint)
+    d.ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], outline="white", width=max(1, size // 16))
+    photo = Image.new("RGB", (size, size), (40, 90, 160))
+    d = ImageDraw.Draw(photo)
+    d.rectangle([size // 5, size // 3, 4 * size // 5, 4 * size // 5], fill=(220, 160, 40))
+    paths = {HINT_IMAGE: folder / HINT_IMAGE, INPUT_IMAGE: folder / INPUT_IMAGE}
+    hint.save(paths[HINT_IMAGE])
+    photo.save(paths[INPUT_IMAGE])
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Train Domain UNet: MODEL + CLIP + VAE + an image folder -> a domain MODEL, saved to models/domain_unets.
+Wiring only: the trainer is ../training."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from . import DOMAIN_UNET_FOLDER
+from .runtime import build_domain_model, ensure_base_model
+
+log = logging.getLogger("indomain")
+
+
+def domain_unet_output_path(save_name: str) -> tuple[Path, str]:
+    """(absolute path, name as the loader lists it) for a save name inside models/domain_unets."""
+    from ..training.data import TrainingInputError
+
+    name = save_name.strip().replace("\\", "/")
+    if not name:
+        raise TrainingInputError("save_name is empty; give a file name such as 'my_domain'.")
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise TrainingInputError(f"save_name {save_name!r} must stay inside models/domain_unets "
+                                 "(no absolute paths or '..'); use a plain name or a subfolder like 'faces/v1'.")
+    folder = Path(folder_paths.get_folder_paths(DOMAIN_UNET_FOLDER)[0])
+    return folder / name, name
+
+
+class TrainDomainUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InDomainTrainDomainUNet",
+            display_name="Train Domain UNet",
+            category="InDomain",
+            description="Fine-tunes a text-free (null-text) copy of the base UNet on a folder of unlabelled images and "
+                        "saves it to models/domain_unets. Interruptible (a checkpoint is saved first) and resumable. "
+                        "Connect 'domain_model' to Domain KSampler.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The BASE model (from Load Checkpoint) the domain UNet starts from. "
+                               "It is not modified."),
+                io.Clip.Input("clip", tooltip="The base checkpoint's CLIP: encodes the empty prompt once, to calibrate "
+                              "the constants that replace cross-attention."),
+                io.Vae.Input("vae", tooltip="The base checkpoint's VAE: encodes the images once (cached on disk)."),
+                io.String.Input("image_folder", default="", tooltip="Folder of domain images on the ComfyUI machine "
+                                "(searched recursively; jpg/png/webp/bmp). No captions needed. A few hundred images "
+                                "are typical; at least tens."),
+                io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps. Thousands for a real "
+                             "domain; each step sees batch_size images."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="AdamW learning rate. 1e-5 is the paper's setting; lower it if the loss explodes."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step. Larger is steadier but "
+                             "needs more memory (the paper used 32)."),
+                io.Int.Input("resolution", default=512, min=8, max=4096, step=8, tooltip="Training resolution in pixels "
+                             "(short side resized, then cropped square). Multiple of 64 for SD1.5/SDXL: 512 for SD1.5, "
+                             "1024 for SDXL."),
+                io.String.Input("save_name", default="my_domain", tooltip="File name in models/domain_unets "
+                                "('.safetensors' is added). An existing file of that name is replaced when training ends."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
+                             "flips: the same seed and settings give the same weights."),
+                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (from its "
+                                 "'.resume' state, written at every checkpoint) instead of starting over."),
+                io.Int.Input("save_every", default=500, min=0, max=1000000, tooltip="Save a checkpoint every N steps "
+                             "(0 = only at the end). One is always saved on interrupt."),
+                io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
+                               tooltip="EMA decay of the saved weights (warmed up over the first steps)."),
+                io.Combo.Input("crop", options=["center", "random"], default="center",
+                               tooltip="Square crop after resizing: centre, or random per step (more variety)."),
+                io.Float.Input("hflip", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Probability of a horizontal flip per image and step (0 for text/asymmetric domains)."),
+                io.Int.Input("grad_accum", default=1, min=1, max=256,
+                             tooltip="Gradient accumulation: effective batch = batch_size x grad_accum."),
+                io.Boolean.Input("grad_checkpointing", default=False,
+                                 tooltip="Recompute activations in the backward pass: much less GPU memory, ~30% slower."),
+            ],
+            outputs=[
+                io.Model.Output("domain_model", display_name="domain_model",
+                                tooltip="The trained domain UNet, ready for Domain KSampler (same as loading the saved file)."),
+                io.String.Output("file_name", display_name="file_name",
+                                 tooltip="The saved file's name in models/domain_unets (what Load Domain UNet lists)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
+                resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
+                grad_checkpointing=False) -> io.NodeOutput:
+        from ..training.trainer import TrainConfig, prepare_images, train
+
+        ensure_base_model(model)
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
+                             save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
+                             grad_checkpointing=grad_checkpointing)
+        scan = prepare_images(image_folder, config)  # bad folder / resolution: fail before any work
+        out_path, name = domain_unet_output_path(save_name)
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def progress(step, total, loss, ips):
+            pbar.update_absolute(step, total)
+            if step == 1 or step % 10 == 0 or step == total:
+                log.info("InDomain training: step %d/%d loss %.4f (%.1f img/s)", step, total, loss, ips)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(model, clip, vae, scan.folder, config, out_path, resume=resume, progress=progress,
+                           should_stop=comfy.model_management.processing_interrupted, scan=scan)
+        if result.interrupted:
+            log.info("InDomain training interrupted at step %d; saved %s (resume with 'resume' on)",
+                     result.steps_done, out_path)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        folder_paths.filename_list_cache.pop(DOMAIN_UNET_FOLDER, None)  # the loader lists the new file at once
+        domain = build_domain_model(model, result.state_dict, result.meta, source=str(out_path))
+        return io.NodeOutput(domain, name)
