@@ -151,7 +151,7 @@ def domain_conditioning(negative, positive=None, with_control: bool = False):
 # ----------------------------------------------------------------------------- guidance terms
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: terms hold tensors and are looked up with `in`
 class GuidanceTerm:
     """One term w * (M(x, c) - u) of the combination; evaluated only inside [start, end] percent."""
 
