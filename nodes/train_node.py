@@ -66,21 +66,21 @@ class TrainDomainUNet(io.ComfyNode):
                              "1024 for SDXL."),
                 io.String.Input("save_name", default="my_domain", tooltip="File name in models/domain_unets "
                                 "('.safetensors' is added). An existing file of that name is replaced when training ends."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
+                io.Int.Input("seed", optional=True, default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
                              "flips: the same seed and settings give the same weights."),
-                io.Boolean.Input("resume", default=False, tooltip="Continue the run saved under save_name (from its "
+                io.Boolean.Input("resume", optional=True, default=False, tooltip="Continue the run saved under save_name (from its "
                                  "'.resume' state, written at every checkpoint) instead of starting over."),
-                io.Int.Input("save_every", default=500, min=0, max=1000000, tooltip="Save a checkpoint every N steps "
+                io.Int.Input("save_every", optional=True, default=500, min=0, max=1000000, tooltip="Save a checkpoint every N steps "
                              "(0 = only at the end). One is always saved on interrupt."),
-                io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
+                io.Float.Input("ema_decay", optional=True, default=0.9999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
                                tooltip="EMA decay of the saved weights (warmed up over the first steps)."),
-                io.Combo.Input("crop", options=["center", "random"], default="center",
+                io.Combo.Input("crop", optional=True, options=["center", "random"], default="center",
                                tooltip="Square crop after resizing: centre, or random per step (more variety)."),
-                io.Float.Input("hflip", default=0.5, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("hflip", optional=True, default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Probability of a horizontal flip per image and step (0 for text/asymmetric domains)."),
-                io.Int.Input("grad_accum", default=1, min=1, max=256,
+                io.Int.Input("grad_accum", optional=True, default=1, min=1, max=256,
                              tooltip="Gradient accumulation: effective batch = batch_size x grad_accum."),
-                io.Boolean.Input("grad_checkpointing", default=False,
+                io.Boolean.Input("grad_checkpointing", optional=True, default=False,
                                  tooltip="Recompute activations in the backward pass: much less GPU memory, ~30% slower."),
             ],
             outputs=[
@@ -90,6 +90,23 @@ class TrainDomainUNet(io.ComfyNode):
                                  tooltip="The saved file's name in models/domain_unets (what Load Domain UNet lists)."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, image_folder="", **kwargs):
+        """Re-run when the images change (ComfyUI otherwise caches on the inputs alone)."""
+        import hashlib
+        import os
+
+        h = hashlib.sha256(str(image_folder).encode())
+        for root, dirs, files in os.walk(image_folder or "."):
+            dirs.sort()
+            for f in sorted(files):
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except OSError:
+                    continue
+                h.update(f"{root}/{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
     @classmethod
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,

@@ -107,20 +107,39 @@ def calibrate(unet: torch.nn.Module, model_sampling, prompt: EmptyPrompt, latent
             noise = torch.randn(x0.shape, generator=gen)
             batches.append((x0, torch.full((x0.shape[0],), sigma), noise))
 
+    device = next(unet.parameters()).device
+
     def run(batch):
         x0, sigma, noise = batch
         xc, t, _ = noisy_inputs(model_sampling, x0, sigma, noise)
-        unet(xc, t, **prompt.expand(x0.shape[0], xc.device, xc.dtype))
+        xc, t = xc.to(device), t.to(device)
+        unet(xc, t, **prompt.expand(x0.shape[0], device, xc.dtype))
 
     return calibrate_constants(unet, run, batches)
 
 
-def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: int = 0):
-    """Base UNet -> (null-text UNet in float32, constants, EmptyPrompt, calibration record)."""
+def cpu_model_sampling(model_patcher):
+    """A CPU copy of the model's noise schedule (sigmas are looked up on the CPU, whatever the device)."""
+    ms = copy.deepcopy(model_patcher.get_model_object("model_sampling"))
+    with torch.inference_mode(False):
+        for m in ms.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.detach().cpu().clone()
+    return ms
+
+
+def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: int = 0, device=None):
+    """Base UNet -> (null-text UNet in float32, constants, EmptyPrompt, calibration record).
+
+    `device`: where to run the calibration passes (the returned UNet stays there); default CPU.
+    """
     unet = detached_unet_copy(model_patcher)
-    ms = model_patcher.get_model_object("model_sampling")
+    if device is not None:
+        unet.to(device)
+    ms = cpu_model_sampling(model_patcher)
     prompt = empty_prompt(model_patcher, clip, tuple(calib_latents.shape[-2:]))
-    constants = calibrate(unet, ms, prompt, calib_latents, seed)
+    constants = calibrate(unet, ms, prompt, calib_latents.detach().float().cpu(), seed)
     convert_to_null_text(unet, constants)
     record = {"latents": int(calib_latents.shape[0]), "sigma_percents": list(CALIBRATION_SIGMA_PERCENTS),
               "prompt": "", "seed": seed,

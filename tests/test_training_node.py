@@ -1,0 +1,88 @@
+"""Train Domain UNet inside a real ComfyUI graph (in-process executor), feeding Domain KSampler in
+the same graph; and ComfyUI's interrupt saves a checkpoint before stopping."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from indomain.devkit.images import make_image_folder
+from indomain.guidance.checkpoint import read_domain_checkpoint
+
+
+@pytest.fixture(scope="module")
+def images(session_dir):
+    folder = session_dir / "node_images"
+    if not folder.exists():
+        make_image_folder(folder, 6, 64, seed=5)
+    return folder
+
+
+def train_inputs(images, save_name, steps=3, **extra):
+    return {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image_folder": str(images), "steps": steps,
+            "learning_rate": 1e-4, "batch_size": 2, "resolution": 64, "save_name": save_name, **extra}
+
+
+def test_schema_order_and_tooltips(comfy):
+    schema = comfy.node("InDomainTrainDomainUNet").GET_SCHEMA()
+    ids = [i.id for i in schema.inputs]
+    assert ids[:9] == ["model", "clip", "vae", "image_folder", "steps", "learning_rate", "batch_size", "resolution",
+                       "save_name"]
+    assert schema.category == "InDomain" and all(i.tooltip for i in schema.inputs)
+
+
+def test_node_trains_in_a_graph_and_feeds_domain_ksampler(comfy, models_dir, images):
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "InDomainTrainDomainUNet", "inputs": train_inputs(images, "node_trained", seed=7)},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "InDomainKSampler", "inputs": {
+            "model": ["1", 0], "domain_model": ["2", 0], "seed": 0, "steps": 2, "cfg": 2.5, "domain_weight": 2.0,
+            "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
+            "latent_image": ["5", 0], "denoise": 1.0, "domain_on_controlnet": False,
+            "domain_start_percent": 0.0, "domain_end_percent": 1.0}},
+    }
+    run = comfy.run(graph, outputs=["2", "6"])
+    assert run.output("2", 1) == "node_trained.safetensors"
+    path = models_dir / "domain_unets" / "node_trained.safetensors"
+    sd, meta = read_domain_checkpoint(path)
+    assert meta.training["steps"] == 3 and meta.training["images"] == 6 and meta.training["seed"] == 7
+    domain = run.output("2", 0)
+    live = domain.model.diffusion_model.state_dict()
+    assert all(torch.equal(live[k].float(), sd[k].float()) for k in sd)  # the MODEL output is the saved file
+    samples = run.output("6")["samples"]
+    assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_interrupt_saves_a_checkpoint_then_stops(comfy, base, models_dir, images):
+    """ComfyUI's interrupt (the UI's Cancel) during training: checkpoint first, then the usual exception."""
+    node = comfy.node("InDomainTrainDomainUNet")
+    mm = importlib.import_module("comfy.model_management")  # `import comfy...` would shadow the fixture
+    set_progress_bar_global_hook = importlib.import_module("comfy.utils").set_progress_bar_global_hook
+
+    model, clip, vae = base
+
+    def hook(value, total, preview, node_id=None):
+        if value >= 2:
+            mm.interrupt_current_processing(True)
+
+    set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode():  # as the executor runs nodes
+            with pytest.raises(mm.InterruptProcessingException):
+                node.execute(model, clip, vae, str(images), 50, 1e-4, 2, 64, "node_interrupted", 0, False, 0)
+    finally:
+        set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    path = models_dir / "domain_unets" / "node_interrupted.safetensors"
+    _, meta = read_domain_checkpoint(path)
+    assert meta.training["steps"] == 2 and meta.training["target_steps"] == 50
+    assert (models_dir / "domain_unets" / "node_interrupted.resume").is_file()
+    # resume from it through the node: continues to 4 steps
+    with torch.inference_mode():
+        out = node.execute(model, clip, vae, str(images), 4, 1e-4, 2, 64, "node_interrupted", 0, True, 0)
+    _, meta = read_domain_checkpoint(path)
+    assert meta.training["steps"] == 4 and out.result[1] == "node_interrupted.safetensors"

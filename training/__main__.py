@@ -1,0 +1,182 @@
+"""Command line: train a domain UNet from a folder of images and a base checkpoint.
+
+    python -m indomain.training --base ckpt.safetensors --images DIR --out NAME [options]
+
+Runs data-parallel under `torchrun --nproc_per_node N -m indomain.training ...` (only rank 0
+writes). Ctrl-C saves a checkpoint (and resume state) and exits; `--resume` continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .trainer import TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m indomain.training",
+        description="Train an InDomain text-free domain UNet from a folder of unlabelled images and a base checkpoint. "
+                    "The result loads in ComfyUI with the 'Load Domain UNet' node.",
+        epilog="Several GPUs: torchrun --nproc_per_node N -m indomain.training ... (same options; batch size is per GPU).")
+    p.add_argument("--base", required=True, help="base checkpoint (.safetensors) the domain UNet starts from, "
+                   "e.g. ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors")
+    p.add_argument("--images", required=True, help="folder of domain images (searched recursively; jpg/png/webp/bmp)")
+    p.add_argument("--out", required=True, help="output name or path; a bare NAME is saved as "
+                   "ComfyUI/models/domain_unets/NAME.safetensors")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step per process (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps (default 1)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip:g})")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"EMA decay; the EMA is what is saved (default {d.ema_decay})")
+    p.add_argument("--resolution", type=int, default=d.resolution, help=f"training resolution in px, a multiple of 8 "
+                   f"(64 for SD1.5/SDXL's UNet) (default {d.resolution})")
+    p.add_argument("--crop", choices=("center", "random"), default=d.crop, help="crop after resizing the short side (default center)")
+    p.add_argument("--hflip", type=float, default=d.hflip, help=f"horizontal flip probability (default {d.hflip})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed: a run is repeatable from it (default 0)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps, 0 = only at the end "
+                   f"(default {d.save_every}); also saved on Ctrl-C")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=d.mixed_precision,
+                   help="autocast on CUDA: auto = bf16 where supported, else fp16; CPU always trains in fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="trade ~30%% speed for much less GPU memory")
+    p.add_argument("--plain-finetune", action="store_true", help="baseline: fine-tune the unmodified UNet on the empty "
+                   "prompt instead of the null-text UNet (writes a plain UNet file; for comparisons only)")
+    p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
+    p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
+    p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
+                   "(saves disk; the run can then no longer be extended)")
+    p.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this file")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    return p
+
+
+def resolve_out(out: str, models_dir: Path | None = None) -> Path:
+    """A bare name goes to <ComfyUI>/models/domain_unets; anything with a folder part is a path."""
+    name = out if out.lower().endswith(".safetensors") else out + ".safetensors"
+    if os.sep in out or (os.altsep and os.altsep in out) or out.startswith("."):
+        return Path(name).expanduser().resolve()
+    if models_dir is None:
+        import folder_paths
+
+        models_dir = Path(folder_paths.models_dir)
+    return Path(models_dir) / "domain_unets" / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("root",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from .data import TrainingInputError
+    from .trainer import TrainConfig, TrainingDiverged, check_output_writable, prepare_images, setup_distributed
+
+    if args.cpu:
+        os.environ["INDOMAIN_FORCE_CPU"] = "1"
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
+        crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
+        mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
+        null_text=not args.plain_finetune, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state)
+    try:
+        # everything that can be checked without a model, first
+        scan = prepare_images(args.images, config)
+        base = Path(args.base).expanduser()
+        if not base.is_file():
+            raise TrainingInputError(f"base checkpoint not found: {base}. Pass the .safetensors file your domain "
+                                     "UNet should start from (e.g. ComfyUI/models/checkpoints/...).")
+        if base.suffix.lower() not in (".safetensors", ".sft"):
+            raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
+        rank, world, _local = setup_distributed()
+        from ..devkit.host import import_comfy
+
+        import_comfy(cpu=True if args.cpu else None)
+        out_path = resolve_out(args.out)
+        if rank == 0:
+            check_output_writable(out_path)
+    except TrainingInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import comfy.sd
+
+    from .trainer import train
+
+    if rank == 0:
+        print(f"InDomain training: {scan.count} images in {scan.folder}"
+              + (f" ({len(scan.skipped)} skipped)" if scan.skipped else "") + f" -> {out_path}", flush=True)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=True, output_clip=True)
+
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(step, total, loss, ips):
+        if bar is not None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
+            bar.refresh()
+
+    try:
+        result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
+                       should_stop=lambda: stop["flag"], scan=scan)
+    except TrainingInputError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    s = result.summary
+    if rank == 0:
+        state = "interrupted" if result.interrupted else "done"
+        print(f"{state}: {result.steps_done}/{config.steps} steps, loss {s.get('first_loss') or float('nan'):.4f} -> "
+              f"{s.get('last_loss') or float('nan'):.4f}, {s['images']} images ({s['skipped']} skipped), "
+              f"{s['seconds']:.1f} s", flush=True)
+        for line in s.get("skipped_files", []):
+            print(f"  skipped {line}")
+        if result.path:
+            print(f"saved {result.path}")
+        if result.resume_path:
+            print(f"resume state {result.resume_path} (continue with --resume)")
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(dict(s, path=str(result.path) if result.path else None),
+                                                          indent=2, default=str))
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

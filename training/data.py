@@ -1,0 +1,229 @@
+"""Training data: a folder of unlabelled images -> cached VAE latents.
+
+Images are found recursively (jpg, jpeg, png, webp, bmp; any case), converted to RGB and
+resized so the short side equals the training resolution. Each image is encoded once by the
+checkpoint's VAE, plain and mirrored (so horizontal flips are exact, not a flip of the latent),
+and cached on disk as safetensors keyed by (file content, resolution, crop mode, VAE weights):
+a changed image, resolution, crop or VAE is a new cache entry. With centre crop the cached
+latent is exactly the training size; with random crop the whole resized image is cached and
+crops are cut on the latent grid (8-pixel steps) at training time.
+
+No ComfyUI import here: the VAE is passed in (anything with `.encode(pixels BHWC 0..1)`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("indomain.training")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CACHE_VERSION = 1
+
+
+class TrainingInputError(ValueError):
+    """Bad training input (folder, resolution, output path). The message names the fix."""
+
+
+@dataclass
+class ImageScan:
+    folder: Path
+    usable: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ignored_other: int = 0          # files with other extensions (captions etc.), not counted as skipped
+
+    @property
+    def count(self) -> int:
+        return len(self.usable)
+
+
+def check_resolution(resolution: int, factor: int = 8) -> None:
+    if not isinstance(resolution, int) or resolution <= 0:
+        raise TrainingInputError(f"resolution must be a positive whole number of pixels, got {resolution!r}.")
+    if resolution % factor:
+        lower = max(factor, resolution // factor * factor)
+        raise TrainingInputError(
+            f"resolution {resolution} is not a multiple of {factor} (this model needs multiples of {factor}: "
+            f"the VAE and the UNet downsample by that much). Use {lower} or {lower + factor}.")
+
+
+def min_image_side(resolution: int) -> int:
+    """Images whose short side is below this are 'tiny': upscaling them more than 2x only adds blur."""
+    return max(8, resolution // 2)
+
+
+def find_image_files(folder: Path) -> tuple[list[Path], int]:
+    files, other = [], 0
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip hidden folders (caches, .git)
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(p)
+            else:
+                other += 1
+    return sorted(files), other
+
+
+def _probe(path: Path, min_side: int) -> str | None:
+    """None if the file is a usable image, else the reason it is skipped."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure check without decoding everything
+        with Image.open(path) as im:
+            w, h = im.size
+            im.load()    # full decode: catches truncated data that verify() lets through
+    except Exception as e:  # PIL raises many types for broken files
+        return f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+    if min(w, h) < min_side:
+        return f"too small ({w}x{h}; the short side must be at least {min_side} px at this resolution)"
+    return None
+
+
+def scan_images(folder, resolution: int) -> ImageScan:
+    """Find usable images; skip unreadable or tiny ones with one warning each. Raises when none is usable."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise TrainingInputError(f"image folder not found: {folder}. Point it at a folder of domain images "
+                                 "(jpg, png, webp or bmp; subfolders are searched too).")
+    candidates, other = find_image_files(folder)
+    scan = ImageScan(folder, [], [], other)
+    min_side = min_image_side(resolution)
+    for p in candidates:
+        reason = _probe(p, min_side)
+        if reason is None:
+            scan.usable.append(p)
+        else:
+            scan.skipped.append((p, reason))
+            log.warning("InDomain training: skipping %s: %s", p, reason)
+    if not scan.usable:
+        if not candidates:
+            what = ("it is empty" if other == 0 else
+                    f"it has {other} file(s) but none with an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+        else:
+            what = f"all {len(candidates)} image file(s) were skipped (first: {scan.skipped[0][0].name}: {scan.skipped[0][1]})"
+        raise TrainingInputError(f"no usable training image in {folder}: {what}. Add at least one readable RGB image "
+                                 f"whose short side is at least {min_side} px (a few hundred images are typical).")
+    return scan
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_resized(path: Path, resolution: int, crop: str):
+    """RGB PIL image, short side = resolution; centre-cropped to a square when crop == 'center'."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if crop == "random":  # keep the whole image on the 8-px latent grid; crops are cut from the latent
+        nw, nh = max(resolution, nw // 8 * 8), max(resolution, nh // 8 * 8)
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    if crop == "center":
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return im
+
+
+def to_pixels(im) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)  # H W 3 in 0..1
+
+
+def cache_key(digest: str, resolution: int, crop: str, vae_fingerprint: str) -> str:
+    return hashlib.sha256(f"v{CACHE_VERSION}|{digest}|{resolution}|{crop}|{vae_fingerprint}".encode()).hexdigest()[:40]
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    import safetensors.torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _load_cached(path: Path):
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+        return sd["latent"], sd["latent_flip"]
+    except Exception:  # a corrupt entry is re-encoded, never trusted
+        return None
+
+
+@dataclass
+class EncodedImages:
+    latents: list[torch.Tensor]        # per image [C, h, w], unprocessed VAE latents
+    flipped: list[torch.Tensor]        # encodings of the mirrored images
+    digests: list[str]
+    cache_hits: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the data set (order-independent), for resume checks."""
+        return hashlib.sha256("\n".join(sorted(self.digests)).encode()).hexdigest()
+
+
+def encode_images(vae, scan: ImageScan, resolution: int, crop: str, cache_dir: Path | None, vae_fingerprint: str,
+                  progress=None) -> EncodedImages:
+    """Encode every usable image (plain and mirrored) with the VAE, through the on-disk cache."""
+    out = EncodedImages([], [], [])
+    for i, path in enumerate(scan.usable):
+        digest = file_digest(path)
+        entry = None
+        cpath = None
+        if cache_dir is not None:
+            cpath = Path(cache_dir) / f"{cache_key(digest, resolution, crop, vae_fingerprint)}.safetensors"
+            if cpath.is_file():
+                entry = _load_cached(cpath)
+        if entry is not None:
+            out.cache_hits += 1
+        else:
+            im = load_resized(path, resolution, crop)
+            from PIL import ImageOps
+
+            pixels = torch.stack([to_pixels(im), to_pixels(ImageOps.mirror(im))])
+            with torch.inference_mode(False), torch.no_grad():
+                lat = vae.encode(pixels).float().cpu().clone()
+            entry = (lat[0], lat[1])
+            if cpath is not None:
+                try:
+                    _save_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
+                                 {"source": path.name, "resolution": str(resolution), "crop": crop})
+                except OSError as e:  # a read-only cache must not stop training
+                    log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)
+        out.latents.append(entry[0].float().clone())
+        out.flipped.append(entry[1].float().clone())
+        out.digests.append(digest)
+        if progress is not None:
+            progress(i + 1, len(scan.usable))
+    return out
