@@ -98,7 +98,9 @@ class TrainDomainUNet(io.ComfyNode):
         import os
 
         h = hashlib.sha256(str(image_folder).encode())
-        for root, dirs, files in os.walk(image_folder or "."):
+        if not image_folder or not os.path.isdir(image_folder):
+            return h.hexdigest()  # execute() reports the bad folder
+        for root, dirs, files in os.walk(image_folder):
             dirs.sort()
             for f in sorted(files):
                 try:
