@@ -112,20 +112,15 @@ class FrontendSession:
         return self.page.evaluate(INSPECT_JS)
 
     def fit_view(self) -> None:
-        """Zoom so the whole graph is on screen (for the screenshot)."""
-        self.page.evaluate("""() => {
-          const c = app.canvas, ds = c.ds, nodes = app.graph.nodes, groups = app.graph.groups || [];
-          let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-          for (const n of nodes) { x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 40);
-                                   x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]); }
-          for (const g of groups) { const b = g._bounding || g.bounding; x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]);
-                                   x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); }
-          const el = c.canvas, w = el.width / (window.devicePixelRatio || 1), h = el.height / (window.devicePixelRatio || 1);
-          const scale = Math.min(w / (x1 - x0 + 80), (h - 60) / (y1 - y0 + 80), 1.2);
-          ds.scale = scale; ds.offset[0] = -x0 + 40 / scale; ds.offset[1] = -y0 + 60 / scale;
-          c.setDirty(true, true); c.draw(true, true);
+        """Zoom so the whole graph is on screen (the frontend's own 'Fit view' command), banners closed."""
+        self.page.evaluate("""async () => {
+          for (const b of document.querySelectorAll('button')) {
+            const bar = b.parentElement;  // the 'Introducing ...' announcement bar's close button
+            if (bar && (bar.innerText || '').includes('Introducing') && b.className.includes('absolute')) b.click();
+          }
+          await app.extensionManager.command.execute('Comfy.Canvas.FitView');
         }""")
-        self.page.wait_for_timeout(400)
+        self.page.wait_for_timeout(600)
 
     def screenshot(self, path: Path) -> Path:
         path = Path(path)

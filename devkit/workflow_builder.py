@@ -89,9 +89,10 @@ class Workflow:
 
     @staticmethod
     def has_control_widget(name: str, spec: list) -> bool:
-        """The frontend adds a 'control_after_generate' combo after seed-like INT widgets."""
+        """The frontend adds a 'control_after_generate' combo after seed-like INT widgets: those flagged
+        control_after_generate, and (checked in the real frontend 1.32.9) any INT named seed / noise_seed."""
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        return spec[0] == "INT" and bool(opts.get("control_after_generate"))
+        return spec[0] == "INT" and (bool(opts.get("control_after_generate")) or name in ("seed", "noise_seed"))
 
     def _info(self, node: Node, object_info: dict) -> dict:
         if node.type not in object_info:

@@ -67,7 +67,8 @@ def widget_names(info: dict) -> list[tuple[str, list | None]]:
     for name, spec, _ in ordered_inputs(info):
         if _is_widget(spec):
             result.append((name, spec))
-            if spec[0] == "INT" and _opts(spec).get("control_after_generate"):
+            # the frontend also gives every INT named seed/noise_seed one (seen in 1.32.9)
+            if spec[0] == "INT" and (_opts(spec).get("control_after_generate") or name in ("seed", "noise_seed")):
                 result.append((f"{name}.control_after_generate", None))
             if _opts(spec).get("image_upload"):
                 result.append(("upload", None))

@@ -39,7 +39,7 @@ SIZE = 512
 
 BLUE, ORANGE, GREEN, PURPLE, RED = "#3f789e", "#b58b2a", "#8A8", "#a1309b", "#b06634"
 
-COL_MODELS, COL_PROMPTS, COL_CONTROL, COL_SAMPLE, COL_OUT = 0, 380, 840, 1240, 1640
+COL_MODELS, COL_PROMPTS, COL_CONTROL, COL_SAMPLE, COL_OUT = 0, 400, 880, 1300, 1720
 
 
 def _models(wf: Workflow, y: int = 0):
@@ -47,16 +47,23 @@ def _models(wf: Workflow, y: int = 0):
                   size=(315, 98), ckpt_name=BASE_CKPT)
     domain = wf.add("InDomainLoadDomainUNet", (COL_MODELS, y + 170), title="Load Domain UNet (your trained domain)",
                     size=(315, 82), model=ckpt[0], domain_unet_name=DOMAIN_UNET)
-    wf.group("1. Models: frozen base + text-free domain UNet", [ckpt, domain], BLUE)
+    wf.group("1. Models", [ckpt, domain], BLUE)
     return ckpt, domain
 
 
-def _prompts(wf: Workflow, ckpt, positive: str, negative: str = "", pos_title: str = "Positive prompt (text control)"):
+def _prompts(wf: Workflow, ckpt, positive: str, negative: str = "", pos_title: str = "Positive prompt (text control)",
+             batch_size: int | None = None):
+    """The two prompts, and the empty latent (image size) when batch_size is given."""
     pos = wf.add("CLIPTextEncode", (COL_PROMPTS, 0), title=pos_title, size=(400, 160), text=positive, clip=ckpt[1])
     neg = wf.add("CLIPTextEncode", (COL_PROMPTS, 230), title="Negative prompt (empty = unconditional)",
                  size=(400, 160), text=negative, clip=ckpt[1])
-    wf.group("2. Prompts", [pos, neg], ORANGE)
-    return pos, neg
+    members, latent = [pos, neg], None
+    if batch_size is not None:
+        latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE,
+                        batch_size=batch_size)
+        members.append(latent)
+    wf.group("2. Prompts and image size" if latent else "2. Prompts", members, ORANGE)
+    return pos, neg, latent
 
 
 def _output(wf: Workflow, latent, ckpt, prefix: str, x: int = COL_OUT):
@@ -78,11 +85,10 @@ def _domain_ksampler(wf: Workflow, pos, x, y, title, model, domain, positive, ne
 def unconditional() -> Workflow:
     wf = Workflow("indomain_1_unconditional")
     ckpt, domain = _models(wf)
-    pos, neg = _prompts(wf, ckpt, "", pos_title="Positive prompt (ignored at cfg 0)")
-    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=4)
+    pos, neg, latent = _prompts(wf, ckpt, "", pos_title="Positive prompt (ignored at cfg 0)", batch_size=4)
     sampler = _domain_ksampler(wf, None, COL_CONTROL, 0, "Domain KSampler (cfg 0 = unconditional, domain weight 2.0)",
                                ckpt[0], domain[0], pos[0], neg[0], latent[0], cfg=0.0)
-    wf.group("3. Decoupled sampling: eps = u + w_d (D(x) - u)", [latent, sampler], GREEN)
+    wf.group("3. Decoupled sampling", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/unconditional", x=COL_SAMPLE)
     wf.note("Unconditional in-domain generation.\n\ncfg (control weight) = 0: no text term, two model passes per "
             "step: u = base(x, empty prompt) and d = domain(x).\ndomain_weight 2.0 (1.5-2.5): how hard to pull "
@@ -94,11 +100,10 @@ def unconditional() -> Workflow:
 def text_guided() -> Workflow:
     wf = Workflow("indomain_2_text_guided")
     ckpt, domain = _models(wf)
-    pos, neg = _prompts(wf, ckpt, "a cat wearing a hat, sitting on a chair", "blurry, low quality")
-    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    pos, neg, latent = _prompts(wf, ckpt, "a cat wearing a hat, sitting on a chair", "blurry, low quality", batch_size=1)
     sampler = _domain_ksampler(wf, None, COL_CONTROL, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
                                ckpt[0], domain[0], pos[0], neg[0], latent[0])
-    wf.group("3. Decoupled sampling: eps = u + w_d (D - u) + w_c (B(c) - u)", [latent, sampler], GREEN)
+    wf.group("3. Decoupled sampling", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/text_guided", x=COL_SAMPLE)
     wf.note("Text-guided in-domain generation.\n\nThe frozen base model follows the prompt (cfg = control weight, "
             "start at 2.5); the domain UNet pulls towards your images (domain_weight, start at 2.0).\n"
@@ -115,19 +120,18 @@ def _controlnet_block(wf: Workflow, positive, negative, vae, y: int = 0, title: 
     apply = wf.add("ControlNetApplyAdvanced", (COL_CONTROL, y + 490), title=title, size=(340, 186),
                    positive=positive, negative=negative, control_net=cn[0], image=hint[0], strength=1.0,
                    start_percent=0.0, end_percent=1.0, vae=vae)
-    wf.group("3. Spatial control (ControlNet)", [cn, hint, apply], RED)
+    wf.group("3. ControlNet", [cn, hint, apply], RED)
     return cn, hint, apply
 
 
 def controlnet() -> Workflow:
     wf = Workflow("indomain_3_controlnet")
     ckpt, domain = _models(wf)
-    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "")
+    pos, neg, latent = _prompts(wf, ckpt, "a cat sitting on a chair", "", batch_size=1)
     _, _, apply = _controlnet_block(wf, pos[0], neg[0], ckpt[2])
-    latent = wf.add("EmptyLatentImage", (COL_PROMPTS, 460), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
     sampler = _domain_ksampler(wf, None, COL_SAMPLE, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
                                ckpt[0], domain[0], apply[0], apply[1], latent[0])
-    wf.group("4. Decoupled sampling", [latent, sampler], GREEN)
+    wf.group("4. Decoupled sampling", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/controlnet", x=COL_OUT)
     wf.note("ControlNet-guided in-domain generation.\n\nThe ControlNet rides on the base model's text term "
             "(cfg 2.5). domain_on_controlnet decides whether the domain UNet also sees the hint: off = the "
@@ -139,13 +143,13 @@ def controlnet() -> Workflow:
 def img2img() -> Workflow:
     wf = Workflow("indomain_4_img2img")
     ckpt, domain = _models(wf)
-    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "")
+    pos, neg, _ = _prompts(wf, ckpt, "a cat sitting on a chair", "")
     image = wf.add("LoadImage", (COL_CONTROL, 0), title="Image to edit", size=(340, 314), image=INPUT_IMAGE)
     encode = wf.add("VAEEncode", (COL_CONTROL, 380), size=(210, 46), pixels=image[0], vae=ckpt[2])
     wf.group("3. Image to edit", [image, encode], RED)
     sampler = _domain_ksampler(wf, None, COL_SAMPLE, 0, "Domain KSampler (denoise 0.6 = edit, cfg 2.5, domain 2.0)",
                                ckpt[0], domain[0], pos[0], neg[0], encode[0], denoise=0.6)
-    wf.group("4. Domain-guided editing (SDEdit)", [sampler], GREEN)
+    wf.group("4. Domain-guided editing", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/img2img", x=COL_OUT)
     wf.note("Domain-guided img2img editing.\n\nThe image is encoded, partly re-noised (denoise 0.6) and denoised "
             "with decoupled guidance, which moves it into your domain while keeping its layout.\nLower denoise "
@@ -157,7 +161,7 @@ def img2img() -> Workflow:
 def multi_guidance() -> Workflow:
     wf = Workflow("indomain_5_multi_guidance")
     ckpt, domain = _models(wf)
-    pos, neg = _prompts(wf, ckpt, "a cat sitting on a chair", "", pos_title="Positive prompt (text term)")
+    pos, neg, _ = _prompts(wf, ckpt, "a cat sitting on a chair", "", pos_title="Positive prompt (text term)")
     # The ControlNet term uses the EMPTY prompt with the hint: B(x, ∅ + hint) - u is the pure spatial direction.
     _, _, apply = _controlnet_block(wf, neg[0], neg[0], ckpt[2], title="Apply ControlNet to the empty prompt")
     x = COL_SAMPLE
@@ -171,7 +175,7 @@ def multi_guidance() -> Workflow:
                  previous=spatial[0])
     guider = wf.add("InDomainMultiGuider", (x, 630), title="Multi-Term Guider: u + sum w_i (M_i - u)",
                     size=(340, 80), model=ckpt[0], negative=neg[0], terms=dom[0])
-    wf.group("4. Guidance terms (text + ControlNet + domain)", [text, spatial, dom, guider], GREEN)
+    wf.group("4. Guidance terms", [text, spatial, dom, guider], GREEN)
     x2 = COL_OUT
     noise = wf.add("RandomNoise", (x2, 0), size=(315, 82), noise_seed=SEED)
     sampler_sel = wf.add("KSamplerSelect", (x2, 140), title="Sampler (dpmpp_2m)", size=(315, 58), sampler_name=SAMPLER)
@@ -180,8 +184,8 @@ def multi_guidance() -> Workflow:
     latent = wf.add("EmptyLatentImage", (x2, 410), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
     sample = wf.add("SamplerCustomAdvanced", (x2, 570), size=(315, 106), noise=noise[0], guider=guider[0],
                     sampler=sampler_sel[0], sigmas=sigmas[0], latent_image=latent[0])
-    wf.group("5. Sampling (SamplerCustomAdvanced)", [noise, sampler_sel, sigmas, latent, sample], BLUE)
-    _output(wf, sample[0], ckpt, "indomain/multi_guidance", x=2040)
+    wf.group("5. Sampling", [noise, sampler_sel, sigmas, latent, sample], BLUE)
+    _output(wf, sample[0], ckpt, "indomain/multi_guidance", x=2120)
     wf.note("Multi-guidance: eps = u + sum_i w_i (M_i(x, c_i) - u), u = base(x, negative).\n\nEach Guidance "
             "Term has its own model, condition, weight and schedule; chain as many as you like (a second domain "
             "UNet is one more term).\nStarting weights: text 2.5, ControlNet 1.5, domain 2.0; 25 steps "
@@ -195,9 +199,9 @@ def train_and_sample() -> Workflow:
                   size=(315, 98), ckpt_name=BASE_CKPT)
     wf.group("1. Base model", [ckpt], BLUE)
     train = wf.add("InDomainTrainDomainUNet", (COL_PROMPTS, 0), title="Train Domain UNet (on a folder of images)",
-                   size=(400, 330), model=ckpt[0], clip=ckpt[1], vae=ckpt[2], image_folder=TRAIN_FOLDER,
+                   size=(400, 440), model=ckpt[0], clip=ckpt[1], vae=ckpt[2], image_folder=TRAIN_FOLDER,
                    **TRAIN_WIDGETS)
-    wf.group("2. Train the text-free domain UNet (saved to models/domain_unets)", [train], RED)
+    wf.group("2. Train the domain UNet", [train], RED)
     pos = wf.add("CLIPTextEncode", (COL_CONTROL, 0), title="Positive prompt (text control)", size=(360, 140),
                  text="a cat sitting on a chair", clip=ckpt[1])
     neg = wf.add("CLIPTextEncode", (COL_CONTROL, 200), title="Negative prompt (empty = unconditional)",
@@ -206,7 +210,7 @@ def train_and_sample() -> Workflow:
     wf.group("3. Prompts", [pos, neg, latent], ORANGE)
     sampler = _domain_ksampler(wf, None, COL_SAMPLE + 20, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
                                ckpt[0], train[0], pos[0], neg[0], latent[0])
-    wf.group("4. Sample with the freshly trained domain UNet", [sampler], GREEN)
+    wf.group("4. Sample with it", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/train_and_sample", x=COL_OUT + 60)
     wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPoint image_folder at a folder of "
             "images from your domain (no captions needed). Training is interruptible and shows progress; "
@@ -340,6 +344,26 @@ def write_test_images(folder: Path, size: int = 64) -> dict[str, Path]:
     hint.save(paths[HINT_IMAGE])
     photo.save(paths[INPUT_IMAGE])
     return paths
+
+
+def write_train_images(folder: Path, count: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """A small 'domain' of procedural images (warm striped discs on a dark ground), drawn with PIL."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        im = Image.new("RGB", (size, size), (20, 24, 40))
+        d = ImageDraw.Draw(im)
+        r = rng.randint(size // 5, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        for k in range(r, 0, -max(1, size // 16)):
+            shade = 255 - 20 * ((r - k) // max(1, size // 16) % 2)
+            d.ellipse([cx - k, cy - k, cx + k, cy + k], fill=(shade, 120 + rng.randint(0, 60), 40))
+        im.save(folder / f"domain_{i:03d}.png")
+    return folder
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ class TrainDomainUNet(io.ComfyNode):
                 io.String.Input("save_name", default="my_domain", tooltip="File name in models/domain_unets "
                                 "('.safetensors' is added). An existing file of that name is replaced when training ends."),
                 io.Int.Input("seed", optional=True, default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
-                             "flips: the same seed and settings give the same weights."),
+                             "flips: the same seed and settings give the same weights. Keep 'control after generate' "
+                             "on 'fixed' (the frontend adds it to every seed input) so re-queueing and resume keep it."),
                 io.Boolean.Input("resume", optional=True, default=False, tooltip="Continue the run saved under save_name (from its "
                                  "'.resume' state, written at every checkpoint) instead of starting over."),
                 io.Int.Input("save_every", optional=True, default=500, min=0, max=1000000, tooltip="Save a checkpoint every N steps "

@@ -1,0 +1,240 @@
+"""The demo pipeline (see the package docstring). Everything goes through the real product: the trainer,
+a real ComfyUI server, the shared workflow's API twin and the headless client over HTTP."""
+from __future__ import annotations
+
+import gc
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..client import ComfyClient, apply_overrides, load_workflow
+from ..devkit.host import PACK_ROOT
+
+WORKFLOW = PACK_ROOT / "workflows" / "api" / "indomain_2_text_guided.json"
+
+
+@dataclass
+class DemoConfig:
+    out_dir: Path = PACK_ROOT / "out" / "demo"
+    images: int = 24                 # built-in domain images
+    image_px: int = 64               # 64 px = 8x8 latents for the tiny SD1.5-layout UNet
+    train_steps: int = 150
+    train_batch: int = 8
+    lr: float = 3e-4                 # toy scale (the paper's 1e-5 is for real SD weights and thousands of steps)
+    sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
+    cfg: float = 2.5
+    domain_weight: float = 2.0
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    prompt: str = "a photo of a house on a hill"
+    base: Path | None = None         # use this checkpoint instead of the built tiny one
+    domain_unet: Path | None = None  # use this domain UNet instead of training one
+    fast: bool = False               # smoke mode for tests: few steps everywhere
+
+    def shrink(self) -> "DemoConfig":
+        self.images, self.train_steps, self.train_batch, self.sample_steps, self.seeds = 4, 2, 2, 3, [1, 2]
+        return self
+
+
+class Progress:
+    def __init__(self, total_stages: int):
+        self.total = total_stages
+        self.stage = 0
+        self.t0 = time.monotonic()
+
+    def step(self, msg: str) -> None:
+        self.stage += 1
+        self.say(f"[{self.stage}/{self.total}] {msg}")
+
+    def say(self, msg: str) -> None:
+        print(f"[demo {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- 1. the built-in domain
+
+
+def draw_domain_images(folder: Path, count: int, px: int, seed: int = 0) -> Path:
+    """'Sunset stripes': horizontal warm bands over a dark violet ground with one teal disc, a style no
+    text prompt of the base model asks for."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        im = Image.new("RGB", (px, px), (40, 16, 60))
+        d = ImageDraw.Draw(im)
+        band = max(2, px // rng.choice([8, 10, 12]))
+        offset = rng.randint(0, band)
+        for y in range(-band + offset, px, 2 * band):
+            warm = (240, rng.randint(90, 170), rng.randint(20, 60))
+            d.rectangle([0, y, px, y + band - 1], fill=warm)
+        r = rng.randint(px // 8, px // 4)
+        cx, cy = rng.randint(r, px - r), rng.randint(r, px - r)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(20, 200, 190), outline=(250, 250, 250))
+        im.save(folder / f"sunset_{i:03d}.png")
+    return folder
+
+
+# ----------------------------------------------------------------------------- 3. training
+
+
+def train_domain_unet(base_ckpt: Path, images: Path, out_path: Path, cfg: DemoConfig, progress: Progress) -> Path:
+    from ..devkit.domain import load_checkpoint
+    from ..training.trainer import TrainConfig, train
+
+    model, clip, vae = load_checkpoint(base_ckpt)
+    every = max(1, cfg.train_steps // 10)
+
+    def on_step(step, total, loss, images_per_s):
+        if step == 1 or step % every == 0 or step == total:
+            progress.say(f"    train step {step}/{total}  loss {loss:.4f}  {images_per_s:.1f} img/s")
+
+    config = TrainConfig(steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.train_batch, resolution=cfg.image_px,
+                         save_every=0, ema_decay=0.999, calibration_images=min(16, cfg.images),
+                         keep_resume_state=False, cache_dir=str(cfg.out_dir / "latent_cache"))
+    result = train(model, clip, vae, images, config, out_path, progress=on_step)
+    del model, clip, vae, result
+    gc.collect()
+    return out_path
+
+
+# ----------------------------------------------------------------------------- 5. the comparison picture
+
+
+def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path, columns: list[str] = (),
+                 cell: int = 160) -> Path:
+    """A grid: one labelled row per setting, one column per seed (nearest-neighbour upscaled)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=16)
+        small = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = small = ImageFont.load_default()
+    ncols = max(len(paths) for _, paths in rows)
+    label_w, head_h, pad = 250, 56, 8
+    W = label_w + ncols * (cell + pad) + pad
+    H = head_h + len(rows) * (cell + pad) + pad + 22
+    sheet = Image.new("RGB", (W, H), (250, 250, 250))
+    d = ImageDraw.Draw(sheet)
+    d.text((pad, 8), title, fill=(0, 0, 0), font=font)
+    for c in range(ncols):
+        d.text((label_w + c * (cell + pad) + pad, head_h - 20), columns[c] if c < len(columns) else "", fill=(60, 60, 60), font=small)
+    for r, (label, paths) in enumerate(rows):
+        y = head_h + r * (cell + pad)
+        d.multiline_text((pad, y + cell // 2 - 20), label, fill=(0, 0, 0), font=font, spacing=4)
+        for c, p in enumerate(paths):
+            with Image.open(p) as im:
+                tile = im.convert("RGB").resize((cell, cell), Image.NEAREST)
+            sheet.paste(tile, (label_w + c * (cell + pad) + pad, y))
+    d.text((pad, H - 20), "same seeds, same prompt, same steps in both rows; only the domain weight differs",
+           fill=(90, 90, 90), font=small)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.stem + ".partial.png")
+    sheet.save(tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    from ..devkit.host import ComfyServer
+
+    progress = Progress(6)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    progress.step(f"drawing {cfg.images} built-in domain images ('sunset stripes', {cfg.image_px} px)")
+    images = draw_domain_images(out / "domain_images", cfg.images, cfg.image_px)
+
+    if cfg.base:
+        base = Path(cfg.base)
+        progress.step(f"base checkpoint: {base}")
+    else:
+        progress.step("building the tiny SD1.5-layout base checkpoint (deterministic; cached in .cache/models)")
+        from ..devkit.tiny_models import tiny_checkpoint
+
+        base = tiny_checkpoint(0)
+
+    if cfg.domain_unet:
+        domain = Path(cfg.domain_unet)
+        progress.step(f"domain UNet: {domain} (not retrained)")
+    else:
+        progress.step(f"training the domain UNet: {cfg.train_steps} steps, batch {cfg.train_batch}, lr {cfg.lr}")
+        domain = train_domain_unet(base, images, out / "models" / "demo_domain.safetensors", cfg, progress)
+    progress.say(f"    domain UNet file: {domain}")
+
+    progress.step("starting ComfyUI headless (real server, 127.0.0.1)")
+    server_base = out / "server"
+    if server_base.exists():
+        shutil.rmtree(server_base)
+    server = ComfyServer(server_base, models={"checkpoints": {"demo_base.safetensors": base},
+                                              "domain_unets": {"demo_domain.safetensors": domain}})
+    server.start()
+    try:
+        progress.say(f"    server up at {server.url}")
+        client = ComfyClient(server.url)
+        progress.step(f"running {WORKFLOW.relative_to(PACK_ROOT)} over HTTP: base CFG vs decoupled, "
+                      f"seeds {cfg.seeds}, {cfg.sample_steps} steps")
+        rows = []
+        for label, weight in ((f"base model, CFG\n(cfg {cfg.cfg}, domain weight 0)", 0.0),
+                              (f"decoupled guidance\n(cfg {cfg.cfg}, domain weight {cfg.domain_weight})",
+                               cfg.domain_weight)):
+            paths = []
+            for seed in cfg.seeds:
+                wf = load_workflow(WORKFLOW)
+                apply_overrides(wf, prompt=cfg.prompt, negative="", seed=seed, steps=cfg.sample_steps, cfg=cfg.cfg,
+                                domain_weight=weight, checkpoint="demo_base.safetensors",
+                                domain_unet="demo_domain.safetensors", width=cfg.image_px, height=cfg.image_px,
+                                batch_size=1, filename_prefix=f"demo_w{weight:g}_s{seed}")
+                result = client.run(wf, out_dir=out / "images", timeout=600)
+                progress.say(f"    domain weight {weight:g}, seed {seed}: {result.images[0].name} "
+                             f"({result.seconds:.1f}s)")
+                paths.extend(result.images[:1])
+            rows.append((label, paths))
+    finally:
+        server.stop()
+
+    progress.step("composing the side-by-side image")
+    title = f'InDomain demo: "{cfg.prompt}"  |  {cfg.sample_steps} steps dpmpp_2m karras'
+    refs = sorted(images.glob("*.png"))[:len(cfg.seeds)]
+    rows.append(("the domain\n(training images)", refs))
+    sheet = side_by_side(rows, title, out / "indomain_demo.png", columns=[f"seed {s}" for s in cfg.seeds])
+    (out / "demo.json").write_text(json.dumps({"config": {k: str(v) for k, v in cfg.__dict__.items()},
+                                               "image": str(sheet)}, indent=2))
+    progress.say("done")
+    return sheet
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m indomain.demo", description=sys.modules[__package__].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DemoConfig.out_dir, help="output folder (default out/demo)")
+    ap.add_argument("--fast", action="store_true", help="smoke mode: a few steps everywhere (for tests)")
+    ap.add_argument("--train-steps", type=int)
+    ap.add_argument("--sample-steps", type=int)
+    ap.add_argument("--domain-weight", type=float)
+    ap.add_argument("--prompt")
+    ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
+    ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
+    args = ap.parse_args(argv)
+    cfg = DemoConfig(out_dir=args.out, base=args.base, domain_unet=args.domain_unet, fast=args.fast)
+    if args.fast:
+        cfg.shrink()
+    for name in ("train_steps", "sample_steps", "domain_weight", "prompt"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for p in (cfg.base, cfg.domain_unet):
+        if p is not None and not Path(p).is_file():
+            print(f"error: {p} not found", file=sys.stderr)
+            return 2
+    sheet = run_demo(cfg)
+    print(f"\nDemo image: {sheet}")
+    return 0

@@ -1,0 +1,92 @@
+"""Every UI workflow in workflows/ loads in the REAL ComfyUI frontend (comfyui-frontend-package, the version
+the host pins) in headless Debian Chromium: no missing node types, no error dialog or toast, the frontend's own
+'Export (API)' equals the API twin, and a screenshot per workflow lands in artifacts/browser/.
+
+Needs `pip install comfyui-frontend-package playwright` and `apt-get install chromium` (scripts/test.sh does it;
+it sets INDOMAIN_REQUIRE_BROWSER=1 so a missing piece fails instead of skipping)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from indomain.devkit import browser
+from indomain.devkit import host as host_mod
+from indomain.devkit import workflows as specs
+
+MISSING = browser.browser_available()
+if MISSING and os.environ.get("INDOMAIN_REQUIRE_BROWSER") != "1":
+    pytest.skip(f"real-browser test needs: {MISSING} (scripts/test.sh installs them)", allow_module_level=True)
+
+FILES = specs.workflow_files()
+FRONTEND_PIN = "1.32.9"  # .host/ComfyUI/requirements.txt of ComfyUI 0.3.75
+DOCS_SHOTS = host_mod.PACK_ROOT / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def ui_server(session_dir, tiny_files, domain_file):
+    assert MISSING is None, f"missing for the browser test: {MISSING}"
+    base = session_dir / "browser_base"
+    browser.skip_intro(base)
+    srv = host_mod.ComfyServer(base, real_frontend=True, models={
+        "checkpoints": {"tiny_sd15.safetensors": tiny_files["checkpoint"]},
+        "controlnet": {"tiny_controlnet.safetensors": tiny_files["controlnet"]},
+        "domain_unets": {"tiny_domain.safetensors": domain_file}})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ui(ui_server):
+    with browser.FrontendSession(ui_server.url) as session:
+        yield session
+
+
+def test_frontend_is_the_pinned_version(ui):
+    pinned = [l for l in (host_mod.comfyui_dir() / "requirements.txt").read_text().splitlines()
+              if l.startswith("comfyui-frontend-package")]
+    assert pinned and pinned[0].split("==")[1] == FRONTEND_PIN
+    version = ui.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    assert version == FRONTEND_PIN
+
+
+def test_broken_workflow_is_detected(ui):
+    """The checks can fail: an unknown node type is reported, and the frontend shows its dialog."""
+    wf = json.loads(FILES[0][1].read_text())
+    wf["nodes"][0]["type"] = "InDomainNoSuchNode"
+    report = ui.load_workflow(wf, "broken")
+    assert "InDomainNoSuchNode" in report["missing"] or any("missing" in d.lower() for d in report["dialogs"])
+    ui.page.keyboard.press("Escape")
+
+
+@pytest.mark.parametrize("name,ui_path,api_path", FILES, ids=[f[0] for f in FILES])
+def test_workflow_loads_in_real_frontend(name, ui_path, api_path, ui, artifacts_dir):
+    workflow = json.loads(ui_path.read_text())
+    report = ui.load_workflow(workflow, name)
+    shot = ui.screenshot(artifacts_dir / "browser" / f"{name}.png")
+    assert report["count"] == len(workflow["nodes"])
+    assert report["missing"] == [], f"missing node types: {report['missing']}"
+    assert report["errored"] == []
+    assert report["dialogs"] == [], f"dialog(s) after loading: {report['dialogs']}"
+    assert report["toasts"] == [], f"toast(s) after loading: {report['toasts']}"
+    # The frontend reads every widget value where the file put it: its API export equals our twin.
+    assert report["promptError"] is None, report["promptError"]
+    twin = json.loads(api_path.read_text())
+    exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
+    assert exported == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()}
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies (scaled to 1280 px)
+        _copy_to_docs(shot, name)
+
+
+def _copy_to_docs(shot, name):
+    from PIL import Image
+
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    with Image.open(shot) as im:
+        im = im.convert("RGB")
+        im.thumbnail((1280, 1280))
+        im.save(DOCS_SHOTS / f"{name}.png", optimize=True)
