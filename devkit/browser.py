@@ -71,7 +71,7 @@ INSPECT_JS = """async () => {
 
 
 class FrontendSession:
-    def __init__(self, url: str, viewport=(1920, 1080)):
+    def __init__(self, url: str, viewport=(2200, 1240)):
         self.url = url
         self.viewport = viewport
         self.console_errors: list[str] = []
@@ -119,6 +119,11 @@ class FrontendSession:
             if (bar && (bar.innerText || '').includes('Introducing') && b.className.includes('absolute')) b.click();
           }
           await app.extensionManager.command.execute('Comfy.Canvas.FitView');
+          // draw node titles and widgets even when zoomed out (README screenshots must be readable)
+          const c = app.canvas;
+          if ('low_quality_zoom_threshold' in c) c.low_quality_zoom_threshold = 0.05;
+          try { await app.extensionManager.setting.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05); } catch (e) {}
+          c.setDirty(true, true); c.draw(true, true);
         }""")
         self.page.wait_for_timeout(600)
 

@@ -78,7 +78,7 @@ def test_workflow_loads_in_real_frontend(name, ui_path, api_path, ui, artifacts_
     exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
     assert exported == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()}
     assert shot.stat().st_size > 10_000
-    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies (scaled to 1280 px)
+    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies (scaled to 1600 px)
         _copy_to_docs(shot, name)
 
 
@@ -88,5 +88,5 @@ def _copy_to_docs(shot, name):
     DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
     with Image.open(shot) as im:
         im = im.convert("RGB")
-        im.thumbnail((1280, 1280))
+        im.thumbnail((1600, 1600))
         im.save(DOCS_SHOTS / f"{name}.png", optimize=True)
