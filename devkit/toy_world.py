@@ -185,8 +185,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     mu1, mu2 = a.mean(0), b.mean(0)
     s1 = np.cov(a, rowvar=False)
     s2 = np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
-    if not np.isfinite(covmean).all():
+    covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():  # singular product (fewer samples than dimensions): regularise
         eps = np.eye(s1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s1 + eps).dot(s2 + eps))
     covmean = covmean.real

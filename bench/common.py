@@ -1,0 +1,170 @@
+"""Shared bench plumbing: argument parsing, JSON output, tables, memory probes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m indomain.bench.{name}", description=description)
+    p.add_argument("--fast", action="store_true", help="tiny sizes and few repeats (for the test suite; figures are not meaningful)")
+    p.add_argument("--out", type=Path, default=PACK_ROOT / "artifacts" / "bench" / f"{name}.json",
+                   help="where to write the JSON results (default: artifacts/bench/%(prog)s.json)".replace("%(prog)s", name))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        from indomain.devkit.host import comfyui_dir
+
+        root = comfyui_dir()
+        env["comfyui_dir"] = str(root)
+        version_file = root / "comfyui_version.py"
+        if version_file.is_file():
+            env["comfyui_version"] = version_file.read_text().split("=")[-1].strip().strip('"\'')
+    except Exception:  # noqa: BLE001 - environment info is best-effort
+        pass
+    return env
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Atomic write (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A GitHub-markdown table (pasteable into the README)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled by a thread every `interval` s.
+
+    On CUDA use torch.cuda.max_memory_allocated instead (see `PeakMemory`).
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.base = 0
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import gc
+
+        gc.collect()
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop.clear()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA allocator peak above entry on GPU, RSS peak above entry on CPU."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self._rss = None if self.cuda else PeakRSS()
+        self.delta = 0
+        self.kind = "cuda_max_memory_allocated" if self.cuda else "process_rss_peak"
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._rss.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.delta = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._rss.__exit__(*exc)
+            self.delta = self._rss.delta
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def mib(n: float) -> float:
+    return n / 2 ** 20
+
+
+def enable_stack_dumps() -> None:
+    """`kill -USR1 <pid>` prints every thread's stack to stderr (to see where a long bench is)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
