@@ -128,8 +128,6 @@ def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
 
 def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
     """Validate and write atomically (temp file in the same folder, then rename). Returns the path."""
-    import safetensors.torch
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
@@ -137,16 +135,24 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise DomainCheckpointError(f"refusing to write {path}: non-finite values in {bad[:3]} (training diverged?).")
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=folder)
-        os.close(fd)
+        return save_safetensors_atomic(state_dict, path, meta.to_metadata())
     except OSError as e:
-        raise DomainCheckpointError(f"cannot write to {folder}: {e.strerror or e}. Choose a writable output folder.") from None
+        raise DomainCheckpointError(f"cannot write to {path.parent}: {e.strerror or e}. Choose a writable output folder.") from None
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file via a temp file in the same folder + rename: a reader never sees half a file,
+    and a failure (disk full, Ctrl-C) leaves the previous file, if any, untouched."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        safetensors.torch.save_file(tensors, tmp, metadata=meta.to_metadata())
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -23,7 +23,7 @@ import comfy.samplers
 from ..guidance.checkpoint import (DomainCheckpointError, DomainMeta, architecture_signature,
                                    read_domain_checkpoint, weights_fingerprint)
 from ..guidance.combine import cfg_equivalent, combine, term_active
-from ..guidance.nulltext import convert_to_null_text, expected_null_text_shapes, is_null_text, null_text_blocks
+from ..guidance.nulltext import convert_to_null_text, expected_null_text_shapes, is_null_text
 
 log = logging.getLogger("indomain")
 

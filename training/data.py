@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..guidance.checkpoint import save_safetensors_atomic
 
 log = logging.getLogger("indomain.training")
 
@@ -154,20 +155,7 @@ def cache_key(digest: str, resolution: int, crop: str, vae_fingerprint: str) -> 
 
 
 def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    import safetensors.torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 def _load_cached(path: Path):

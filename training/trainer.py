@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..guidance.checkpoint import DomainCheckpointError, write_domain_checkpoint
+from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
 from .data import TrainingInputError, check_resolution, encode_images, scan_images
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
@@ -352,21 +352,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    import safetensors.torch
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
 def _write_output(path: Path, state_dict: dict, meta, null_text: bool) -> Path:
