@@ -59,6 +59,7 @@ def tiny_models(work: Path):
 
 def full_models(dtype, hw):
     """SD1.5-size UNet (full depth, random weights) and its null-text domain UNet; random text contexts."""
+    import comfy.model_base
     import comfy.model_management
     import comfy.sd
 
@@ -169,6 +170,7 @@ def main(argv=None) -> dict:
     from indomain.devkit import host
 
     host.import_comfy()
+    import comfy.model_base
     import comfy.model_management
     import comfy.samplers
 
@@ -221,7 +223,9 @@ def main(argv=None) -> dict:
         # one warm-up of each case, then interleaved runs so drifting machine load hits every case alike
         for k, (_label, make) in cases.items():
             timed_sample(make(), hw, 0, steps, args.sampler, device)
-        loaded_after = [(type(lm.model.model).__name__, lm.model_memory()) for lm in comfy.model_management.current_loaded_models]
+        # diffusion models only: a text encoder loaded earlier in the same process is not a copy of either UNet
+        loaded_after = [(type(lm.model.model).__name__, lm.model_memory()) for lm in comfy.model_management.current_loaded_models
+                        if isinstance(lm.model.model, comfy.model_base.BaseModel)]
         for r in range(runs):
             for k, (_label, make) in cases.items():
                 g = make()

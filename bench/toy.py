@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
 
     # -- (4) sampling through the product (created now, so the node lists see the new model files)
     # output_dir stays ComfyUI's (no image is saved here): changing it would leak into a test session
-    runner = host.InProcessComfy(models_dir=models_dir)
+    runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
     combos = world.all_combos()
     prompts = [world.prompt(s, c) for s, c in combos]
     seeds = [1000 + i for i in range(len(prompts))]

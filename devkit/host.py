@@ -96,7 +96,7 @@ class _Server:
 class InProcessComfy:
     """A real ComfyUI loaded in this process with the InDomain pack registered."""
 
-    def __init__(self, models_dir: Path | None = None, output_dir: Path | None = None):
+    def __init__(self, models_dir: Path | None = None, output_dir: Path | None = None, default_dirs: bool = True):
         root = import_comfy()
         import folder_paths
         import nodes
@@ -106,7 +106,8 @@ class InProcessComfy:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             folder_paths.set_output_directory(str(output_dir))
         if models_dir is not None:
-            add_model_dirs(Path(models_dir))
+            # default_dirs=False only adds search paths: where nodes *write* (e.g. the trainer) stays as it was
+            add_model_dirs(Path(models_dir), is_default=default_dirs)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         before = set(nodes.NODE_CLASS_MAPPINGS)
         self.pack_loaded = asyncio.run(nodes.load_custom_node(str(PACK_ROOT)))
@@ -158,14 +159,14 @@ class RunResult:
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def add_model_dirs(models_dir: Path) -> None:
+def add_model_dirs(models_dir: Path, is_default: bool = True) -> None:
     """Register models_dir/<kind> folders with ComfyUI's folder_paths (in-process)."""
     import folder_paths
 
     for kind in ("checkpoints", "controlnet", "diffusion_models", "domain_unets", "vae", "loras"):
         d = models_dir / kind
         d.mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
+        folder_paths.add_model_folder_path(kind, str(d), is_default=is_default)
 
 
 # ----------------------------------------------------------------------------- server
