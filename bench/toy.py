@@ -126,7 +126,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 20 == 0 or step == cfg.base_steps - 1:
                 log(f"base step {step + 1}/{cfg.base_steps} loss {losses[-1]:.4f} "
                     f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
