@@ -87,3 +87,21 @@ def decoupled_forms(ckpt: str, domain: str, prompt: str = "a red circle", seed: 
         g["37"] = {"class_type": "KSampler", "inputs": {"model": ["36", 0], **ks}}
         out["patch"] = "37"
     return g, out
+
+
+def sample_with_domain(ckpt: str, domain_node: dict, prompt: str = "a red circle", seed: int = 0, steps: int = 2,
+                       size: int = 64) -> dict:
+    """Checkpoint -> prompts -> Domain KSampler, with the domain MODEL from `domain_node` (node "2": a
+    Load Domain UNet or a Train Domain UNet node wired to the checkpoint "1"). The LATENT is node "6"."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": domain_node,
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "InDomainKSampler", "inputs": {
+            "model": ["1", 0], "domain_model": ["2", 0], "seed": seed, "steps": steps, "cfg": 2.5, "domain_weight": 2.0,
+            "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
+            "latent_image": ["5", 0], "denoise": 1.0, "domain_on_controlnet": False,
+            "domain_start_percent": 0.0, "domain_end_percent": 1.0}},
+    }

@@ -153,6 +153,9 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
     os.close(fd)
     try:
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -148,6 +148,15 @@ def domain_conditioning(negative, positive=None, with_control: bool = False):
     return out
 
 
+def run_options(patcher, sample_sigmas) -> dict:
+    """A model's own model_options for one sampling run (its patches, not the base's), plus the
+    run's sigma schedule that schedule-aware patches read from transformer_options."""
+    opts = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    if sample_sigmas is not None:
+        opts.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
+    return opts
+
+
 # ----------------------------------------------------------------------------- guidance terms
 
 
@@ -229,8 +238,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             t.sigma_start = float(ms.percent_to_sigma(t.start_percent))
             t.sigma_end = float(ms.percent_to_sigma(t.end_percent))
         for g in self.groups.values():
-            g.model_options = comfy.model_patcher.create_model_options_clone(g.patcher.model_options)
-            g.model_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+            g.model_options = run_options(g.patcher, sigmas)
             g.patcher.pre_run()  # sets current_patcher, which calc_cond_batch uses
         self._term_conds = None
         try:
@@ -329,6 +337,7 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     sigma_start = float(ms.percent_to_sigma(start_percent))
     sigma_end = float(ms.percent_to_sigma(end_percent))
     stats = {"domain_calls": 0}
+    run = {"sigmas": None, "options": None}  # per sampling run, not per step (holding the tensor keeps its id unique)
 
     def pre_cfg(args):
         conds_out = args["conds_out"]
@@ -343,12 +352,11 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
             if control is not None:
                 c["control"] = control
             d_conds.append(c)
-        opts = comfy.model_patcher.create_model_options_clone(domain_model.model_options)
         sample_sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
-        if sample_sigmas is not None:
-            opts.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
+        if run["options"] is None or run["sigmas"] is not sample_sigmas:
+            run["sigmas"], run["options"] = sample_sigmas, run_options(domain_model, sample_sigmas)
         stats["domain_calls"] += 1
-        d = comfy.samplers.calc_cond_batch(domain_model.model, [d_conds], args["input"], sigma, opts)[0]
+        d = comfy.samplers.calc_cond_batch(domain_model.model, [d_conds], args["input"], sigma, run["options"])[0]
         u = conds_out[1]
         scale = args["cond_scale"]
         if scale != 0:

@@ -67,12 +67,17 @@ def domain_file(comfy, base, models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(session_dir, tiny_files, domain_file):
+def server_models(tiny_files, domain_file) -> dict:
+    """The tiny models under the names the tests' graphs use, for ComfyServer(models=...)."""
+    return {"checkpoints": {"tiny_sd15.safetensors": tiny_files["checkpoint"]},
+            "controlnet": {"tiny_controlnet.safetensors": tiny_files["controlnet"]},
+            "domain_unets": {"tiny_domain.safetensors": domain_file}}
+
+
+@pytest.fixture(scope="session")
+def server(session_dir, server_models):
     """A real ComfyUI server on 127.0.0.1 with the pack installed and the tiny models in place."""
-    srv = host_mod.ComfyServer(session_dir / "server_base", models={
-        "checkpoints": {"tiny_sd15.safetensors": tiny_files["checkpoint"]},
-        "controlnet": {"tiny_controlnet.safetensors": tiny_files["controlnet"]},
-        "domain_unets": {"tiny_domain.safetensors": domain_file}})
+    srv = host_mod.ComfyServer(session_dir / "server_base", models=server_models)
     srv.start()
     yield srv
     srv.stop()

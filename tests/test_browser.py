@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
@@ -26,14 +25,11 @@ DOCS_SHOTS = host_mod.PACK_ROOT / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="module")
-def ui_server(session_dir, tiny_files, domain_file):
+def ui_server(session_dir, server_models):
     assert MISSING is None, f"missing for the browser test: {MISSING}"
     base = session_dir / "browser_base"
     browser.skip_intro(base)
-    srv = host_mod.ComfyServer(base, real_frontend=True, models={
-        "checkpoints": {"tiny_sd15.safetensors": tiny_files["checkpoint"]},
-        "controlnet": {"tiny_controlnet.safetensors": tiny_files["controlnet"]},
-        "domain_unets": {"tiny_domain.safetensors": domain_file}})
+    srv = host_mod.ComfyServer(base, real_frontend=True, models=server_models)
     srv.start()
     yield srv
     srv.stop()

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 
+from indomain.devkit.graphs import sample_with_domain
 from indomain.devkit.images import add_bad_files, make_image_folder
 from indomain.guidance.checkpoint import read_domain_checkpoint
 from indomain.training.trainer import TrainConfig, TrainingDiverged, resume_path_for, train
@@ -61,18 +62,8 @@ def test_fifty_steps_lower_the_loss_and_the_file_loads_and_samples(comfy, base, 
     for k, v in result.state_dict.items():
         assert torch.equal(v, sd[k].float()), k
 
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-        "2": {"class_type": "InDomainLoadDomainUNet", "inputs": {"model": ["1", 0], "domain_unet_name": out.name}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "InDomainKSampler", "inputs": {
-            "model": ["1", 0], "domain_model": ["2", 0], "seed": 1, "steps": 3, "cfg": 2.5, "domain_weight": 2.0,
-            "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
-            "latent_image": ["5", 0], "denoise": 1.0, "domain_on_controlnet": False,
-            "domain_start_percent": 0.0, "domain_end_percent": 1.0}},
-    }
+    graph = sample_with_domain("tiny_sd15.safetensors", {"class_type": "InDomainLoadDomainUNet", "inputs": {
+        "model": ["1", 0], "domain_unet_name": out.name}}, prompt="a red circle", seed=1, steps=3)
     run = comfy.run(graph, outputs=["2", "6"])
     domain = run.output("2")
     loaded = domain.model.diffusion_model.state_dict()

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from indomain.devkit.graphs import sample_with_domain
 from indomain.devkit.images import make_image_folder
 from indomain.guidance.checkpoint import read_domain_checkpoint
 
@@ -33,18 +34,9 @@ def test_schema_order_and_tooltips(comfy):
 
 
 def test_node_trains_in_a_graph_and_feeds_domain_ksampler(comfy, models_dir, images):
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-        "2": {"class_type": "InDomainTrainDomainUNet", "inputs": train_inputs(images, "node_trained", seed=7)},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": ["1", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "InDomainKSampler", "inputs": {
-            "model": ["1", 0], "domain_model": ["2", 0], "seed": 0, "steps": 2, "cfg": 2.5, "domain_weight": 2.0,
-            "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
-            "latent_image": ["5", 0], "denoise": 1.0, "domain_on_controlnet": False,
-            "domain_start_percent": 0.0, "domain_end_percent": 1.0}},
-    }
+    graph = sample_with_domain("tiny_sd15.safetensors", {"class_type": "InDomainTrainDomainUNet",
+                                                          "inputs": train_inputs(images, "node_trained", seed=7)},
+                               prompt="a blue square", seed=0, steps=2)
     run = comfy.run(graph, outputs=["2", "6"])
     assert run.output("2", 1) == "node_trained.safetensors"
     path = models_dir / "domain_unets" / "node_trained.safetensors"

@@ -154,10 +154,6 @@ def cache_key(digest: str, resolution: int, crop: str, vae_fingerprint: str) -> 
     return hashlib.sha256(f"v{CACHE_VERSION}|{digest}|{resolution}|{crop}|{vae_fingerprint}".encode()).hexdigest()[:40]
 
 
-def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    save_safetensors_atomic(tensors, path, metadata)
-
-
 def _load_cached(path: Path):
     from safetensors.torch import load_file
 
@@ -205,7 +201,7 @@ def encode_images(vae, scan: ImageScan, resolution: int, crop: str, cache_dir: P
             entry = (lat[0], lat[1])
             if cpath is not None:
                 try:
-                    _save_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
+                    save_safetensors_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
                                  {"source": path.name, "resolution": str(resolution), "crop": crop})
                 except OSError as e:  # a read-only cache must not stop training
                     log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)

@@ -351,10 +351,6 @@ def ema_decay_at(step: int, decay: float) -> float:
 # ----------------------------------------------------------------------------- saving
 
 
-def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    return save_safetensors_atomic(tensors, path, metadata)
-
-
 def _write_output(path: Path, state_dict: dict, meta, null_text: bool) -> Path:
     if null_text:
         return write_domain_checkpoint(path, state_dict, meta)
@@ -365,7 +361,7 @@ def _write_output(path: Path, state_dict: dict, meta, null_text: bool) -> Path:
     md = {k: v for k, v in meta.to_metadata().items() if k in ("indomain.training", "indomain.base_architecture",
                                                                "indomain.model_type", "indomain.base_fingerprint")}
     md["indomain.kind"] = "plain_finetune"
-    return _save_safetensors_atomic(state_dict, path, md)
+    return save_safetensors_atomic(state_dict, path, md)
 
 
 def _save_resume(path: Path, unet, ema: _EMA, optimizer, step: int, info: dict, scaler) -> Path:
@@ -387,7 +383,7 @@ def _save_resume(path: Path, unet, ema: _EMA, optimizer, step: int, info: dict, 
     meta = dict(info, step=step, format=RESUME_FORMAT, version=RESUME_VERSION)
     if scaler is not None:
         meta["scaler"] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in scaler.state_dict().items()}
-    return _save_safetensors_atomic(tensors, path, {RESUME_FORMAT: json.dumps(meta, sort_keys=True)})
+    return save_safetensors_atomic(tensors, path, {RESUME_FORMAT: json.dumps(meta, sort_keys=True)})
 
 
 def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
