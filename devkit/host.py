@@ -1,11 +1,14 @@
 """Find and drive a real ComfyUI: in-process (import) or as a server on 127.0.0.1.
 
 The bundled host is the unmodified ComfyUI 0.3.75 tree that scripts/setup_host.sh
-provisions under .host/ComfyUI; COMFYUI_DIR points everything at another tree.
+provisions under .host/ComfyUI; COMFYUI_DIR points everything at another tree (CI's second
+pass uses ComfyUI 0.33.0 that way). Code here follows both: where an API changed between
+them (e.g. execution caches became async) it uses what the running version offers.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -13,22 +16,23 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
+
+from ..client import ComfyClient, ComfyConnectionError
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
 def comfyui_dir() -> Path:
-    """The ComfyUI tree to use: $COMFYUI_DIR, else the provisioned one, else the tree we sit in."""
+    """The ComfyUI tree to use: $COMFYUI_DIR, else the one this venv was provisioned for, else the
+    bundled one, else the tree we sit in."""
     candidates = []
     if os.environ.get("COMFYUI_DIR"):
         candidates.append(Path(os.environ["COMFYUI_DIR"]))
-    marker = PACK_ROOT / ".host" / "comfyui_dir"
-    if marker.is_file():
-        candidates.append(Path(marker.read_text().strip()))
+    for marker in (Path(sys.prefix) / "indomain-comfyui-dir", PACK_ROOT / ".host" / "comfyui_dir"):
+        if marker.is_file():
+            candidates.append(Path(marker.read_text().strip()))
     candidates.append(PACK_ROOT / ".host" / "ComfyUI")
     # installed as ComfyUI/custom_nodes/<pack>
     candidates.append(PACK_ROOT.parents[1])
@@ -39,6 +43,25 @@ def comfyui_dir() -> Path:
         "No ComfyUI found. Run `bash scripts/setup_host.sh` (provisions ComfyUI 0.3.75 under .host/) "
         "or set COMFYUI_DIR to your ComfyUI folder (the one with main.py)."
     )
+
+
+def comfyui_version(root: Path | None = None) -> str:
+    """The version a ComfyUI tree declares (comfyui_version.py), e.g. "0.3.75"; "unknown" if it has none."""
+    root = comfyui_dir() if root is None else Path(root)
+    try:
+        text = (root / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
+def host_version_tuple(root: Path | None = None) -> tuple[int, ...]:
+    """comfyui_version() as a tuple for comparisons, e.g. (0, 33, 0); () when unknown."""
+    parts = comfyui_version(root).split(".")
+    return tuple(int(p) for p in parts if p.isdigit()) if all(p.isdigit() for p in parts) else ()
 
 
 _IMPORTED = False
@@ -141,10 +164,19 @@ class InProcessComfy:
             raise RuntimeError(f"prompt failed: {errors[:1]}")
         node_outputs = {}
         for node_id in outputs or list(prompt):
-            entry = executor.caches.outputs.get(node_id)
+            entry = cached_output(executor, node_id)
             if entry is not None:
                 node_outputs[node_id] = getattr(entry, "outputs", entry)
         return RunResult(executor.history_result, node_outputs, server.messages)
+
+
+def cached_output(executor, node_id: str):
+    """A node's cached outputs after a run. ComfyUI 0.3.75's cache `get` is synchronous; newer cores
+    (0.33) made it a coroutine (cache providers can be remote), so await it when it is one."""
+    entry = executor.caches.outputs.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return entry
 
 
 class RunResult:
@@ -211,6 +243,7 @@ class ComfyServer:
                 if not dst.exists():
                     dst.symlink_to(Path(f).resolve())
         self.log_path = self.base / "server.log"
+        self.client = ComfyClient(self.url, timeout=60)
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         root = comfyui_dir()
@@ -227,14 +260,15 @@ class ComfyServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(root), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        ping = ComfyClient(self.url, timeout=2)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                self.get_json("/system_stats", timeout=2)
+                ping.system_stats()
                 return self
-            except (urllib.error.URLError, ConnectionError, OSError):
+            except ComfyConnectionError:
                 time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"ComfyUI server did not answer within {timeout}s:\n{self.log()[-4000:]}")
@@ -262,23 +296,9 @@ class ComfyServer:
     def __exit__(self, *exc):
         self.stop()
 
-    # -- HTTP helpers (stdlib only, so they work before any extra install)
-    def get_json(self, path: str, timeout: float = 30):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def get_bytes(self, path: str, timeout: float = 30) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return r.read()
-
-    def post_json(self, path: str, body: dict, timeout: float = 30):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')[:4000]}") from None
+    # -- HTTP: the pack's own client (indomain.client), so tests exercise the code users run
+    def get_json(self, path: str):
+        return self.client.get_json(path)
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -135,7 +135,14 @@ def tiny_checkpoint(seed: int = 0, unet_sd: dict | None = None, name: str | None
     # the checkpoint layout comfy.sd.save_checkpoint writes, built once and stored in half precision
     # (451 MB instead of 900 MB; loaders cast as needed)
     comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    if hasattr(model, "state_dict_for_saving"):
+        # newer cores (0.33): the patcher assembles the UNet part, the CLIP adds its tokenizer state
+        sd = model.state_dict_for_saving(clip.state_dict_for_saving(), vae.get_sd(), None)
+    else:  # 0.3.75: BaseModel.state_dict_for_saving(clip, vae, clip_vision)
+        sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    parts = {k.split(".")[0] for k in sd}
+    if not {"model", "cond_stage_model", "first_stage_model"} <= parts:  # never cache a file the loader can't read
+        raise RuntimeError(f"tiny checkpoint layout unexpected on this ComfyUI (top-level keys {sorted(parts)})")
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     _atomic_save(sd, path, metadata={"indomain.tiny": "sd15", "seed": str(seed)})
     comfy.model_management.unload_all_models()

@@ -17,6 +17,14 @@ from indomain.devkit import tiny_models
 ARTIFACTS = Path(os.environ.get("INDOMAIN_ARTIFACTS", host_mod.PACK_ROOT / "artifacts"))
 
 
+def pytest_report_header(config):
+    try:
+        root = host_mod.comfyui_dir()
+    except FileNotFoundError as e:
+        return f"ComfyUI host: none ({e})"
+    return f"ComfyUI host: {host_mod.comfyui_version(root)} at {root}"
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("indomain")

@@ -20,7 +20,8 @@ if MISSING and os.environ.get("INDOMAIN_REQUIRE_BROWSER") != "1":
     pytest.skip(f"real-browser test needs: {MISSING} (scripts/test.sh installs them)", allow_module_level=True)
 
 FILES = specs.workflow_files()
-FRONTEND_PIN = "1.32.9"  # .host/ComfyUI/requirements.txt of ComfyUI 0.3.75
+# the frontend the host pins in its requirements.txt: 1.32.9 for ComfyUI 0.3.75, 1.49.6 for 0.33.0
+FRONTEND_PINS = {"0.3.75": "1.32.9", "0.33.0": "1.49.6"}
 DOCS_SHOTS = host_mod.PACK_ROOT / "docs" / "screenshots"
 
 
@@ -44,9 +45,12 @@ def ui(ui_server):
 def test_frontend_is_the_pinned_version(ui):
     pinned = [l for l in (host_mod.comfyui_dir() / "requirements.txt").read_text().splitlines()
               if l.startswith("comfyui-frontend-package")]
-    assert pinned and pinned[0].split("==")[1] == FRONTEND_PIN
+    assert pinned, "the host's requirements.txt pins no comfyui-frontend-package"
+    pin = pinned[0].split("==")[1].strip()
+    known = FRONTEND_PINS.get(host_mod.comfyui_version())
+    assert known is None or pin == known, f"ComfyUI {host_mod.comfyui_version()} pins {pin}, expected {known}"
     version = ui.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
-    assert version == FRONTEND_PIN
+    assert version == pin
 
 
 def test_broken_workflow_is_detected(ui):

@@ -1,7 +1,5 @@
-"""The pack in a real ComfyUI 0.3.75 host: in-process and through the HTTP server."""
+"""The pack in a real ComfyUI host (0.3.75 or 0.33): in-process and through the HTTP server."""
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -9,19 +7,6 @@ from indomain.devkit.graphs import t2i_core
 
 PACK_NODES = {"InDomainLoadDomainUNet", "InDomainKSampler", "InDomainGuider", "InDomainApplyGuidance",
               "InDomainGuidanceTerm", "InDomainMultiGuider"}
-
-
-def wait_history(server, prompt_id, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = server.get_json(f"/history/{prompt_id}")
-        if prompt_id in hist:
-            entry = hist[prompt_id]
-            status = entry.get("status", {})
-            if status.get("completed") or status.get("status_str") in ("success", "error"):
-                return entry
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
 
 
 def test_pack_loads_in_process_without_import_failure(comfy):
@@ -46,13 +31,13 @@ def test_pack_loads_in_server_and_object_info_lists_nodes(server):
 
 
 @pytest.mark.server
-def test_core_t2i_graph_through_http_api(server):
-    res = server.post_json("/prompt", {"prompt": t2i_core("tiny_sd15.safetensors", prefix="core_t2i")})
-    entry = wait_history(server, res["prompt_id"])
+def test_core_t2i_graph_through_http_api(server, tmp_path):
+    prompt_id = server.client.submit(t2i_core("tiny_sd15.safetensors", prefix="core_t2i"))
+    entry = server.client.wait(prompt_id, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = entry["outputs"]["7"]["images"]
     assert images and images[0]["filename"].startswith("core_t2i")
-    data = server.get_bytes(f"/view?filename={images[0]['filename']}&type=output&subfolder={images[0]['subfolder']}")
+    data = server.client.download(images[0], tmp_path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -91,7 +91,7 @@ def test_workflows_are_served_as_templates(server):
     assert "indomain" in templates, templates
     names = {name for name, _, _ in FILES}
     assert set(templates["indomain"]) == names  # API twins (workflows/api/) are not offered as templates
-    served = json.loads(server.get_bytes("/api/workflow_templates/indomain/indomain_2_text_guided.json"))
+    served = server.get_json("/api/workflow_templates/indomain/indomain_2_text_guided.json")
     assert served["nodes"] and served["links"]
 
 
