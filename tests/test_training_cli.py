@@ -76,10 +76,10 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resume_finishes(tiny_files, images,
 
 
 def test_torchrun_two_processes_gloo_identical_weights_one_file(tiny_files, images, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
     out_dir = tmp_path / "ddp"
     summary = tmp_path / "ddp.json"
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    # torchrun's module form: the torchrun script lives in the venv that installed torch, not in an overlay venv
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                         *cli(tiny_files, images, out_dir / "ddp.safetensors", tmp_path / "cache", "--steps", "3",
                              "--save-every", "2", "--summary-json", str(summary))],
                        capture_output=True, text=True, env=env(), timeout=600)

@@ -45,6 +45,17 @@ def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]) -> EmptyPrompt
     return EmptyPrompt(context.detach().float().cpu(), None if y is None else y.detach().float().cpu())
 
 
+def unload_model(model_patcher) -> None:
+    """Unload a model (and its clones) from its device through ComfyUI's memory manager."""
+    import comfy.model_management as mm
+
+    if hasattr(mm, "unload_model_and_clones"):  # newer cores (0.33)
+        mm.unload_model_and_clones(model_patcher, unload_additional_models=False)
+        return
+    keep = [lm for lm in mm.current_loaded_models if lm.model is None or not model_patcher.is_clone(lm.model)]
+    mm.free_memory(1e30, model_patcher.load_device, keep_loaded=keep)
+
+
 def detached_unet_copy(model_patcher) -> torch.nn.Module:
     """A float32 copy of the base UNet with any patches (LoRA etc.) baked in, free of ComfyUI's
     per-call weight casting, ready for training."""
@@ -52,6 +63,8 @@ def detached_unet_copy(model_patcher) -> torch.nn.Module:
 
     comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
     unet = copy.deepcopy(model_patcher.model.diffusion_model).float().cpu()
+    # the copy is made: give the base's GPU memory to training (ComfyUI reloads it when it samples again)
+    unload_model(model_patcher)
     for m in unet.modules():
         if hasattr(m, "comfy_cast_weights"):
             m.comfy_cast_weights = False

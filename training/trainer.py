@@ -32,6 +32,7 @@ import torch
 from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
 from .data import TrainingInputError, check_resolution, encode_images, scan_images
+from .gpu import auto_amp_dtype, load_scaler_state, on_rank0_others_wait, scaler_state_for_json
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
                     native_target, noisy_inputs, sample_sigmas)
 
@@ -321,7 +322,7 @@ def _autocast_dtype(config: TrainConfig, device: torch.device):
     if mp == "no":
         return None
     if mp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return auto_amp_dtype()
     return torch.bfloat16 if mp == "bf16" else torch.float16
 
 
@@ -382,7 +383,7 @@ def _save_resume(path: Path, unet, ema: _EMA, optimizer, step: int, info: dict, 
             tensors[f"rng/cuda{i}"] = s
     meta = dict(info, step=step, format=RESUME_FORMAT, version=RESUME_VERSION)
     if scaler is not None:
-        meta["scaler"] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in scaler.state_dict().items()}
+        meta["scaler"] = scaler_state_for_json(scaler)
     return save_safetensors_atomic(tensors, path, {RESUME_FORMAT: json.dumps(meta, sort_keys=True)})
 
 
@@ -519,7 +520,7 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             opt.load_state_dict(opt_sd)
             torch.random.set_rng_state(state["rng/torch"])
             if scaler is not None and info.get("scaler"):
-                scaler.load_state_dict(info["scaler"])
+                load_scaler_state(scaler, info["scaler"])
         else:
             for n in ema.shadow:
                 ema.shadow[n] = ema.shadow[n].to(device)
@@ -542,8 +543,13 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
         last_saved = {"step": None, "path": None}
 
         def save(at_step: int) -> None:
-            if out_path is None or rank != 0 or last_saved["step"] == at_step:
+            if out_path is None or last_saved["step"] == at_step:
                 return
+            # rank 0 writes; the others wait for it on a long-timeout group (see training/gpu.py)
+            on_rank0_others_wait(lambda: write_files(at_step), rank, world)
+            last_saved.update(step=at_step, path=out_path)
+
+        def write_files(at_step: int) -> None:
             meta = dataclasses.replace(base_meta_obj, training=dict(training_info, steps=at_step,
                                                                     target_steps=config.steps,
                                                                     final_loss=losses[-1] if losses else None))
@@ -551,7 +557,6 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             _save_resume(resume_file, unet, ema, opt, at_step, {
                 "config": dataclasses.asdict(config), "world_size": world, "data_fingerprint": data_fp,
                 "calibration": record, "losses": losses, "output": out_path.name}, scaler)
-            last_saved.update(step=at_step, path=out_path)
 
         global_batch = config.batch_size * world
         interrupted = False
