@@ -59,7 +59,7 @@ run_pass() {  # LABEL VENV HOST [pytest args...]
     rc=${PIPESTATUS[0]}
     set -e
     local counts
-    counts="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')"
+    counts="$(grep -E '^(=+ )?([0-9]+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)|no tests ran)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')"
     if [ "$rc" -eq 5 ]; then
         echo "[test] $label: pytest collected no tests: treating as a failure" >&2
         rc=1
