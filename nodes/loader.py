@@ -4,7 +4,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
+from ..pack import DOMAIN_UNET_FOLDER
 from .runtime import load_domain_model
 
 

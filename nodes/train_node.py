@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
+from ..pack import DOMAIN_UNET_FOLDER
 from .runtime import build_domain_model, ensure_base_model
 
 log = logging.getLogger("indomain")

@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ..pack import DOMAIN_UNET_FOLDER, import_comfy
+
 EXIT_INTERRUPTED = 130
 
 
@@ -69,7 +71,7 @@ def resolve_out(out: str, models_dir: Path | None = None) -> Path:
         import folder_paths
 
         models_dir = Path(folder_paths.models_dir)
-    return Path(models_dir) / "domain_unets" / name
+    return Path(models_dir) / DOMAIN_UNET_FOLDER / name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         if base.suffix.lower() not in (".safetensors", ".sft"):
             raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
         rank, world, _local = setup_distributed()
-        from ..devkit.host import import_comfy
-
         import_comfy(cpu=True if args.cpu else None)
         out_path = resolve_out(args.out)
         if rank == 0:

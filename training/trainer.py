@@ -31,6 +31,7 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
+from ..pack import PACK_ROOT
 from .data import TrainingInputError, check_resolution, encode_images, scan_images
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
                     native_target, noisy_inputs, sample_sigmas)
@@ -146,8 +147,6 @@ def check_output_writable(out_path) -> Path:
 
 
 def default_cache_dir() -> Path:
-    from ..devkit.host import PACK_ROOT
-
     return Path(os.environ.get("INDOMAIN_LATENT_CACHE", PACK_ROOT / ".cache" / "latents"))
 
 
