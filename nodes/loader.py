@@ -5,7 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
-from .runtime import load_domain_model
+from .domain_model import load_domain_model
 
 
 class LoadDomainUNet(io.ComfyNode):

@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
-from .runtime import build_domain_model, ensure_base_model
+from .domain_model import build_domain_model, ensure_base_model
 
 log = logging.getLogger("indomain")
 
