@@ -66,16 +66,19 @@ def test_fp16_resume_from_a_file_written_before_the_fix():
 
 
 def test_trainer_resume_file_keeps_the_scaler_state(tmp_path):
-    """The trainer's own resume writer and reader carry a GradScaler that can update after loading."""
-    from indomain.training.trainer import _EMA, _save_resume, read_resume_state
+    """The trainer's own resume writer and restorer carry a GradScaler that can update after loading."""
+    from indomain.training.optim import EMA
+    from indomain.training.resume import read_resume_state, restore_optimisation, save_resume_state
 
     unet = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(unet.parameters())
     scaler = _scaler_after_steps(2)
-    path = _save_resume(tmp_path / "run.resume", unet, _EMA(unet), opt, 2, {"config": {}}, scaler)
-    _, info = read_resume_state(path)
+    path = save_resume_state(tmp_path / "run.resume", unet, EMA(unet), opt, 2, {"config": {}}, scaler)
+    state, info = read_resume_state(path)
     resumed = torch.amp.GradScaler("cpu")
-    gpu.load_scaler_state(resumed, info["scaler"])
+    restore_optimisation(state, info, unet, EMA(unet), torch.optim.AdamW(unet.parameters()), resumed,
+                         torch.device("cpu"))
+    assert resumed.state_dict() == scaler.state_dict()
     _scaled_step(resumed)
     assert resumed.get_scale() == 2048.0
 
