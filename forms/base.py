@@ -17,6 +17,10 @@ from ..guidance.checkpoint import DomainMeta, write_domain_checkpoint
 
 DOMAIN_ATTACHMENT = "indomain.domain_model"   # ModelPatcher attachment key of a domain model's DomainRecord
 
+MULTIGPU_REFUSAL = (
+    "InDomain does not run on several GPUs yet: the domain model has no per-GPU copies. Remove 'MultiGPU Work "
+    "Units' (or other multi-GPU cloning) from the base MODEL; one GPU then runs the base and the domain model.")
+
 
 @dataclass(frozen=True)
 class DomainRecord:
@@ -108,13 +112,28 @@ def separate_unet_model(base_patcher, state_dict: dict, record: DomainRecord, pr
         raise DomainCheckpointError(f"InDomain cannot build a domain model for {type(base).__name__} models yet ({e}).") from None
     if prepare_unet is not None:
         prepare_unet(domain.diffusion_model)
-    domain.diffusion_model.load_state_dict(state_dict, strict=True)
     # same noise schedule as the base, including any ModelSampling* patch applied before the loader
     domain.model_sampling = copy.deepcopy(base_patcher.get_model_object("model_sampling"))
-    patcher = comfy.model_patcher.ModelPatcher(domain, load_device=base_patcher.load_device,
-                                               offload_device=base_patcher.offload_device)
+    # the patcher class current loaders use: CoreModelPatcher (dynamic VRAM on GPUs in newer cores) unless the
+    # base itself was loaded without it; hosts without CoreModelPatcher (0.3.75) have only ModelPatcher
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    if getattr(base_patcher, "is_dynamic", None) is not None and not base_patcher.is_dynamic():
+        patcher_class = comfy.model_patcher.ModelPatcher
+    patcher = patcher_class(domain, load_device=base_patcher.load_device, offload_device=base_patcher.offload_device)
+    # as core's loaders: a dynamic patcher takes the file's tensors as they are (assign), others copy them in
+    dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
+    domain.diffusion_model.load_state_dict(state_dict, strict=True, assign=dynamic)
+    if hasattr(patcher, "cached_patcher_init"):
+        # core re-creates a model from its loader for multi-GPU copies and non-dynamic delegates; say why not
+        patcher.cached_patcher_init = (_cannot_recreate, ())
     patcher.set_attachments(DOMAIN_ATTACHMENT, record)
     return patcher
+
+
+def _cannot_recreate(*_args, **_kwargs):
+    raise ValueError("ComfyUI asked to re-create the InDomain domain model from its loader (for per-GPU copies, or "
+                     "a non-dynamic copy such as torch.compile makes); it cannot be re-created that way yet. "
+                     + MULTIGPU_REFUSAL)
 
 
 class DomainModelForm:

@@ -32,3 +32,29 @@ def domain_conditioning(negative, positive=None, domain_on_control: bool = False
     control = first_control(positive) if domain_on_control else None
     return [[c[0], with_control(c[1], control)] if isinstance(c, (list, tuple)) else with_control(c, control)
             for c in negative]
+
+
+def fill_text_free(conditioning, base_patcher):
+    """CONDITIONING whose text-free entries ([None, {...}], what core's DualModelGuider uses for an unconnected
+    negative) carry a zeroed text embedding of the size the base takes, as core's ConditioningZeroOut gives.
+    The base needs some text input for its unconditional; a null-text domain UNet ignores it. Entries with
+    text are kept as they are."""
+    if not any(isinstance(c, (list, tuple)) and c[0] is None for c in conditioning or []):
+        return conditioning
+    import torch
+
+    model_config = base_patcher.model.model_config
+    context_dim = model_config.unet_config.get("context_dim")
+    if not context_dim:
+        raise ValueError("A text-free CONDITIONING ([None, {}]) reached a guider whose base MODEL takes no text "
+                         "embedding; connect the conditioning this model expects.")
+    out = []
+    for c in conditioning:
+        if not (isinstance(c, (list, tuple)) and c[0] is None):
+            out.append(c)
+            continue
+        d = dict(c[1])
+        if model_config.unet_config.get("adm_in_channels") and type(model_config).__name__.startswith("SDXL"):
+            d.setdefault("pooled_output", torch.zeros(1, 1280))  # SDXL builds its y vector from it
+        out.append([torch.zeros(1, 77, context_dim), d])
+    return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..forms import domain_info, form_named
+from ..forms.base import MULTIGPU_REFUSAL
 from ..guidance.checkpoint import (DomainCheckpointError, DomainMeta, architecture_signature,
                                    read_domain_checkpoint, weights_fingerprint)
 from ..guidance.nulltext import is_null_text
@@ -37,6 +38,13 @@ def ensure_domain_model(model_patcher, what: str = "domain_model") -> None:
     if domain_info(model_patcher) is None:
         raise ValueError(f"The '{what}' input is not a domain UNet. Load one with the 'Load Domain UNet' node "
                          "(InDomainLoadDomainUNet), or train one with 'Train Domain UNet'.")
+
+
+def refuse_multigpu(model_patcher) -> None:
+    """Newer cores' MultiGPU Work Units give the base per-GPU copies; the domain model has none (yet)."""
+    get = getattr(model_patcher, "get_additional_models_with_key", None)
+    if get is not None and get("multigpu"):
+        raise ValueError(MULTIGPU_REFUSAL)
 
 
 def check_pairing(base_patcher, meta: DomainMeta, state_dict: dict, name: str) -> None:

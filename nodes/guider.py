@@ -15,8 +15,8 @@ import comfy.samplers
 
 from ..forms import SeparateModelPass, domain_info
 from ..guidance.combine import cfg_equivalent, term_active
-from .conditioning import domain_conditioning, first_control, with_control
-from .domain_model import ensure_base_model, ensure_domain_model
+from .conditioning import domain_conditioning, fill_text_free, first_control, with_control
+from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu
 
 ADDITIONAL_MODELS_KEY = "indomain"
 
@@ -63,11 +63,16 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
     needs are registered with set_additional_models on a clone of the base, so ComfyUI loads
     them in the same load_models_gpu call. When no term beyond one base term is active this
     *is* core CFG (the same function call), so domain_weight = 0 reproduces KSampler exactly.
+
+    The first base term's weight is `self.cfg`, read at every step like core's guiders do, so
+    core's CFGOverride (which sets guider.cfg over a percent range) changes it there.
     """
 
     def __init__(self, model, negative, terms: list[Term]):
         ensure_base_model(model)
+        refuse_multigpu(model)
         base = model.clone()
+        negative = fill_text_free(negative, base)
         self.terms: list[_ScheduledTerm] = []
         self.primary: _ScheduledTerm | None = None
         self.groups: dict[int, _PassGroup] = {}
@@ -82,7 +87,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             if group is not None:
                 group.terms.append(st)
             self.terms.append(st)
-            conds[st.key] = t.conditioning
+            conds[st.key] = fill_text_free(t.conditioning, base)
         extra = [m for g in self.groups.values() for m in g.domain_pass.models]
         if extra:
             base.set_additional_models(ADDITIONAL_MODELS_KEY, extra)
@@ -136,8 +141,12 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                 self._term_conds[s.key] = conds
         return self._term_conds[st.key]
 
+    def weight(self, st: _ScheduledTerm) -> float:
+        """A term's weight at this step: the primary (first base) term's is self.cfg."""
+        return self.cfg if st is self.primary else st.term.weight
+
     def active_terms(self, sigma: float) -> list[_ScheduledTerm]:
-        return [st for st in self.terms if st.term.weight != 0 and term_active(sigma, st.sigma_start, st.sigma_end)]
+        return [st for st in self.terms if self.weight(st) != 0 and term_active(sigma, st.sigma_start, st.sigma_end)]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.reshape(-1)[0])
@@ -148,7 +157,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         if not others:
             if primary is not None:  # exactly core CFG
                 return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds["positive"],
-                                                        primary.term.weight, model_options=model_options, seed=seed)
+                                                        self.cfg, model_options=model_options, seed=seed)
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, negative, 1.0,
                                                     model_options=model_options, seed=seed)
 
@@ -173,8 +182,8 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
 
         uncond = out[1]
         cond, scale = cfg_equivalent(uncond, out[0] if primary is not None else None,
-                                     primary.term.weight if primary is not None else 0.0,
-                                     [(st.term.weight, preds[id(st)]) for st in others])
+                                     self.cfg if primary is not None else 0.0,
+                                     [(self.weight(st), preds[id(st)]) for st in others])
         conds_out = [cond, uncond]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             args = {"conds": conds[:2], "conds_out": conds_out, "cond_scale": scale, "timestep": timestep,

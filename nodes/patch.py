@@ -7,7 +7,7 @@ import comfy.patcher_extension
 from ..forms import domain_info
 from ..guidance.combine import cfg_equivalent, combine, term_active
 from .conditioning import domain_conditioning
-from .domain_model import ensure_base_model, ensure_domain_model
+from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu
 from .guider import ADDITIONAL_MODELS_KEY
 
 PASS_ATTACHMENT = "indomain.domain_pass"   # the patched model's DomainPass (its `calls` count domain evaluations)
@@ -23,6 +23,7 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     """
     ensure_base_model(model)
     ensure_domain_model(domain_model)
+    refuse_multigpu(model)
     m = model.clone()
     if domain_weight == 0:
         return m
