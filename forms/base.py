@@ -160,7 +160,7 @@ class DomainModelForm:
         return write_domain_checkpoint(path, self.file_state(module_state), dataclasses.replace(meta, form=self.name))
 
     # -- sampling
-    def expected_shapes(self, base_unet: torch.nn.Module) -> dict[str, tuple]:
+    def expected_shapes(self, base_unet: torch.nn.Module, meta: DomainMeta) -> dict[str, tuple]:
         raise NotImplementedError
 
     def domain_model(self, base_patcher, state_dict: dict, meta: DomainMeta, source: str = ""):

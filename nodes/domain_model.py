@@ -60,7 +60,7 @@ def check_pairing(base_patcher, meta: DomainMeta, state_dict: dict, name: str) -
         raise DomainCheckpointError(
             f"{name} was trained from a {meta.base_architecture} base with a different UNet layout than the MODEL "
             "connected (layout signature mismatch). Connect the checkpoint it was trained from.")
-    expected = form_named(meta.form).expected_shapes(base_patcher.model.diffusion_model)
+    expected = form_named(meta.form).expected_shapes(base_patcher.model.diffusion_model, meta)
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:3]
