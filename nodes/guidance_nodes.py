@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from .runtime import (DecoupledGuider, GuidanceTerm as Term, domain_guider, ensure_base_model,
                       patch_model_for_domain_guidance, sample_with_guider)
+from .search import search_aliases
 
 Terms = io.Custom("INDOMAIN_TERMS")
 
@@ -41,7 +42,7 @@ class DomainKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainKSampler",
+            node_id="InDomainKSampler", **search_aliases("InDomainKSampler"),
             display_name="Domain KSampler",
             category="InDomain",
             description="KSampler with decoupled guidance: eps = u + w_d (D(x) - u) + w_c (B(x, c) - u), u = B(x, ∅). "
@@ -82,7 +83,7 @@ class DomainGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainGuider",
+            node_id="InDomainGuider", **search_aliases("InDomainGuider"),
             display_name="Domain Guider",
             category="InDomain",
             description="Decoupled-guidance GUIDER for SamplerCustomAdvanced (same maths as Domain KSampler).",
@@ -110,7 +111,7 @@ class ApplyDomainGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainApplyGuidance",
+            node_id="InDomainApplyGuidance", **search_aliases("InDomainApplyGuidance"),
             display_name="Apply Domain Guidance",
             category="InDomain",
             description="Patches the base MODEL so any sampler node (core KSampler included) does decoupled guidance. "
@@ -135,7 +136,7 @@ class GuidanceTerm(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainGuidanceTerm",
+            node_id="InDomainGuidanceTerm", **search_aliases("InDomainGuidanceTerm"),
             display_name="Guidance Term",
             category="InDomain",
             description="One term w * (M(x, c) - u) of multi-guidance. Chain several (text, ControlNet, one or more domain "
@@ -169,7 +170,7 @@ class MultiTermGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainMultiGuider",
+            node_id="InDomainMultiGuider", **search_aliases("InDomainMultiGuider"),
             display_name="Multi-Term Guider",
             category="InDomain",
             description="GUIDER for out = u + Σ w_i (M_i(x, c_i) - u), u = B(x, negative), with the terms of a Guidance Term chain.",
