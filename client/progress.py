@@ -53,6 +53,12 @@ class ProgressPrinter:
         self.started += 1
         self.say(f"[{self.started}/{self.total_nodes}] {node_title(self.workflow, node_id)}")
 
+    def cached(self, node_ids: list) -> None:
+        """Nodes ComfyUI reuses from its cache run no code: count them so "[i/n]" stays true."""
+        if node_ids:
+            self.started += len(node_ids)
+            self.say(f"{len(node_ids)} node(s) reused from the server's cache")
+
     def step(self, node_id: str, value: int, total: int) -> None:
         if total <= 0:
             return
@@ -161,5 +167,7 @@ class ProgressWatcher:
         self.events.append((kind, data))
         if kind == "executing" and data.get("node") is not None:
             self.printer.node_started(str(data.get("display_node") or data["node"]))
+        elif kind == "execution_cached":
+            self.printer.cached(list(data.get("nodes") or []))
         elif kind == "progress":
             self.printer.step(str(data.get("node")), int(data.get("value", 0)), int(data.get("max", 0)))
