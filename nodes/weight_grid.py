@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .guidance_nodes import TIP_BASE, TIP_CFG, TIP_DOMAIN, TIP_DOMAIN_WEIGHT
-from .runtime import domain_guider, sample_with_guider
+from .guider import domain_guider, sample_with_guider
 from .search import search_aliases
 
 MAX_VALUES = 8  # per axis: a grid of at most 64 samplings
