@@ -5,7 +5,12 @@ Examples:
       --domain-weight 2.0 --checkpoint my_sd15.safetensors --domain-unet my_domain.safetensors --out out/
   python -m indomain.client workflows/api/indomain_3_controlnet.json --image hint.png --set 9.strength=0.8
 
-Exit status: 0 done, 2 bad workflow/arguments or refused by the server, 3 server unreachable, 4 failed while running.
+Progress: with the optional websocket-client package (pip install websocket-client) each node's steps show
+as a bar with the node's title; without it, "queued" / "running". Ctrl-C cancels this prompt on the server
+(interrupts it when running, removes it from the queue when pending) and says which.
+
+Exit status: 0 done, 2 bad workflow/arguments or refused by the server, 3 server unreachable, 4 failed while running,
+130 cancelled with Ctrl-C.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import argparse
 import json
 import sys
 
-from . import (DEFAULT_SERVER, ComfyClient, ComfyClientError, ComfyConnectionError, ComfyExecutionError,
-               apply_overrides, load_workflow, parse_set, set_input)
+from . import (DEFAULT_SERVER, DEFAULT_TIMEOUT, ComfyCancelled, ComfyClient, ComfyClientError, ComfyConnectionError,
+               ComfyExecutionError, apply_overrides, load_workflow, parse_image_spec, parse_set, set_input)
+from .errors import shown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("workflow", help="API-format workflow file (e.g. workflows/api/indomain_2_text_guided.json)")
     ap.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI address (default {DEFAULT_SERVER}; env COMFYUI_URL)")
     ap.add_argument("--out", default="out", help="folder for the downloaded images (default: out)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run (default 600)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help=f"seconds to wait for the run; 0 = no limit (default: no limit for workflows that train, "
+                         f"{DEFAULT_TIMEOUT:.0f} otherwise)")
     g = ap.add_argument_group("overrides (applied to every node that has the input)")
     g.add_argument("--prompt", help="positive prompt text")
     g.add_argument("--negative", help="negative prompt text")
@@ -60,25 +68,31 @@ def main(argv=None) -> int:
                         sets=[parse_set(s) for s in args.set])
         client = ComfyClient(args.server)
         for spec in args.image:
-            node, path = spec.split("=", 1) if "=" in spec else ("LoadImage", spec)
+            node, path = parse_image_spec(wf, spec)
             if args.dry_run:
                 set_input(wf, node, "image", path)
                 continue
             name = client.upload_image(path)
             set_input(wf, node, "image", name)
-            say(f"uploaded {path} as {name}")
+            say(f"uploaded {shown(path)} as {name}")
         if args.dry_run:
             print(json.dumps(wf, indent=2))
             return 0
-        result = client.run(wf, out_dir=args.out, timeout=args.timeout, progress=say)
+        result = client.run(wf, out_dir=args.out, timeout=args.timeout, progress=None if args.quiet else say)
+    except ComfyCancelled as e:
+        print(shown(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before anything reached the server
+        print("cancelled (nothing was submitted)", file=sys.stderr)
+        return 130
     except ComfyConnectionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 3
     except ComfyExecutionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 4
     except ComfyClientError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 2
     say(f"done in {result.seconds:.1f}s, {len(result.images)} image(s)")
     for path in result.images:

@@ -127,6 +127,31 @@ class FrontendSession:
         }""")
         self.page.wait_for_timeout(600)
 
+    def open_node_help(self, node_type: str, expect: str, timeout_ms: int = 60_000) -> dict:
+        """Select the first node of `node_type` on the canvas and press the selection toolbox's Info button (the
+        frontend's own way to its node help panel); wait until `expect` shows on the page. Returns the help's
+        images (src, loaded) and the page's text around `expect`."""
+        found = self.page.evaluate("""(type) => {
+          const n = app.graph.nodes.find(n => n.type === type);
+          if (!n) return false;
+          app.canvas.deselectAll();
+          app.canvas.selectNode(n);
+          app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+          return true;
+        }""", node_type)
+        if not found:
+            raise ValueError(f"no {node_type} node on the canvas")
+        self.page.click('[data-testid="info-button"]', timeout=timeout_ms)
+        self.page.wait_for_function("(t) => document.body.innerText.includes(t)", arg=expect, timeout=timeout_ms,
+                                    polling=250)
+        self.page.wait_for_timeout(500)  # let the page's images load
+        return self.page.evaluate("""(t) => {
+          const text = document.body.innerText, at = text.indexOf(t);
+          const images = [...document.querySelectorAll('img')].filter(i => i.src.includes('/docs/'))
+            .map(i => ({src: i.src, loaded: i.complete && i.naturalWidth > 0}));
+          return {text: text.slice(Math.max(0, at - 2000), at + 500), images};
+        }""", expect)
+
     def screenshot(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

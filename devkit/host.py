@@ -242,5 +242,8 @@ class ComfyServer:
     def get_json(self, path: str):
         return self.client.get_json(path)
 
+    def get_bytes(self, path: str) -> bytes:
+        return self.client.get_bytes(path)
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

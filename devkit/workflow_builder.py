@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# Nodes that exist only in the frontend: no /object_info entry, dropped from the API format.
-FRONTEND_ONLY = {"Note", "MarkdownNote"}
+from .node_schema import FRONTEND_ONLY, has_control_widget, is_widget, ordered_inputs
 
 
 @dataclass(frozen=True)
@@ -68,39 +66,13 @@ class Workflow:
         return g
 
     # ------------------------------------------------------------------ schema helpers
-    @staticmethod
-    def _ordered_inputs(info: dict) -> list[tuple[str, list, bool]]:
-        """(name, spec, optional) in the frontend's order: input_order when given, required then optional."""
-        inputs = info.get("input", {})
-        order = info.get("input_order") or {k: list(v) for k, v in inputs.items()}
-        result = []
-        for section in ("required", "optional"):
-            for name in order.get(section, []):
-                result.append((name, inputs[section][name], section == "optional"))
-        return result
-
-    @staticmethod
-    def is_widget(spec: list) -> bool:
-        kind = spec[0]
-        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if opts.get("forceInput"):
-            return False
-        return isinstance(kind, list) or kind in WIDGET_TYPES
-
-    @staticmethod
-    def has_control_widget(name: str, spec: list) -> bool:
-        """The frontend adds a 'control_after_generate' combo after seed-like INT widgets: those flagged
-        control_after_generate, and (checked in the real frontend 1.32.9) any INT named seed / noise_seed."""
-        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        return spec[0] == "INT" and (bool(opts.get("control_after_generate")) or name in ("seed", "noise_seed"))
-
     def _info(self, node: Node, object_info: dict) -> dict:
         if node.type not in object_info:
             raise KeyError(f"{self.name}: node type {node.type!r} is not in /object_info (is its pack loaded?)")
         return object_info[node.type]
 
     def _check_values(self, node: Node, info: dict) -> None:
-        known = {name for name, _, _ in self._ordered_inputs(info)} | {"control_after_generate"}
+        known = {name for name, _, _ in ordered_inputs(info)} | {"control_after_generate"}
         unknown = set(node.values) - known
         if unknown:
             raise KeyError(f"{self.name}: {node.type} #{node.id} has no inputs {sorted(unknown)}")
@@ -114,7 +86,7 @@ class Workflow:
             info = self._info(node, object_info)
             self._check_values(node, info)
             inputs = {}
-            for name, spec, optional in self._ordered_inputs(info):
+            for name, spec, optional in ordered_inputs(info):
                 if name not in node.values:
                     if optional:
                         continue
@@ -138,13 +110,13 @@ class Workflow:
             info = self._info(node, object_info)
             self._check_values(node, info)
             inputs, widgets = [], []
-            for name, spec, optional in self._ordered_inputs(info):
+            for name, spec, optional in ordered_inputs(info):
                 v = node.values.get(name)
-                if self.is_widget(spec) and not isinstance(v, Out):
+                if is_widget(spec) and not isinstance(v, Out):
                     if v is None:
                         raise KeyError(f"{self.name}: {node.type} #{node.id} needs a value for widget {name!r}")
                     widgets.append(v)
-                    if self.has_control_widget(name, spec):
+                    if has_control_widget(name, spec):
                         widgets.append(node.values.get("control_after_generate", "fixed"))
                     continue
                 slot = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}

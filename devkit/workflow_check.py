@@ -1,32 +1,14 @@
 """Check workflow files against a live /object_info: node types exist, links join matching types,
 widget values fit their inputs, and a UI file agrees with its API twin.
 
-Independent of workflow_builder (it reads only the JSON files and the server's schemas), so a
-builder bug shows up here instead of being checked against itself.
+It shares only the schema reader (node_schema.py) with workflow_builder; the files themselves are read
+back from JSON, and the browser test checks both against the real frontend's own 'Export (API)'.
 """
 from __future__ import annotations
 
-FRONTEND_ONLY = {"Note", "MarkdownNote"}
+from .node_schema import FRONTEND_ONLY, input_type, is_widget, options, ordered_inputs, widget_slots
+
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def ordered_inputs(info: dict) -> list[tuple[str, list, bool]]:
-    inputs = info.get("input", {})
-    order = info.get("input_order") or {k: list(v) for k, v in inputs.items()}
-    return [(name, inputs[sec][name], sec == "optional") for sec in ("required", "optional") for name in order.get(sec, [])]
-
-
-def _opts(spec: list) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-def _is_widget(spec: list) -> bool:
-    return not _opts(spec).get("forceInput") and (isinstance(spec[0], list) or spec[0] in PRIMITIVES)
-
-
-def _input_type(spec: list) -> str:
-    return "COMBO" if isinstance(spec[0], list) else spec[0]
 
 
 def types_match(out_type: str, in_type: str) -> bool:
@@ -38,10 +20,10 @@ def types_match(out_type: str, in_type: str) -> bool:
 
 def value_problem(name: str, spec: list, value) -> str | None:
     """Why `value` is not valid for the input, or None."""
-    kind, opts = spec[0], _opts(spec)
+    kind, opts = spec[0], options(spec)
     if isinstance(kind, list) or kind == "COMBO":
-        options = kind if isinstance(kind, list) else opts.get("options", [])
-        return None if value in options else f"{name}={value!r} is not one of the server's options {options[:8]}"
+        choices = kind if isinstance(kind, list) else opts.get("options", [])
+        return None if value in choices else f"{name}={value!r} is not one of the server's options {choices[:8]}"
     if kind == "INT":
         if not isinstance(value, int) or isinstance(value, bool):
             return f"{name}={value!r} is not an integer"
@@ -61,20 +43,6 @@ def value_problem(name: str, spec: list, value) -> str | None:
     return None
 
 
-def widget_names(info: dict) -> list[tuple[str, list | None]]:
-    """Widget slots in the frontend's order; (name, spec), or (name, None) for a control_after_generate value."""
-    result = []
-    for name, spec, _ in ordered_inputs(info):
-        if _is_widget(spec):
-            result.append((name, spec))
-            # the frontend also gives every INT named seed/noise_seed one (seen in 1.32.9)
-            if spec[0] == "INT" and (_opts(spec).get("control_after_generate") or name in ("seed", "noise_seed")):
-                result.append((f"{name}.control_after_generate", None))
-            if _opts(spec).get("image_upload"):
-                result.append(("upload", None))
-    return result
-
-
 def check_ui(wf: dict, object_info: dict, check_values: bool = True) -> list[str]:
     """Problems of a UI-format workflow (empty list = fine)."""
     problems = []
@@ -90,7 +58,7 @@ def check_ui(wf: dict, object_info: dict, check_values: bool = True) -> list[str
             problems.append(f"node {n['id']}: unknown node type {t!r}")
             continue
         info = object_info[t]
-        slots = widget_names(info)
+        slots = widget_slots(info)
         values = n.get("widgets_values", [])
         # The upload button's value is optional in saved files.
         if len(values) == len(slots) - sum(1 for s, _ in slots if s == "upload"):
@@ -111,7 +79,7 @@ def check_ui(wf: dict, object_info: dict, check_values: bool = True) -> list[str
         for i, inp in enumerate(n.get("inputs", [])):
             if inp["name"] not in schema_inputs:
                 problems.append(f"node {n['id']} ({t}): input {inp['name']!r} is not in the schema")
-        required = {name for name, spec, opt in ordered_inputs(info) if not opt and not _is_widget(spec)}
+        required = {name for name, spec, opt in ordered_inputs(info) if not opt and not is_widget(spec)}
         linked = {inp["name"] for inp in n.get("inputs", []) if inp.get("link") is not None}
         if required - linked:
             problems.append(f"node {n['id']} ({t}): required inputs not connected: {sorted(required - linked)}")
@@ -137,7 +105,7 @@ def check_ui(wf: dict, object_info: dict, check_values: bool = True) -> list[str
             problems.append(f"link {lid}: target {d['type']} #{dst} input {inp['name']!r} does not point back at it")
         schema = {name: spec for name, spec, _ in ordered_inputs(object_info[d["type"]])}
         if inp["name"] in schema:
-            in_type = _input_type(schema[inp["name"]])
+            in_type = input_type(schema[inp["name"]])
             if not types_match(outs[sslot], in_type):
                 problems.append(f"link {lid}: {s['type']} output {sslot} ({outs[sslot]}) -> {d['type']} "
                                 f"{inp['name']} ({in_type}): types differ")
@@ -162,7 +130,7 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
             continue
         info = object_info[n["type"]]
         inputs = {}
-        slots = widget_names(info)
+        slots = widget_slots(info)
         values = list(n.get("widgets_values", []))
         if len(values) != len(slots):
             slots = [s for s in slots if s[0] != "upload"]
@@ -202,8 +170,8 @@ def check_api(prompt: dict, object_info: dict, check_values: bool = True) -> lis
                 outs = object_info.get(src["class_type"], {}).get("output", [])
                 if v[1] >= len(outs):
                     problems.append(f"node {nid} ({t}): input {name!r} links to missing output {v[1]} of node {v[0]}")
-                elif not types_match(outs[v[1]], _input_type(spec)):
-                    problems.append(f"node {nid} ({t}): input {name!r} ({_input_type(spec)}) gets {outs[v[1]]}")
+                elif not types_match(outs[v[1]], input_type(spec)):
+                    problems.append(f"node {nid} ({t}): input {name!r} ({input_type(spec)}) gets {outs[v[1]]}")
             elif check_values:
                 p = value_problem(name, spec, v)
                 if p:

@@ -1,31 +1,40 @@
-"""The specs of the shared workflows in workflows/: one spec each, emitted as UI format
-(workflows/<name>.json, drag and drop) and API format (workflows/api/<name>.json, for POST /prompt).
+"""The specs of the shared workflows: one spec each, emitted as UI format (example_workflows/<name>.json,
+the templates ComfyUI offers for the pack; drag and drop) and API format (workflows/api/<name>.json, for
+POST /prompt and the headless client).
 
 Regenerate after a node schema change (starts a real ComfyUI server to read /object_info):
 
-    .venv/bin/python -m indomain.devkit.workflows            # writes workflows/*.json
+    .venv/bin/python -m indomain.devkit.workflows            # writes example_workflows/ and workflows/api/
     .venv/bin/python -m indomain.devkit.workflows --check    # fails if the files are stale
 
-The API twins live in a subfolder so ComfyUI's template browser (which lists workflows/*.json)
-only offers the UI files.
+ComfyUI lists <pack>/example_workflows/*.json (and a few other folder names, not recursively) as templates, with
+<same name>.jpg as the thumbnail; the browser test makes the thumbnails from the real frontend's screenshot
+(INDOMAIN_UPDATE_SCREENSHOTS=1). The API twins live in workflows/api/, which no template listing reads.
+
+To add a workflow: write a function returning a Workflow (the helpers below lay out the usual blocks), append
+it to SPECS. A spec whose node types the server does not have is skipped with a message.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from .host import PACK_ROOT
-from .workflow_builder import Workflow
+from .node_schema import is_widget, ordered_inputs
+from .workflow_builder import FRONTEND_ONLY, Workflow
 
-WORKFLOWS_DIR = PACK_ROOT / "workflows"
-API_DIR = WORKFLOWS_DIR / "api"
+TEMPLATES_DIR = PACK_ROOT / "example_workflows"
+API_DIR = PACK_ROOT / "workflows" / "api"
+THUMBNAIL_SIZE = (768, 432)  # the template browser's cards are about 16:9
 
 # Placeholders a user replaces with their own files (tests override them with the tiny models).
 BASE_CKPT = "v1-5-pruned-emaonly.safetensors"
+FINETUNED_CKPT = "my_finetuned_sd15.safetensors"
 DOMAIN_UNET = "my_domain.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 HINT_IMAGE = "control_hint.png"
@@ -219,6 +228,72 @@ def train_and_sample() -> Workflow:
     return wf
 
 
+def domain_guidance_preset() -> Workflow:
+    """Domain Guidance (Zhong et al., ICLR 2025): eps = u + w (F(x, c) - u) with u from the PRETRAINED model and
+    F an ordinary fine-tune (text-conditioned), on the Guidance Term / Multi-Term Guider chain."""
+    wf = Workflow("indomain_7_domain_guidance")
+    base = wf.add("CheckpointLoaderSimple", (COL_MODELS, 0), title="Pretrained checkpoint (gives u)",
+                  size=(315, 98), ckpt_name=BASE_CKPT)
+    tuned = wf.add("CheckpointLoaderSimple", (COL_MODELS, 170), title="Fine-tuned checkpoint (your domain)",
+                   size=(315, 98), ckpt_name=FINETUNED_CKPT)
+    wf.group("1. Models", [base, tuned], BLUE)
+    pos = wf.add("CLIPTextEncode", (COL_PROMPTS, 0), title="Positive prompt (read by the fine-tune)",
+                 size=(400, 160), text="a cat sitting on a chair", clip=tuned[1])
+    neg = wf.add("CLIPTextEncode", (COL_PROMPTS, 230), title="Negative prompt (empty = unconditional, pretrained)",
+                 size=(400, 160), text="", clip=base[1])
+    wf.group("2. Prompts", [pos, neg], ORANGE)
+    x = COL_CONTROL
+    term = wf.add("InDomainGuidanceTerm", (x, 0), title=f"Fine-tune term (w {DG_WEIGHT})", size=(340, 150),
+                  model=tuned[0], conditioning=pos[0], weight=DG_WEIGHT, start_percent=0.0, end_percent=1.0)
+    guider = wf.add("InDomainMultiGuider", (x, 210), title="Multi-Term Guider: u from the pretrained model",
+                    size=(340, 80), model=base[0], negative=neg[0], terms=term[0])
+    wf.group("3. Domain Guidance", [term, guider], GREEN)
+    x2 = COL_SAMPLE
+    noise = wf.add("RandomNoise", (x2, 0), size=(315, 82), noise_seed=SEED)
+    sampler_sel = wf.add("KSamplerSelect", (x2, 140), title="Sampler (dpmpp_2m)", size=(315, 58), sampler_name=SAMPLER)
+    sigmas = wf.add("BasicScheduler", (x2, 250), title="Scheduler (karras, 25 steps)", size=(315, 106),
+                    model=base[0], scheduler=SCHEDULER, steps=STEPS, denoise=1.0)
+    latent = wf.add("EmptyLatentImage", (x2, 410), size=(315, 106), width=SIZE, height=SIZE, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (x2, 570), size=(315, 106), noise=noise[0], guider=guider[0],
+                    sampler=sampler_sel[0], sigmas=sigmas[0], latent_image=latent[0])
+    wf.group("4. Sampling", [noise, sampler_sel, sigmas, latent, sample], BLUE)
+    _output(wf, sample[0], base, "indomain/domain_guidance", x=COL_OUT)
+    wf.note("Domain Guidance preset (Zhong et al., ICLR 2025).\n\nAny ordinary fine-tune of the base (trained "
+            "WITH captions) is the domain term; the unconditional u comes from the pretrained model, so guidance "
+            f"does not forget: eps = u + w (F(x, c) - u).\nStart at w {DG_WEIGHT} (like cfg); lower it if the "
+            "fine-tune's style overshoots. 25 steps dpmpp_2m karras.\nA LoRA: merge it into a checkpoint first "
+            "(LoraLoader -> CheckpointSave) and load that here. Only images, no captions? Train a domain UNet "
+            "instead (workflow 6) and use workflow 2; its w_d starts at 2.0.", (COL_MODELS, 330), size=(315, 330))
+    return wf
+
+
+def weight_grid() -> Workflow:
+    wf = Workflow("indomain_8_weight_grid")
+    ckpt, domain = _models(wf)
+    pos, neg, latent = _prompts(wf, ckpt, "a cat wearing a hat, sitting on a chair", "", batch_size=1)
+    grid = wf.add("InDomainWeightGrid", (COL_CONTROL, 0), title="Domain Weight Grid (rows w_d, columns cfg)",
+                  size=(340, 400), model=ckpt[0], domain_model=domain[0], vae=ckpt[2], positive=pos[0],
+                  negative=neg[0], latent_image=latent[0], seed=SEED, steps=STEPS, sampler_name=SAMPLER,
+                  scheduler=SCHEDULER, domain_weights=GRID_DOMAIN_WEIGHTS, cfgs=GRID_CFGS)
+    wf.group("3. Weight grid (one seed)", [grid], GREEN)
+    save = wf.add("SaveImage", (COL_SAMPLE + 40, 0), title="Save the grid", size=(500, 520), images=grid[0],
+                  filename_prefix="indomain/weight_grid")
+    cells = wf.add("PreviewImage", (COL_SAMPLE + 580, 0), title="Cells (row by row)", size=(400, 420),
+                   images=grid[1])
+    wf.group("Output", [save, cells], PURPLE)
+    wf.note("Choosing weights: one prompt, one seed, every domain weight x cfg pair.\n\nRows: domain_weights "
+            f"({GRID_DOMAIN_WEIGHTS}); columns: cfgs ({GRID_CFGS}). Each cell is one Domain KSampler run with the "
+            "same noise, so the grid costs rows x columns samplings (12 here, 25 steps dpmpp_2m karras each). "
+            "Start around domain weight 2.0 and cfg 2.5; w_d 0 is the plain base model.", (COL_MODELS, 330),
+            size=(315, 260))
+    return wf
+
+
+# Starting values of the two presets.
+DG_WEIGHT = 5.0
+GRID_DOMAIN_WEIGHTS, GRID_CFGS = "0, 1, 2, 3", "1.5, 2.5, 4"
+
+
 # Widget values of the training node after the links and image_folder; filled from its real schema
 # (see _train_widgets) so the file follows the node.
 TRAIN_WIDGETS: dict = {}
@@ -228,8 +303,8 @@ def _train_widgets(object_info: dict) -> dict:
     """Defaults of InDomainTrainDomainUNet's widgets (its own choices), with a friendly save name."""
     info = object_info["InDomainTrainDomainUNet"]
     values = {}
-    for name, spec, optional in Workflow._ordered_inputs(info):
-        if name in ("model", "clip", "vae", "image_folder") or not Workflow.is_widget(spec):
+    for name, spec, optional in ordered_inputs(info):
+        if name in ("model", "clip", "vae", "image_folder") or not is_widget(spec):
             continue
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
         if name == "save_name":
@@ -245,7 +320,8 @@ def _train_widgets(object_info: dict) -> dict:
     return values
 
 
-SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample]
+SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample, domain_guidance_preset,
+         weight_grid]
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
@@ -259,6 +335,10 @@ def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
             print("skipping the training workflow: InDomainTrainDomainUNet is not registered", file=sys.stderr)
             continue
         wf = spec()
+        missing = sorted({n.type for n in wf.nodes if n.type not in FRONTEND_ONLY} - set(object_info))
+        if missing:
+            print(f"skipping {wf.name}: node types {missing} are not registered", file=sys.stderr)
+            continue
         result[wf.name] = (wf.ui(object_info), wf.api(object_info))
     return result
 
@@ -289,8 +369,9 @@ def main(argv=None) -> int:
     built = build_all(live_object_info())
     stale = []
     API_DIR.mkdir(parents=True, exist_ok=True)
+    TEMPLATES_DIR.mkdir(parents=True, exist_ok=True)
     for name, (ui, api) in built.items():
-        for path, obj in ((WORKFLOWS_DIR / f"{name}.json", ui), (API_DIR / f"{name}.json", api)):
+        for path, obj in ((TEMPLATES_DIR / f"{name}.json", ui), (API_DIR / f"{name}.json", api)):
             text = dumps(obj)
             if path.exists() and path.read_text() == text:
                 continue
@@ -310,7 +391,17 @@ def main(argv=None) -> int:
 def tiny_model_names() -> dict[str, str]:
     """Placeholder file name -> the tiny model names the test `server` fixture serves."""
     return {BASE_CKPT: "tiny_sd15.safetensors", DOMAIN_UNET: "tiny_domain.safetensors",
-            CONTROLNET: "tiny_controlnet.safetensors"}
+            CONTROLNET: "tiny_controlnet.safetensors", FINETUNED_CKPT: TINY_FINETUNED}
+
+
+# The Domain Guidance preset's fine-tune in tests: another tiny checkpoint (different weights, same layout).
+TINY_FINETUNED = "tiny_sd15_finetuned.safetensors"
+
+
+def tiny_finetuned_checkpoint() -> Path:
+    from .tiny_models import tiny_checkpoint
+
+    return tiny_checkpoint(1)
 
 
 def substitute(obj, mapping: dict):
@@ -326,7 +417,34 @@ def substitute(obj, mapping: dict):
 
 def workflow_files() -> list[tuple[str, Path, Path]]:
     """(name, ui_path, api_path) for every shared workflow on disk."""
-    return [(p.stem, p, API_DIR / p.name) for p in sorted(WORKFLOWS_DIR.glob("*.json"))]
+    return [(p.stem, p, API_DIR / p.name) for p in sorted(TEMPLATES_DIR.glob("*.json"))]
+
+
+def thumbnail_path(name: str) -> Path:
+    return TEMPLATES_DIR / f"{name}.jpg"
+
+
+def write_thumbnail(screenshot: Path, name: str) -> Path:
+    """The template browser's thumbnail for a workflow: the real frontend's screenshot, scaled, as JPEG."""
+    from PIL import Image
+
+    target = thumbnail_path(name)
+    with Image.open(screenshot) as im:
+        im = im.convert("RGB")
+        im.thumbnail(THUMBNAIL_SIZE)
+        tmp = target.with_name(target.name + ".tmp")
+        im.save(tmp, format="JPEG", quality=82, optimize=True)
+    os.replace(tmp, target)
+    if name in HELP_PICTURES:  # the node help pages (web/docs/*.md) show some of them
+        HELP_IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target, HELP_IMAGES_DIR / target.name)
+    return target
+
+
+# Thumbnails the node help pages use (web/docs/images/<name>.jpg).
+HELP_IMAGES_DIR = PACK_ROOT / "web" / "docs" / "images"
+HELP_PICTURES = {"indomain_2_text_guided", "indomain_5_multi_guidance", "indomain_6_train_and_sample",
+                 "indomain_8_weight_grid"}
 
 
 def write_test_images(folder: Path, size: int = 64) -> dict[str, Path]:

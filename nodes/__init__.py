@@ -32,9 +32,10 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .loader import LoadDomainUNet
 
     from .train_node import TrainDomainUNet
+    from .weight_grid import DomainWeightGrid
 
     return [LoadDomainUNet, DomainKSampler, DomainGuider, ApplyDomainGuidance, GuidanceTerm, MultiTermGuider,
-            TrainDomainUNet]
+            TrainDomainUNet, DomainWeightGrid]
 
 
 class InDomainExtension(ComfyExtension):

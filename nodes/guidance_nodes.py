@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from .domain_model import ensure_base_model
 from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
 from .patch import patch_model_for_domain_guidance
+from .search import search_aliases
 
 Terms = io.Custom("INDOMAIN_TERMS")
 
@@ -43,7 +44,7 @@ class DomainKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainKSampler",
+            node_id="InDomainKSampler", **search_aliases("InDomainKSampler"),
             display_name="Domain KSampler",
             category="InDomain",
             description="KSampler with decoupled guidance: eps = u + w_d (D(x) - u) + w_c (B(x, c) - u), u = B(x, ∅). "
@@ -84,7 +85,7 @@ class DomainGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainGuider",
+            node_id="InDomainGuider", **search_aliases("InDomainGuider"),
             display_name="Domain Guider",
             category="InDomain",
             description="Decoupled-guidance GUIDER for SamplerCustomAdvanced (same maths as Domain KSampler).",
@@ -112,7 +113,7 @@ class ApplyDomainGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainApplyGuidance",
+            node_id="InDomainApplyGuidance", **search_aliases("InDomainApplyGuidance"),
             display_name="Apply Domain Guidance",
             category="InDomain",
             description="Patches the base MODEL so any sampler node (core KSampler included) does decoupled guidance. "
@@ -137,7 +138,7 @@ class GuidanceTerm(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainGuidanceTerm",
+            node_id="InDomainGuidanceTerm", **search_aliases("InDomainGuidanceTerm"),
             display_name="Guidance Term",
             category="InDomain",
             description="One term w * (M(x, c) - u) of multi-guidance. Chain several (text, ControlNet, one or more domain "
@@ -171,7 +172,7 @@ class MultiTermGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainMultiGuider",
+            node_id="InDomainMultiGuider", **search_aliases("InDomainMultiGuider"),
             display_name="Multi-Term Guider",
             category="InDomain",
             description="GUIDER for out = u + Σ w_i (M_i(x, c_i) - u), u = B(x, negative), with the terms of a Guidance Term chain.",

@@ -6,13 +6,14 @@ from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
 from .domain_model import load_domain_model
+from .search import search_aliases
 
 
 class LoadDomainUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainLoadDomainUNet",
+            node_id="InDomainLoadDomainUNet", **search_aliases("InDomainLoadDomainUNet"),
             display_name="Load Domain UNet",
             category="InDomain",
             description="Loads a text-free domain UNet trained by InDomain and pairs it with its base model. "

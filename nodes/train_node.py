@@ -14,6 +14,7 @@ from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
 from .domain_model import build_domain_model, ensure_base_model
+from .search import search_aliases
 
 log = logging.getLogger("indomain")
 
@@ -39,7 +40,7 @@ class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InDomainTrainDomainUNet",
+            node_id="InDomainTrainDomainUNet", **search_aliases("InDomainTrainDomainUNet"),
             display_name="Train Domain UNet",
             category="InDomain",
             description="Fine-tunes a text-free (null-text) copy of the base UNet on a folder of unlabelled images and "

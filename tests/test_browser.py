@@ -1,4 +1,4 @@
-"""Every UI workflow in workflows/ loads in the REAL ComfyUI frontend (comfyui-frontend-package, the version
+"""Every template in example_workflows/ loads in the REAL ComfyUI frontend (comfyui-frontend-package, the version
 the host pins) in headless Debian Chromium: no missing node types, no error dialog or toast, the frontend's own
 'Export (API)' equals the API twin, and a screenshot per workflow lands in artifacts/browser/.
 
@@ -78,8 +78,9 @@ def test_workflow_loads_in_real_frontend(name, ui_path, api_path, ui, artifacts_
     exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
     assert exported == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()}
     assert shot.stat().st_size > 10_000
-    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies (scaled to 1600 px)
+    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies and the thumbnails
         _copy_to_docs(shot, name)
+        specs.write_thumbnail(shot, name)
 
 
 def _copy_to_docs(shot, name):
@@ -90,3 +91,20 @@ def _copy_to_docs(shot, name):
         im = im.convert("RGB")
         im.thumbnail((1600, 1600))
         im.save(DOCS_SHOTS / f"{name}.png", optimize=True)
+
+
+def test_node_help_page_opens_in_the_real_frontend(ui):
+    """The Domain KSampler's help page (web/docs/InDomainKSampler.md via WEB_DIRECTORY) shows in the frontend's
+    help panel, opened with the selection toolbox's Info button, picture included. Without the page the panel
+    falls back to the node's one-line description, which has none of these words."""
+    name, ui_path, _ = next(f for f in FILES if f[0] == "indomain_2_text_guided")
+    ui.load_workflow(json.loads(ui_path.read_text()), name)
+    ui.fit_view()
+    page = (host_mod.PACK_ROOT / "web" / "docs" / "InDomainKSampler.md").read_text()
+    expect = "Not sure which weights?"
+    assert expect in page
+    shown = ui.open_node_help("InDomainKSampler", expect)
+    assert "domain_on_controlnet" in shown["text"] and "dpmpp_2m" in shown["text"]
+    assert shown["images"] and all(i["loaded"] for i in shown["images"]), shown["images"]
+    assert all("/extensions/indomain/docs/images/" in i["src"] for i in shown["images"])
+    ui.page.keyboard.press("Escape")

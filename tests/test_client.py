@@ -1,15 +1,22 @@
-"""The headless client (indomain.client) against the REAL ComfyUI server: overrides, runs, downloads and
-the three kinds of failure (unreachable, refused at validation, failed while running)."""
+"""The headless client (indomain.client) against the REAL ComfyUI server: overrides, runs, downloads, live
+per-node progress from the websocket, Ctrl-C cancelling its own prompt, and the three kinds of failure
+(unreachable, refused at validation, failed while running)."""
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from indomain.client import (ComfyClient, ComfyClientError, ComfyConnectionError, ComfyExecutionError,
-                             ComfyValidationError, apply_overrides, load_workflow, parse_set)
+from indomain.client import (DEFAULT_TIMEOUT, ComfyClient, ComfyClientError, ComfyConnectionError,
+                             ComfyExecutionError, ComfyValidationError, apply_overrides, default_timeout,
+                             load_workflow, parse_image_spec, parse_set, websocket_available)
 from indomain.devkit import host as host_mod
 from indomain.devkit import workflows as specs
 
@@ -18,8 +25,22 @@ TINY = ["--checkpoint", "tiny_sd15.safetensors", "--domain-unet", "tiny_domain.s
 
 
 def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "indomain.client", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(host_mod.PACK_ROOT))
+    return subprocess.run([sys.executable, "-m", "indomain.client", *(a if isinstance(a, bytes) else str(a) for a in args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=str(host_mod.PACK_ROOT))
+
+
+def _train_workflow(folder, steps: int, save_name: str) -> dict:
+    """The train-and-sample API twin on the tiny models: `steps` training steps on a drawn image folder."""
+    wf = specs.substitute(load_workflow(specs.API_DIR / "indomain_6_train_and_sample.json"), specs.tiny_model_names())
+    specs.write_train_images(folder, count=4, size=64)
+    apply_overrides(wf, seed=3, steps=2, width=64, height=64, batch_size=1, filename_prefix=f"client_{save_name}",
+                    sets=[("InDomainTrainDomainUNet", "image_folder", str(folder)),
+                          ("InDomainTrainDomainUNet", "steps", steps),
+                          ("InDomainTrainDomainUNet", "batch_size", 2),
+                          ("InDomainTrainDomainUNet", "resolution", 64),
+                          ("InDomainTrainDomainUNet", "save_every", 0),
+                          ("InDomainTrainDomainUNet", "save_name", save_name)])
+    return wf
 
 
 # ----------------------------------------------------------------------------- offline (no server)
@@ -58,6 +79,51 @@ def test_overrides_refuse_what_is_not_there(tmp_path):
     assert parse_set("5.cfg=3.5") == ("5", "cfg", 3.5)
     with pytest.raises(ComfyClientError, match="NODE.INPUT=VALUE"):
         parse_set("cfg=3")
+
+
+def test_unreadable_workflow_files_are_exit_2_with_a_message(tmp_path):
+    """Issue 13 item 9: a binary, non-UTF-8 or directory path, an undecodable file name and `{}` are refused
+    with exit 2 and one line naming the problem, never a traceback."""
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"1": {"class_type": "Caf\u00e9", "inputs": {}}}'.encode("latin-1"))
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    odd_name = os.fsencode(tmp_path) + b"/w\xffrkflow.json"
+    with open(odd_name, "wb") as f:
+        f.write(b"\xff\xfe\x00")
+    cases = [(binary, "not a text file"), (latin1, "not a text file"), (tmp_path, "is a folder"),
+             (empty, "an empty workflow"), (odd_name, "not a text file")]
+    for path, message in cases:
+        r = _cli(path, "--dry-run")
+        assert r.returncode == 2, (path, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "w\\xffrkflow.json" in _cli(odd_name, "--dry-run").stderr  # the undecodable byte is shown, escaped
+    with pytest.raises(ComfyClientError, match="empty workflow"):
+        load_workflow(empty)
+
+
+def test_image_spec_splits_at_the_equals_that_names_a_node(tmp_path):
+    wf = load_workflow(specs.API_DIR / "indomain_3_controlnet.json")
+    title = wf[next(n for n, v in wf.items() if v["class_type"] == "LoadImage")]["_meta"]["title"]
+    assert parse_image_spec(wf, "LoadImage=a=b.png") == ("LoadImage", "a=b.png")
+    assert parse_image_spec(wf, f"{title}=x.png") == (title, "x.png")
+    path_with_equals = tmp_path / "a=b.png"
+    path_with_equals.write_bytes(b"")
+    assert parse_image_spec(wf, str(path_with_equals)) == ("LoadImage", str(path_with_equals))
+    assert parse_image_spec(wf, "plain.png") == ("LoadImage", "plain.png")
+    with pytest.raises(ComfyClientError, match="no node 'x'.*NODE=PATH"):
+        parse_image_spec(wf, "x=missing.png")
+    r = _cli(specs.API_DIR / "indomain_3_controlnet.json", "--dry-run", "--image", "LoadImage=a=b.png")
+    assert r.returncode == 0, r.stderr
+    images = [n["inputs"]["image"] for n in json.loads(r.stdout).values() if n["class_type"] == "LoadImage"]
+    assert images == ["a=b.png"]
+
+
+def test_default_timeout_is_none_only_for_training_workflows():
+    assert default_timeout(load_workflow(TEXT)) == DEFAULT_TIMEOUT
+    assert default_timeout(load_workflow(specs.API_DIR / "indomain_6_train_and_sample.json")) is None
 
 
 def test_cli_dry_run_prints_the_final_workflow():
@@ -139,3 +205,125 @@ def test_execution_error_is_reported(server, tmp_path):
     with pytest.raises(ComfyExecutionError, match=r"InDomainGuidanceTerm.*start_percent.*swap them") as e:
         client.run(wf, timeout=300)
     assert e.value.details.get("node_type") == "InDomainGuidanceTerm"
+
+
+# ----------------------------------------------------------------------------- watching and cancelling
+
+
+def test_progress_shows_each_nodes_steps_for_the_training_twin(server, tmp_path):
+    """The train-and-sample twin through the CLI: the websocket progress names the training node and the sampler
+    by their titles, with their steps (3 training steps, 2 sampling steps)."""
+    assert websocket_available(), "requirements-dev.txt installs websocket-client"
+    wf = _train_workflow(tmp_path / "images", steps=3, save_name=f"client_progress_{tmp_path.name}")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(wf))
+    r = _cli(path, "--server", server.url, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    train_title = next(n["_meta"]["title"] for n in wf.values() if n["class_type"] == "InDomainTrainDomainUNet")
+    sampler_title = next(n["_meta"]["title"] for n in wf.values() if n["class_type"] == "InDomainKSampler")
+    train_steps = [l for l in lines if train_title in l and "step " in l]
+    assert [l.rsplit("step ", 1)[1] for l in train_steps] == ["1/3", "2/3", "3/3"], r.stderr
+    assert any(sampler_title in l and l.endswith("step 2/2") for l in lines), r.stderr
+    assert any(train_title in l and l.startswith("[client] [") for l in lines)  # "[i/n] title" when it starts
+    assert "queued" not in r.stderr  # the websocket view replaces the polling lines
+
+
+def test_progress_falls_back_to_polling_without_websocket(server, tmp_path):
+    client = ComfyClient(server.url)
+    wf = load_workflow(TEXT)
+    apply_overrides(wf, seed=1, steps=2, width=64, height=64, checkpoint="tiny_sd15.safetensors",
+                    domain_unet="tiny_domain.safetensors", filename_prefix="client_poll")
+    lines = []
+    client.run(wf, progress=lines.append, watch=False)
+    assert any(l.endswith(": running") or l.endswith(": queued") for l in lines), lines
+    assert not any("step " in l for l in lines)
+
+
+class _Cli:
+    """The CLI as a subprocess; a thread collects its stderr lines so waiting for one can time out."""
+
+    def __init__(self, path, server, tmp_path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "indomain.client", str(path), "--server", server.url,
+                                      "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, cwd=str(host_mod.PACK_ROOT))
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip())
+        self.lines.put(None)
+
+    def wait_for(self, needle: str, limit: float = 300) -> list[str]:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.seen.append(line)
+            if needle in line:
+                return self.seen
+        raise AssertionError(f"{needle!r} never printed; got {self.seen}")
+
+    def interrupt_and_wait(self, limit: float = 120) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=limit)
+        self.wait_for_end()
+        return "\n".join(self.seen)
+
+    def wait_for_end(self):
+        while (line := self.lines.get(timeout=30)) is not None:
+            self.seen.append(line)
+
+
+def _prompt_id(lines: list[str]) -> str:
+    return next(l.split("submitted prompt ", 1)[1] for l in lines if "submitted prompt " in l)
+
+
+def _queue_ids(client: ComfyClient) -> tuple[set, set]:
+    q = client.queue()
+    return {i[1] for i in q["queue_running"]}, {i[1] for i in q["queue_pending"]}
+
+
+def test_ctrl_c_interrupts_the_running_prompt_and_removes_the_pending_one(server, tmp_path):
+    """A long training prompt A runs; the CLI submits B (pending behind A) and gets SIGINT: B leaves the queue and
+    never runs. A second CLI run of A's kind gets SIGINT while training: the server interrupts exactly that prompt."""
+    client = ComfyClient(server.url)
+    long_a = _train_workflow(tmp_path / "images_a", steps=100000, save_name=f"client_cancel_a_{tmp_path.name}")
+    path_a = tmp_path / "a.json"
+    path_a.write_text(json.dumps(long_a))
+    cli_a = _Cli(path_a, server, tmp_path)
+    id_a = _prompt_id(cli_a.wait_for("step 1/100000"))  # A is training
+
+    b = load_workflow(TEXT)
+    apply_overrides(b, seed=1, steps=2, width=64, height=64, checkpoint="tiny_sd15.safetensors",
+                    domain_unet="tiny_domain.safetensors", filename_prefix="client_cancel_b")
+    path_b = tmp_path / "b.json"
+    path_b.write_text(json.dumps(b))
+    cli_b = _Cli(path_b, server, tmp_path)
+    id_b = _prompt_id(cli_b.wait_for("submitted prompt"))
+    running, pending = _queue_ids(client)
+    assert id_a in running and id_b in pending
+    err_b = cli_b.interrupt_and_wait()
+    assert cli_b.proc.returncode == 130, err_b
+    assert f"prompt {id_b} removed from the queue" in err_b
+    running, pending = _queue_ids(client)
+    assert id_b not in pending and id_a in running  # only B went; A still trains
+
+    err_a = cli_a.interrupt_and_wait()
+    assert cli_a.proc.returncode == 130, err_a
+    assert f"prompt {id_a} interrupted" in err_a
+    deadline = time.monotonic() + 120
+    while (entry := client.history(id_a)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert entry is not None, "the interrupted prompt never reached /history"
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and entry["status"]["completed"] is False
+    assert client.history(id_b) is None  # removed before it ran
+    running, pending = _queue_ids(client)
+    assert id_a not in running and not pending

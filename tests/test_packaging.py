@@ -1,6 +1,8 @@
 """Registry metadata and the pack's import hygiene."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -82,3 +84,97 @@ def test_devkit_import_check_catches_every_spelling():
         assert _devkit_imports(where, source), source
     for source in ("from ..pack import PACK_ROOT", "from .devkit_like import x", "import devkitten"):
         assert not _devkit_imports(where, source), source
+
+
+# ----------------------------------------------------------------------------- the Registry's view
+
+# Registry rules (docs.comfy.org/registry/specifications): node id and publisher id shapes, X.Y.Z versions.
+NODE_ID = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*$")
+PUBLISHER_ID = re.compile(r"^[a-z][a-z0-9-]*$")
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+ICON_MAX_PX, ICON_MAX_BYTES = 400, 100_000
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_registry_fields_are_valid():
+    """What the Registry requires and checks, field by field: name, semver version, Repository URL, publisher,
+    display name, requires-comfyui as a version specifier, and the version the pack itself reports."""
+    from packaging.specifiers import SpecifierSet
+
+    data = _pyproject()
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert NODE_ID.match(project["name"]) and len(project["name"]) < 100
+    assert SEMVER.match(project["version"]), project["version"]
+    assert project["description"]
+    repo = project["urls"]["Repository"]
+    assert re.match(r"^https://github\.com/[\w.-]+/[\w.-]+$", repo), repo
+    assert PUBLISHER_ID.match(comfy["PublisherId"])
+    assert comfy["DisplayName"].strip()
+    assert SpecifierSet(comfy["requires-comfyui"]).contains("0.3.75")  # the oldest host the suite runs on
+    assert "version" not in project.get("dynamic", [])  # the Registry does not evaluate dynamic metadata
+    init = (ROOT / "__init__.py").read_text()
+    assert f'__version__ = "{project["version"]}"' in init
+
+
+def test_icon_is_a_small_square_image_in_the_repository():
+    from PIL import Image
+
+    data = _pyproject()
+    icon_url = data["tool"]["comfy"]["Icon"]
+    owner_repo = data["project"]["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+    assert icon_url.startswith(prefix), f"Icon must point into the repository ({prefix}...)"
+    path = ROOT / icon_url.removeprefix(prefix)
+    assert path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".svg") and path.is_file(), path
+    assert path.stat().st_size <= ICON_MAX_BYTES
+    with Image.open(path) as im:
+        assert im.width == im.height <= ICON_MAX_PX, im.size
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--error-unmatch", str(path)], capture_output=True)
+    assert tracked.returncode == 0, f"{path.name} is not committed"
+
+
+def test_classifiers_are_valid_for_pypi_and_comfyui():
+    """Each classifier is on PyPI's canonical list, and ComfyUI's own parser (comfy_config, which drops the whole
+    list when one OS or accelerator entry is unknown) keeps all of them."""
+    from trove_classifiers import classifiers as known
+
+    classifiers = _pyproject()["project"]["classifiers"]
+    assert classifiers and not [c for c in classifiers if c not in known]
+    from indomain.devkit import host as host_mod
+
+    code = ("import json, sys; from comfy_config import config_parser as p; "
+            "c = p.extract_node_configuration(sys.argv[1]); "
+            "print(json.dumps([c.project.supported_os, c.project.supported_accelerators, c.project.name, "
+            "c.project.urls.repository, c.tool_comfy.publisher_id, c.tool_comfy.icon]))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120,
+                         cwd=str(host_mod.comfyui_dir()))
+    assert out.returncode == 0, out.stderr[-2000:]
+    os_list, accelerators, name, repo, publisher, icon = json.loads(out.stdout)
+    expected_os = [c.removeprefix("Operating System :: ") for c in classifiers if c.startswith("Operating System :: ")]
+    expected_acc = [c.removeprefix("Environment :: ") for c in classifiers if c.startswith("Environment :: GPU")]
+    assert os_list == expected_os and accelerators == expected_acc
+    assert (name, publisher) == ("indomain", _pyproject()["tool"]["comfy"]["PublisherId"]) and repo and icon
+
+
+def _archive_files() -> list[str]:
+    """The files `comfy node publish` would pack: git-tracked files minus the .comfyignore patterns
+    (gitignore-style, as comfy-cli reads them)."""
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    ignored = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--ignored",
+                              f"--exclude-from={ROOT / '.comfyignore'}"], capture_output=True, check=True).stdout
+    return sorted(set(tracked.decode().split("\0")) - set(ignored.decode().split("\0")) - {""})
+
+
+def test_comfyignore_keeps_development_files_out_of_the_archive():
+    files = _archive_files()
+    dev = [f for f in files if f.split("/")[0] in ("tests", "bench", "devkit", "demo", "scripts", ".ci", "docs")]
+    assert dev == [], dev
+    assert not [f for f in files if f.lower().endswith((".png", ".gif")) and not f.startswith("web/")]
+    needed = ["__init__.py", "pyproject.toml", "LICENSE", "README.md", "requirements.txt", "nodes/__init__.py",
+              "guidance/__init__.py", "training/__init__.py", "client/__init__.py", "web/docs/InDomainKSampler.md",
+              "example_workflows/indomain_2_text_guided.json", "example_workflows/indomain_2_text_guided.jpg",
+              "workflows/api/indomain_2_text_guided.json"]
+    assert not [f for f in needed if f not in files], [f for f in needed if f not in files]
