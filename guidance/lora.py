@@ -400,6 +400,10 @@ class DomainInjection:
             return out
         return hook
 
+    def clear_cache(self) -> None:
+        """Drop the adapter copies cast to the sampling device/dtype (kept for one sampling run)."""
+        self._cast.clear()
+
     @contextmanager
     def applied(self, unet: nn.Module, rows: torch.Tensor | None = None):
         modules = dict(unet.named_modules())
@@ -417,3 +421,10 @@ class DomainInjection:
                 h.remove()
             for b, attn2 in swapped:
                 b.attn2 = attn2
+
+
+def adapted_names_from_state(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The adaptable layers of a UNet state dict, from names and shapes alone (Linear: 2-D weight,
+    Conv: 3- to 5-D), cross-attention excluded: what `adapted_modules` finds on the module."""
+    return [k[:-len(".weight")] for k, v in state_dict.items()
+            if k.endswith(".weight") and 2 <= v.ndim <= 5 and CROSS_ATTENTION not in k.split(".")]

@@ -32,9 +32,10 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .loader import LoadDomainUNet
 
     from .train_node import TrainDomainUNet
+    from .extract_node import ExtractDomainLoRA
 
     return [LoadDomainUNet, DomainKSampler, DomainGuider, ApplyDomainGuidance, GuidanceTerm, MultiTermGuider,
-            TrainDomainUNet]
+            TrainDomainUNet, ExtractDomainLoRA]
 
 
 class InDomainExtension(ComfyExtension):

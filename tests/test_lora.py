@@ -11,7 +11,7 @@ import torch
 from indomain.devkit import tiny_models
 from indomain.devkit.host import import_comfy
 from indomain.guidance.lora import (DomainInjection, DomainLoRA, LayerAdapter, LoRAFormatError, add_lora_layers,
-                                    adapted_modules, collect_adapter, extract, merge_into)
+                                    adapted_modules, adapted_names_from_state, collect_adapter, extract, merge_into)
 from indomain.guidance.nulltext import convert_to_null_text, cross_attention_blocks
 
 
@@ -63,6 +63,7 @@ def test_adapted_layers_are_every_linear_and_conv_outside_cross_attention(base_u
     assert any(".attn1.to_q" in n for n in names) and any(n.endswith("in_layers.2") for n in names)
     assert any(n.startswith("time_embed") for n in names) and "input_blocks.0.0" in names  # Linear and Conv
     assert any(".proj_in" in n for n in names)
+    assert sorted(adapted_names_from_state(base_unet.state_dict())) == sorted(names)  # the file-only view agrees
 
 
 @torch.no_grad()
