@@ -22,7 +22,8 @@ File (the generic format is guidance/checkpoint.py; each form's content check is
     file_state(module_state_dict) -> dict       what of the trained module goes into the file
     write(path, module_state_dict, meta) -> Path
 Sampling (nodes/)
-    expected_shapes(base_unet) -> {key: shape}  what a file for this base must hold (pairing check)
+    expected_shapes(base_unet, meta) -> {key: shape}
+        what a file for this base must hold (pairing check; meta for settings such as a rank)
     domain_model(base_patcher, state_dict, meta, source) -> ModelPatcher
         what Load Domain UNet returns; carries a DomainRecord attachment (see domain_info)
     domain_pass(domain_patcher) -> DomainPass

@@ -151,14 +151,14 @@ class DomainModelForm:
                                        precision=precision)
 
     # -- sampling
-    def expected_shapes(self, base_unet: torch.nn.Module) -> dict[str, tuple]:
+    def expected_shapes(self, base_unet: torch.nn.Module, meta: DomainMeta) -> dict[str, tuple]:
         raise NotImplementedError
 
-    def check_fits(self, base_unet: torch.nn.Module, state_dict: dict, name: str) -> None:
+    def check_fits(self, base_unet: torch.nn.Module, state_dict: dict, name: str, meta: DomainMeta) -> None:
         """Raise DomainCheckpointError unless a file's tensors fit `base_unet` (default: expected_shapes exactly)."""
         from ..guidance.checkpoint import DomainCheckpointError
 
-        expected = self.expected_shapes(base_unet)
+        expected = self.expected_shapes(base_unet, meta)
         got = {k: tuple(v.shape) for k, v in state_dict.items()}
         if expected != got:
             missing = sorted(set(expected) - set(got))[:3]

@@ -24,7 +24,7 @@ class FullForm(DomainModelForm):
         unet = convert_to_null_text(detached_unet_copy(base_patcher))  # zero constants: the state holds the values
         return Trainable(unet, empty_prompt(base_patcher, clip, latent_hw), record)
 
-    def expected_shapes(self, base_unet: torch.nn.Module) -> dict[str, tuple]:
+    def expected_shapes(self, base_unet: torch.nn.Module, meta) -> dict[str, tuple]:
         return expected_null_text_shapes(base_unet)
 
     def domain_model(self, base_patcher, state_dict, meta, source=""):

@@ -165,7 +165,10 @@ class LoRAForm(DomainModelForm):
         return sd
 
     # -- sampling
-    def check_fits(self, base_unet, state_dict, name):
+    def expected_shapes(self, base_unet, meta):
+        raise NotImplementedError("the LoRA form's layout depends on the file's rank: check_fits checks it")
+
+    def check_fits(self, base_unet, state_dict, name, meta=None):
         try:
             DomainLoRA.from_state_dict(state_dict, name).check_fits(base_unet, name)
         except LoRAFormatError as e:

@@ -23,7 +23,7 @@ class PlainFineTuneForm(DomainModelForm):
 
         return Trainable(detached_unet_copy(base_patcher), empty_prompt(base_patcher, clip, latent_hw), record)
 
-    def expected_shapes(self, base_unet: torch.nn.Module) -> dict[str, tuple]:
+    def expected_shapes(self, base_unet: torch.nn.Module, meta) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in base_unet.state_dict().items()}
 
     def domain_model(self, base_patcher, state_dict, meta, source=""):

@@ -52,7 +52,7 @@ def check_pairing(base_patcher, meta: DomainMeta, state_dict: dict, name: str) -
         raise DomainCheckpointError(
             f"{name} was trained from a {meta.base_architecture} base with a different UNet layout than the MODEL "
             "connected (layout signature mismatch). Connect the checkpoint it was trained from.")
-    form_named(meta.form).check_fits(base_patcher.model.diffusion_model, state_dict, name)
+    form_named(meta.form).check_fits(base_patcher.model.diffusion_model, state_dict, name, meta)
 
 
 def build_domain_model(base_patcher, state_dict: dict, meta: DomainMeta, source: str = ""):
