@@ -32,3 +32,40 @@ def make_domain_unet(model, clip, out_path: Path, seed: int = 0, perturb: float 
                     p.add_(torch.randn(p.shape, generator=gen) * p.std() * perturb)
     meta = base_meta(model, record, {"kind": "test-perturbed", "perturb": perturb, "seed": seed})
     return write_domain_checkpoint(out_path, unet.state_dict(), meta)
+
+
+def random_domain_lora(unet, rank: int = 4, alpha: float = 4.0, seed: int = 0, scale: float = 0.02):
+    """A DomainLoRA with random adapters on every adaptable layer of `unet` (a null-text UNet: its
+    constants are taken), as a trained one would look."""
+    from indomain.guidance.lora import DomainLoRA, LayerAdapter, adapted_modules
+    from indomain.guidance.nulltext import null_text_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, m in adapted_modules(unet):
+        w = m.weight
+        down = torch.randn(rank, *w.shape[1:], generator=gen) * scale
+        up = torch.randn(w.shape[0], rank, *([1] * (w.ndim - 2)), generator=gen) * scale
+        layers[name] = LayerAdapter(down, up, alpha)
+    constants = {name: b.attn2.constant.detach().float().clone() for name, b in null_text_blocks(unet)}
+    return DomainLoRA(layers, constants, rank, alpha)
+
+
+def make_domain_lora_pair(model, clip, lora_path: Path, full_path: Path, seed: int = 0, rank: int = 4,
+                          latent_hw=(8, 8)) -> tuple[Path, Path]:
+    """A LoRA-form domain file and the same adapter merged into a full-form file, both float32:
+    the pair the LoRA parity tests compare."""
+    import dataclasses
+
+    from indomain.guidance.checkpoint import write_domain_checkpoint
+    from indomain.guidance.lora import merge_into
+    from indomain.training.model import base_meta, make_null_text_unet
+
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(8, 4, *latent_hw, generator=gen)
+    unet, _constants, _prompt, record = make_null_text_unet(model, clip, latents, seed)
+    lora = random_domain_lora(unet, rank=rank, seed=seed)
+    meta = base_meta(model, record, {"kind": "test-random-lora", "rank": rank, "seed": seed})
+    full = write_domain_checkpoint(full_path, merge_into(unet.state_dict(), lora), meta, precision="fp32")
+    lora_meta = dataclasses.replace(meta, form="lora")
+    return write_domain_checkpoint(lora_path, lora.to_state_dict(), lora_meta, precision="fp32"), full

@@ -203,13 +203,28 @@ def multi_guidance() -> Workflow:
 
 
 def train_and_sample() -> Workflow:
-    wf = Workflow("indomain_6_train_and_sample")
+    return _train_and_sample("indomain_6_train_and_sample", "Train Domain UNet (on a folder of images)", {},
+                             "indomain/train_and_sample")
+
+
+def train_lora_and_sample() -> Workflow:
+    """The same with the LoRA form: a small adapter on the base's own weights (fits consumer GPUs)."""
+    return _train_and_sample("indomain_7_train_lora_and_sample", "Train Domain UNet, LoRA form (rank 32)",
+                             {"form": "lora", "rank": 32, "save_name": DOMAIN_UNET.removesuffix(".safetensors") + "_lora"},
+                             "indomain/train_lora_and_sample",
+                             "\n\nLoRA form: only a rank-32 adapter trains (the base stays frozen and shared), so "
+                             "training needs about a quarter of the full form's memory and the file is a few "
+                             "tens of MB; sampling runs the base's own UNet with the adapter, no second UNet.")
+
+
+def _train_and_sample(name: str, train_title: str, widgets: dict, prefix: str, note_extra: str = "") -> Workflow:
+    wf = Workflow(name)
     ckpt = wf.add("CheckpointLoaderSimple", (COL_MODELS, 0), title="Base checkpoint (frozen, SD1.5)",
                   size=(315, 98), ckpt_name=BASE_CKPT)
     wf.group("1. Base model", [ckpt], BLUE)
-    train = wf.add("InDomainTrainDomainUNet", (COL_PROMPTS, 0), title="Train Domain UNet (on a folder of images)",
+    train = wf.add("InDomainTrainDomainUNet", (COL_PROMPTS, 0), title=train_title,
                    size=(400, 440), model=ckpt[0], clip=ckpt[1], vae=ckpt[2], image_folder=TRAIN_FOLDER,
-                   **TRAIN_WIDGETS)
+                   **dict(TRAIN_WIDGETS, **widgets))
     wf.group("2. Train the domain UNet", [train], RED)
     pos = wf.add("CLIPTextEncode", (COL_CONTROL, 0), title="Positive prompt (text control)", size=(360, 140),
                  text="a cat sitting on a chair", clip=ckpt[1])
@@ -220,11 +235,12 @@ def train_and_sample() -> Workflow:
     sampler = _domain_ksampler(wf, None, COL_SAMPLE + 20, 0, "Domain KSampler (cfg 2.5, domain weight 2.0)",
                                ckpt[0], train[0], pos[0], neg[0], latent[0])
     wf.group("4. Sample with it", [sampler], GREEN)
-    _output(wf, sampler[0], ckpt, "indomain/train_and_sample", x=COL_OUT + 60)
+    _output(wf, sampler[0], ckpt, prefix, x=COL_OUT + 60)
     wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPoint image_folder at a folder of "
             "images from your domain (no captions needed). Training is interruptible and shows progress; "
             "the result is saved under models/domain_unets and can later be loaded with 'Load Domain UNet'.\n"
-            "Sampling: cfg 2.5, domain_weight 2.0, 25 steps dpmpp_2m karras.", (COL_MODELS, 170), size=(315, 300))
+            "Sampling: cfg 2.5, domain_weight 2.0, 25 steps dpmpp_2m karras." + note_extra, (COL_MODELS, 170),
+            size=(315, 300))
     return wf
 
 
@@ -320,8 +336,8 @@ def _train_widgets(object_info: dict) -> dict:
     return values
 
 
-SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample, domain_guidance_preset,
-         weight_grid]
+SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample, train_lora_and_sample,
+         domain_guidance_preset, weight_grid]
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
@@ -331,7 +347,7 @@ def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
         TRAIN_WIDGETS.clear()
         TRAIN_WIDGETS.update(_train_widgets(object_info))
     for spec in SPECS:
-        if spec is train_and_sample and "InDomainTrainDomainUNet" not in object_info:
+        if spec in (train_and_sample, train_lora_and_sample) and "InDomainTrainDomainUNet" not in object_info:
             print("skipping the training workflow: InDomainTrainDomainUNet is not registered", file=sys.stderr)
             continue
         wf = spec()

@@ -6,6 +6,7 @@ checkpoint's `indomain.form` field (files written before the field existed read 
     full   the null-text UNet: a full copy of the base UNet, cross-attention replaced by calibrated
            constants (the paper's domain model; the default)
     plain  plain fine-tune of the unmodified UNet on the empty prompt (the benchmarks' naive baseline)
+    lora   a low-rank null-text adapter on the base's own weights (MB-sized file, no second UNet)
 
 The interface (forms/base.py), as the trainer and the nodes use it:
 
@@ -40,9 +41,10 @@ from __future__ import annotations
 from ..guidance.checkpoint import DEFAULT_FORM, DomainCheckpointError
 from .base import DomainModelForm, DomainPass, DomainRecord, SeparateModelPass, Trainable, domain_info
 from .full import FullForm
+from .lora import LoRAForm
 from .plain import PlainFineTuneForm
 
-FORMS: dict[str, DomainModelForm] = {f.name: f for f in (FullForm(), PlainFineTuneForm())}
+FORMS: dict[str, DomainModelForm] = {f.name: f for f in (FullForm(), PlainFineTuneForm(), LoRAForm())}
 
 
 def form_named(name: str) -> DomainModelForm:
@@ -54,4 +56,4 @@ def form_named(name: str) -> DomainModelForm:
 
 
 __all__ = ["DEFAULT_FORM", "FORMS", "form_named", "DomainModelForm", "DomainPass", "DomainRecord",
-           "SeparateModelPass", "Trainable", "domain_info", "FullForm", "PlainFineTuneForm"]
+           "SeparateModelPass", "Trainable", "domain_info", "FullForm", "PlainFineTuneForm", "LoRAForm"]

@@ -142,6 +142,15 @@ class DomainModelForm:
     name = ""
     description = ""
 
+    def for_config(self, config) -> "DomainModelForm":
+        """The form as a training run's settings configure it (e.g. the LoRA form's rank); default: itself."""
+        return self
+
+    def keeps_key(self, key: str) -> bool:
+        """Whether a trained module's state key belongs in the file and the resume state (default: all;
+        a form with frozen base weights keeps only what it trains and its constants)."""
+        return True
+
     # -- training
     def build_trainable(self, base_patcher, clip, calib_latents: torch.Tensor, seed: int, device) -> Trainable:
         raise NotImplementedError
@@ -156,12 +165,27 @@ class DomainModelForm:
     def file_state(self, module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return module_state
 
-    def write(self, path, module_state: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
-        return write_domain_checkpoint(path, self.file_state(module_state), dataclasses.replace(meta, form=self.name))
+    def write(self, path, module_state: dict[str, torch.Tensor], meta: DomainMeta, precision: str = "fp16") -> Path:
+        return write_domain_checkpoint(path, self.file_state(module_state), dataclasses.replace(meta, form=self.name),
+                                       precision=precision)
 
     # -- sampling
     def expected_shapes(self, base_unet: torch.nn.Module, meta: DomainMeta) -> dict[str, tuple]:
         raise NotImplementedError
+
+    def check_fits(self, base_unet: torch.nn.Module, state_dict: dict, name: str, meta: DomainMeta) -> None:
+        """Raise DomainCheckpointError unless a file's tensors fit `base_unet` (default: expected_shapes exactly)."""
+        from ..guidance.checkpoint import DomainCheckpointError
+
+        expected = self.expected_shapes(base_unet, meta)
+        got = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if expected != got:
+            missing = sorted(set(expected) - set(got))[:3]
+            unexpected = sorted(set(got) - set(expected))[:3]
+            wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
+            raise DomainCheckpointError(
+                f"{name} does not fit the connected base UNet (missing {missing}, unexpected {unexpected}, "
+                f"wrong shape {wrong}). Connect the checkpoint it was trained from.")
 
     def domain_model(self, base_patcher, state_dict: dict, meta: DomainMeta, source: str = ""):
         raise NotImplementedError

@@ -143,8 +143,22 @@ def check_plain_unet_state(state_dict: dict[str, torch.Tensor], where: str) -> N
         raise DomainCheckpointError(f"{where}: holds null-text constants ({constants[0]}) but its form is 'plain'.")
 
 
+def check_lora_state(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """The LoRA form's file: low-rank adapters + calibrated constants in ComfyUI's LoRA key layout."""
+    from .lora import DomainLoRA, LoRAFormatError
+
+    try:
+        lora = DomainLoRA.from_state_dict(state_dict, where)
+    except LoRAFormatError as e:
+        raise DomainCheckpointError(str(e)) from None
+    if all(float(c.abs().max()) == 0.0 for c in lora.constants.values()):
+        raise DomainCheckpointError(f"{where}: every null-text constant is zero: calibration never ran. "
+                                    "Re-train; the trainer calibrates the constants before step 0.")
+
+
 # the content check of each domain model form's file (forms/ holds the forms themselves)
-STATE_CHECKS: dict[str, Callable[[dict, str], None]] = {"full": check_null_text_state, "plain": check_plain_unet_state}
+STATE_CHECKS: dict[str, Callable[[dict, str], None]] = {"full": check_null_text_state, "plain": check_plain_unet_state,
+                                                        "lora": check_lora_state}
 
 
 def check_state(state_dict: dict[str, torch.Tensor], meta: DomainMeta, where: str) -> None:
@@ -159,8 +173,23 @@ def non_finite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
-    """Validate and write atomically (temp file in the same folder, then rename). Returns the path."""
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def cast_for_saving(state_dict: dict[str, torch.Tensor], precision: str = "fp16") -> dict[str, torch.Tensor]:
+    """Weights in the file's precision; the null-text constants (a few KB) and scalars stay float32."""
+    if precision not in PRECISIONS:
+        raise DomainCheckpointError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r}).")
+    dtype = PRECISIONS[precision]
+    return {k: (v.to(dtype) if v.is_floating_point() and v.ndim > 0 and not k.endswith(f".attn2.{CONSTANT_NAME}")
+                else v) for k, v in state_dict.items()}
+
+
+def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta,
+                            precision: str = "fp16") -> Path:
+    """Validate and write atomically (temp file in the same folder, then rename). Returns the path.
+
+    Weights are stored in fp16 by default (half the size; ComfyUI casts on load), fp32 on request."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
@@ -168,8 +197,14 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
     bad = non_finite_keys(state_dict)
     if bad:
         raise DomainCheckpointError(f"refusing to write {path}: non-finite values in {bad[:3]} (training diverged?).")
+    state_dict = cast_for_saving(state_dict, precision)
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise DomainCheckpointError(f"refusing to write {path}: {bad[:3]} overflow in {precision}. "
+                                    "Save in fp32 (--save-precision fp32) instead.")
+    metadata = dict(meta.to_metadata(), **{"indomain.precision": precision})
     try:
-        return save_safetensors_atomic(state_dict, path, meta.to_metadata())
+        return save_safetensors_atomic(state_dict, path, metadata)
     except OSError as e:
         raise DomainCheckpointError(f"cannot write to {path.parent}: {e.strerror or e}. Choose a writable output folder.") from None
 

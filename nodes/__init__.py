@@ -33,9 +33,10 @@ def node_list() -> list[type[io.ComfyNode]]:
 
     from .train_node import TrainDomainUNet
     from .weight_grid import DomainWeightGrid
+    from .extract_node import ExtractDomainLoRA
 
     return [LoadDomainUNet, DomainKSampler, DomainGuider, ApplyDomainGuidance, GuidanceTerm, MultiTermGuider,
-            TrainDomainUNet, DomainWeightGrid]
+            TrainDomainUNet, ExtractDomainLoRA, DomainWeightGrid]
 
 
 class InDomainExtension(ComfyExtension):

@@ -60,15 +60,7 @@ def check_pairing(base_patcher, meta: DomainMeta, state_dict: dict, name: str) -
         raise DomainCheckpointError(
             f"{name} was trained from a {meta.base_architecture} base with a different UNet layout than the MODEL "
             "connected (layout signature mismatch). Connect the checkpoint it was trained from.")
-    expected = form_named(meta.form).expected_shapes(base_patcher.model.diffusion_model, meta)
-    got = {k: tuple(v.shape) for k, v in state_dict.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))[:3]
-        unexpected = sorted(set(got) - set(expected))[:3]
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
-        raise DomainCheckpointError(
-            f"{name} does not fit the connected base UNet (missing {missing}, unexpected {unexpected}, "
-            f"wrong shape {wrong}). Connect the checkpoint it was trained from.")
+    form_named(meta.form).check_fits(base_patcher.model.diffusion_model, state_dict, name, meta)
 
 
 def build_domain_model(base_patcher, state_dict: dict, meta: DomainMeta, source: str = ""):

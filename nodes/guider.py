@@ -95,6 +95,8 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
         self.cfg = self.primary.term.weight if self.primary is not None else 1.0
         self.model_calls = 0  # evaluations of passes other than the base (for tests and benchmarks)
+        # a LoRA-form domain pass runs in the same batched forward as u and the base terms (False: its own call)
+        self.one_forward = True
 
     def _group_for(self, t: Term, base) -> _PassGroup | None:
         """The pass group of a term, or None for a term on the base model itself."""
@@ -145,6 +147,32 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         """A term's weight at this step: the primary (first base) term's is self.cfg."""
         return self.cfg if st is self.primary else st.term.weight
 
+    def _shared_group(self) -> _PassGroup | None:
+        """The one pass group that shares the base's forward (the first whose pass can), if one_forward is on.
+        Only one: each group's rows are indices into the whole batch, which a second, nested injection
+        would not see."""
+        if not self.one_forward:
+            return None
+        for g in self.groups.values():
+            if getattr(g.domain_pass, "shares_base_forward", False):
+                return g
+        return None
+
+    def _options_with_rows(self, model_options: dict, group: _PassGroup, cond_indices) -> dict:
+        """model_options plus the group's injection wrapper for the rows of `cond_indices` (built once per
+        model_options object and index set, i.e. once per sampling run)."""
+        import comfy.model_patcher
+
+        from ..forms.lora import add_wrapper
+
+        key = (id(model_options), tuple(cond_indices))
+        cached = getattr(self, "_rows_options", None)
+        if cached is None or cached[0] != key or cached[1] is not model_options:
+            opts = add_wrapper(comfy.model_patcher.create_model_options_clone(model_options),
+                               group.domain_pass.rows_wrapper(cond_indices))
+            self._rows_options = cached = (key, model_options, opts)
+        return cached[2]
+
     def active_terms(self, sigma: float) -> list[_ScheduledTerm]:
         return [st for st in self.terms if self.weight(st) != 0 and term_active(sigma, st.sigma_start, st.sigma_end)]
 
@@ -165,15 +193,27 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         base_terms = [st for st in others if id(st) not in grouped]
         conds = [self.conds["positive"] if primary is not None else None, negative]
         conds += [self._conds_for(st) for st in base_terms]
+        # a pass on the base's own UNet (LoRA form) joins u's batched forward, its rows marked by cond index
+        shared = self._shared_group()
+        shared_terms = [st for st in shared.terms if st in others] if shared is not None else []
+        first_shared = len(conds)
+        conds += [self._conds_for(st) for st in shared_terms]
+        run_options = model_options
+        if shared_terms:
+            run_options = self._options_with_rows(model_options, shared,
+                                                  range(first_shared, first_shared + len(shared_terms)))
         if "sampler_calc_cond_batch_function" in model_options:
-            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model, "model_options": run_options}
             out = model_options["sampler_calc_cond_batch_function"](args)
         else:
-            out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+            out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, run_options)
         preds = {id(st): out[2 + i] for i, st in enumerate(base_terms)}
+        preds.update({id(st): out[first_shared + i] for i, st in enumerate(shared_terms)})
+        if shared_terms:
+            self.model_calls += 1
         for g in self.groups.values():
             g_terms = [st for st in g.terms if st in others]
-            if not g_terms:
+            if not g_terms or g is shared:
                 continue
             self.model_calls += 1
             g_out = g.domain_pass.predict(self.inner_model, [self._conds_for(st) for st in g_terms], x, timestep,

@@ -84,6 +84,15 @@ class TrainDomainUNet(io.ComfyNode):
                              tooltip="Gradient accumulation: effective batch = batch_size x grad_accum."),
                 io.Boolean.Input("grad_checkpointing", optional=True, default=False,
                                  tooltip="Recompute activations in the backward pass: much less GPU memory, ~30% slower."),
+                io.Combo.Input("form", options=["full", "lora"], optional=True, default="full",
+                               tooltip="full: train a complete null-text copy of the UNet (the paper's domain model). "
+                               "lora: train only a low-rank adapter on the frozen base (about a quarter of the "
+                               "training memory, a file of a few tens of MB, no second UNet when sampling)."),
+                io.Int.Input("rank", optional=True, default=32, min=1, max=1024,
+                             tooltip="LoRA form only: adapter rank. Higher captures more of the domain and makes a "
+                             "bigger file; 16-64 is typical."),
+                io.Float.Input("alpha", optional=True, default=0.0, min=0.0, max=4096.0, step=1.0,
+                               tooltip="LoRA form only: the adapter is scaled by alpha / rank; 0 = the rank (scale 1)."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -115,13 +124,13 @@ class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
-                grad_checkpointing=False) -> io.NodeOutput:
+                grad_checkpointing=False, form="full", rank=32, alpha=0.0) -> io.NodeOutput:
         from ..training.trainer import TrainConfig, prepare_images, train
 
         ensure_base_model(model)
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
-                             grad_checkpointing=grad_checkpointing)
+                             grad_checkpointing=grad_checkpointing, form=form, lora_rank=rank, lora_alpha=alpha)
         scan = prepare_images(image_folder, config)  # bad folder / resolution: fail before any work
         out_path, name = domain_unet_output_path(save_name)
         pbar = comfy.utils.ProgressBar(steps)

@@ -154,3 +154,20 @@ def test_unknown_or_mismatched_form_is_a_clear_error(comfy, base, domain_file, t
     claims_plain = DomainMeta(**{**meta.__dict__, "form": "plain"})
     _expect_error(lambda: write_domain_checkpoint(tmp_path / "p.safetensors", sd, claims_plain), "form is 'plain'")
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_full_form_is_saved_in_fp16_by_default_and_fp32_on_request(domain_file, tmp_path):
+    sd, meta = read_domain_checkpoint(domain_file)
+    sd32 = {k: v.float() for k, v in sd.items()}
+    half = write_domain_checkpoint(tmp_path / "half.safetensors", sd32, meta)
+    full = write_domain_checkpoint(tmp_path / "full.safetensors", sd32, meta, precision="fp32")
+    h, _ = read_domain_checkpoint(half)
+    f, _ = read_domain_checkpoint(full)
+    weights = [k for k in sd if not k.endswith(".attn2.constant")]
+    assert all(h[k].dtype == torch.float16 for k in weights) and all(f[k].dtype == torch.float32 for k in weights)
+    assert all(h[k].dtype == torch.float32 for k in sd if k.endswith(".attn2.constant"))  # constants keep fp32
+    assert all(torch.equal(h[k], sd32[k].half()) for k in weights) and all(torch.equal(f[k], sd32[k]) for k in sd)
+    assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
+    big = dict(sd32, **{weights[0]: sd32[weights[0]] * 1e6})  # beyond fp16's range
+    _expect_error(lambda: write_domain_checkpoint(tmp_path / "ovf.safetensors", big, meta), "overflow", "fp32")
+    assert not (tmp_path / "ovf.safetensors").exists()

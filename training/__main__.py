@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; ".join(f"{f.name} = {f.description}" for f in FORMS.values()) + f" (default {d.form})")
     p.add_argument("--plain-finetune", action="store_true", help="same as --form plain: fine-tune the unmodified UNet "
                    "on the empty prompt (a plain UNet file, also loadable by core 'Load Diffusion Model'; for comparisons)")
+    p.add_argument("--rank", type=int, default=d.lora_rank, help=f"--form lora: adapter rank (default {d.lora_rank})")
+    p.add_argument("--alpha", type=float, default=None, help="--form lora: LoRA alpha; the adapter is scaled by "
+                   "alpha / rank (default: the rank, scale 1)")
+    p.add_argument("--save-precision", choices=("fp16", "fp32"), default=d.save_precision,
+                   help=f"precision of the weights in the written file (default {d.save_precision}: half the size)")
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
     p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
     p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
         crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
         mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
-        form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state)
+        form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state,
+        lora_rank=args.rank, lora_alpha=args.alpha or 0.0, save_precision=args.save_precision)
     try:
         # everything that can be checked without a model, first
         scan = prepare_images(args.images, config)

@@ -38,6 +38,10 @@ class TrainConfig:
     mixed_precision: str = "auto"      # "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
     grad_checkpointing: bool = False
     form: str = "full"                 # domain model form (forms/): "full" null-text UNet | "plain" fine-tune (baseline)
+                                       # | "lora" low-rank null-text adapter on the base's own weights
+    lora_rank: int = 32                # LoRA form: adapter rank
+    lora_alpha: float = 0.0            # LoRA form: scale alpha / rank; 0 = the rank (scale 1)
+    save_precision: str = "fp16"       # weights in the written file: "fp16" (half the size) | "fp32"
     calibration_images: int = 64       # domain latents used to calibrate the null-text constants
     cache_dir: Optional[str] = None    # latent cache; default <pack>/.cache/latents
     keep_resume_state: bool = True     # keep NAME.resume after a finished run (lets --resume extend it)
@@ -62,6 +66,12 @@ class TrainConfig:
             problems.append(f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})")
         if self.save_every < 0:
             problems.append(f"save_every must be >= 0 (got {self.save_every})")
+        if self.lora_rank < 1:
+            problems.append(f"lora_rank must be >= 1 (got {self.lora_rank})")
+        if not (self.lora_alpha >= 0 and math.isfinite(self.lora_alpha)):
+            problems.append(f"lora_alpha must be >= 0 (got {self.lora_alpha}); 0 means the rank")
+        if self.save_precision not in ("fp16", "fp32"):
+            problems.append(f"save_precision must be fp16 or fp32 (got {self.save_precision!r})")
         if self.form not in FORMS:
             problems.append(f"form must be one of {', '.join(FORMS)} (got {self.form!r})")
         if problems:

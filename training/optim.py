@@ -75,10 +75,13 @@ class EMA:
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
 
-    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The module's full state dict (buffers such as the null-text constants included) with EMA weights."""
+    def state_dict(self, module: torch.nn.Module, keeps_key=None) -> dict[str, torch.Tensor]:
+        """The module's state dict (buffers such as the null-text constants included) with EMA weights;
+        only the keys `keeps_key` accepts (all by default), so frozen weights are never copied."""
         out = {}
         for k, v in module.state_dict().items():
+            if keeps_key is not None and not keeps_key(k):
+                continue
             out[k] = (self.shadow[k] if k in self.shadow else v).detach().float().cpu().clone()
         return out
 

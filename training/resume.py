@@ -19,12 +19,14 @@ RESUME_FORMAT = "indomain.resume"
 RESUME_VERSION = 1
 # settings that must match for a resumed run to continue the same run
 RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "resolution", "crop", "hflip", "form", "ema_decay",
-                     "weight_decay")
+                     "weight_decay", "lora_rank", "lora_alpha")
 
 
-def save_resume_state(path: Path, module, ema, optimizer, step: int, info: dict, scaler) -> Path:
+def save_resume_state(path: Path, module, ema, optimizer, step: int, info: dict, scaler, keeps_key=None) -> Path:
+    """`keeps_key(name)`: which of the module's state to save (a form with frozen base weights saves only what
+    it trains; the base comes from the base checkpoint again on resume)."""
     names = {id(p): n for n, p in module.named_parameters()}
-    tensors = {f"model/{k}": v for k, v in module.state_dict().items()}
+    tensors = {f"model/{k}": v for k, v in module.state_dict().items() if keeps_key is None or keeps_key(k)}
     tensors.update({f"ema/{k}": v for k, v in ema.shadow.items()})
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -95,8 +97,16 @@ def load_resume_state(resume_file: Path | None, config, world: int, data_fingerp
     return state, info
 
 
-def restore_weights(state: dict, module: torch.nn.Module) -> None:
-    module.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}, strict=True)
+def restore_weights(state: dict, module: torch.nn.Module, keeps_key=None) -> None:
+    saved = {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}
+    if keeps_key is None:
+        module.load_state_dict(saved, strict=True)
+        return
+    result = module.load_state_dict(saved, strict=False)
+    missing = [k for k in result.missing_keys if keeps_key(k)]
+    if missing or result.unexpected_keys:
+        raise TrainingInputError(f"the resume state does not fit this run's model (missing {missing[:3]}, unexpected "
+                                 f"{result.unexpected_keys[:3]}); start without --resume or use the original settings.")
 
 
 def restore_optimisation(state: dict, info: dict, module, ema, optimizer, scaler, device) -> None:

@@ -54,14 +54,14 @@ class _Run:
 
 def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved) -> _Run:
     """The form's trainable module (fresh, or the skeleton the resume state fills), EMA and optimiser."""
-    form = form_named(config.form)
+    form = form_named(config.form).for_config(config)
     if saved is not None:
         trainable = form.restore_trainable(model_patcher, clip, data.size_hw, saved[1]["calibration"])
     else:
         trainable = form.build_trainable(model_patcher, clip, data.calibration_latents(config), config.seed, device)
     module = materialise_(trainable.module)
     if saved is not None:
-        restore_weights(saved[0], module)
+        restore_weights(saved[0], module, form.keeps_key)
     for p in module.parameters():
         p.requires_grad_(False)
     for _name, p in form.trainable_parameters(module):
@@ -145,11 +145,12 @@ class _Saver:
         meta = dataclasses.replace(self.meta, training=dict(self.training_info, steps=run.step,
                                                             target_steps=self.config.steps,
                                                             final_loss=run.losses[-1] if run.losses else None))
-        run.form.write(self.out_path, run.ema.state_dict(run.module), meta)
+        run.form.write(self.out_path, run.ema.state_dict(run.module, run.form.keeps_key), meta,
+                       precision=self.config.save_precision)
         save_resume_state(self.resume_file, run.module, run.ema, run.optimizer, run.step, {
             "config": dataclasses.asdict(self.config), "world_size": self.world,
             "data_fingerprint": self.training_info["data_fingerprint"], "calibration": run.record,
-            "losses": run.losses, "output": self.out_path.name}, run.scaler)
+            "losses": run.losses, "output": self.out_path.name}, run.scaler, run.form.keeps_key)
 
     def diverged(self, run: _Run, loss_value: float) -> TrainingDiverged:
         where = (f"The last good checkpoint ({self.path}, step {self.step}) is kept" if self.step is not None
@@ -168,7 +169,9 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
         "effective_batch": config.batch_size * config.grad_accum * world, "ema_decay": config.ema_decay,
         "grad_clip": config.grad_clip, "crop": config.crop, "hflip": config.hflip, "seed": config.seed,
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "form": config.form, "data_fingerprint": data.fingerprint, "trainer": "indomain.training",
+        "form": config.form, **({"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
+                                if config.form == "lora" else {}),
+        "save_precision": config.save_precision, "data_fingerprint": data.fingerprint, "trainer": "indomain.training",
     }
 
 
@@ -219,7 +222,7 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
 
         saver.save(run)
         barrier(world)
-        final = run.form.file_state(run.ema.state_dict(run.module))
+        final = run.form.file_state(run.ema.state_dict(run.module, run.form.keeps_key))
         if (out_path is not None and rank == 0 and not interrupted and not config.keep_resume_state
                 and resume_file.is_file()):
             resume_file.unlink()

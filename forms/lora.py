@@ -1,0 +1,199 @@
+"""The LoRA form: a low-rank, null-text adapter on the base's own weights (guidance/lora.py).
+
+Training: the base UNet (frozen, one float32 copy) converted to null-text with calibrated constants,
+and a LoCon adapter on every Linear/Conv outside cross-attention; only the adapter trains (the
+optimiser and the EMA see only it), so memory is about the base's weights plus activations.
+
+Sampling: Load Domain UNet returns a clone of the BASE ModelPatcher with the adapter attached; no
+second UNet exists. The domain pass runs the base's own diffusion model with the adapter injected
+for that pass only (a DIFFUSION_MODEL wrapper that, for the rows of the domain conds, adds the
+low-rank term to every adapted layer's output and answers attn2 with the constant). Weights are
+never rewritten, so the pass can also share one batched forward with u and the control term
+(`rows_wrapper`, used by the guider). A LoRA applied to the base before or after the loader
+reaches this domain model too (it is the base's weights plus the adapter).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..guidance.checkpoint import DomainCheckpointError
+from ..guidance.lora import (ALPHA, DOWN, UP, DomainInjection, DomainLoRA, LoRAFormatError, add_lora_layers,
+                             collect_adapter, lora_layers)
+from ..guidance.nulltext import convert_to_null_text
+from .base import DOMAIN_ATTACHMENT, DomainModelForm, DomainRecord, Trainable, run_options
+
+DEFAULT_RANK = 32
+INJECTION_ATTACHMENT = "indomain.domain_lora"
+WRAPPER_KEY = "indomain_domain_lora"
+
+
+def rows_of(transformer_options: dict, batch: int, cond_indices) -> torch.Tensor | None | bool:
+    """Batch rows belonging to the conds in `cond_indices` (None: all rows; False: none)."""
+    if cond_indices is None:
+        return None
+    chunks = transformer_options.get("cond_or_uncond") or []
+    if not chunks:
+        return False
+    per = batch // len(chunks)
+    rows = [i * per + j for i, c in enumerate(chunks) if c in cond_indices for j in range(per)]
+    if not rows:
+        return False
+    if len(rows) == batch:
+        return None
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def injection_wrapper(injection: DomainInjection, cond_indices=None):
+    """A DIFFUSION_MODEL wrapper applying the adapter to the rows of `cond_indices` (all rows if None)."""
+
+    def wrapper(executor, x, *args, **kwargs):
+        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+        rows = rows_of(transformer_options, x.shape[0], cond_indices)
+        if rows is False:
+            return executor(x, *args, **kwargs)
+        if rows is not None:
+            rows = rows.to(x.device)
+        with injection.applied(executor.class_obj, rows):
+            return executor(x, *args, **kwargs)
+
+    return wrapper
+
+
+def add_wrapper(model_options: dict, wrapper) -> dict:
+    """model_options with `wrapper` added as a DIFFUSION_MODEL wrapper (in place; returns it)."""
+    import comfy.patcher_extension
+
+    wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+    wrappers.setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}).setdefault(WRAPPER_KEY, []).append(wrapper)
+    return model_options
+
+
+class InjectedPass:
+    """The domain pass of a LoRA-form model: the base's diffusion model with the adapter injected.
+
+    `models` is empty: nothing but the base is loaded. `predict` is the two-call variant (its own
+    calc_cond_batch); a guider that batches terms with u uses `rows_wrapper` instead.
+    """
+
+    shares_base_forward = True
+
+    def __init__(self, patcher, injection: DomainInjection):
+        self.patcher = patcher
+        self.injection = injection
+        self.models = []
+        self.calls = 0
+        self._sigmas = None
+        self._options = None
+
+    def prepare(self) -> None:
+        pass
+
+    def rows_wrapper(self, cond_indices):
+        return injection_wrapper(self.injection, set(cond_indices))
+
+    def predict(self, base_model, conds, x, timestep, sample_sigmas) -> list:
+        import comfy.samplers
+
+        if self._options is None or self._sigmas is not sample_sigmas:
+            self._sigmas = sample_sigmas
+            self._options = add_wrapper(run_options(self.patcher, sample_sigmas), injection_wrapper(self.injection))
+        self.calls += 1
+        return comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, self._options)
+
+    def release(self) -> None:
+        self._sigmas = self._options = None
+        self.injection.clear_cache()
+
+
+class LoRAForm(DomainModelForm):
+    name = "lora"
+    description = "null-text LoRA (low-rank adapter on the base's own weights; cross-attention replaced by constants)"
+
+    def __init__(self, rank: int = DEFAULT_RANK, alpha: float | None = None):
+        self.rank = int(rank)
+        self.alpha = float(self.rank if alpha is None else alpha)
+
+    def configured(self, rank: int | None = None, alpha: float | None = None) -> "LoRAForm":
+        return LoRAForm(self.rank if rank is None else rank, alpha)
+
+    def for_config(self, config) -> "LoRAForm":
+        return self.configured(config.lora_rank, config.lora_alpha or None)
+
+    def keeps_key(self, key: str) -> bool:
+        return key.endswith((".lora_down", ".lora_up", ".attn2.constant"))
+
+    # -- training
+    def build_trainable(self, base_patcher, clip, calib_latents, seed, device) -> Trainable:
+        from ..training.model import make_null_text_unet
+
+        unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device)
+        add_lora_layers(unet, self.rank, self.alpha, seed)
+        return Trainable(unet, prompt, dict(record, lora={"rank": self.rank, "alpha": self.alpha}))
+
+    def restore_trainable(self, base_patcher, clip, latent_hw, record) -> Trainable:
+        from ..training.model import detached_unet_copy, empty_prompt
+
+        lora = record.get("lora") or {}
+        if lora.get("rank") not in (None, self.rank) or lora.get("alpha") not in (None, self.alpha):
+            raise DomainCheckpointError(f"cannot resume: the run used rank {lora.get('rank')} / alpha {lora.get('alpha')}, "
+                                        f"this one rank {self.rank} / alpha {self.alpha}. Use the original settings.")
+        unet = convert_to_null_text(detached_unet_copy(base_patcher))  # zero constants: the state holds the values
+        add_lora_layers(unet, self.rank, self.alpha, 0)
+        return Trainable(unet, empty_prompt(base_patcher, clip, latent_hw), record)
+
+    def trainable_parameters(self, module):
+        return [(n, p) for n, p in module.named_parameters() if n.endswith(("lora_down", "lora_up"))]
+
+    # -- file
+    def file_state(self, module_state):
+        """The trained module's state (adapters + constants; frozen base weights are not saved) -> file keys."""
+        layers = {}
+        constants = {}
+        for k, v in module_state.items():
+            if k.endswith(".lora_down") or k.endswith(".lora_up"):
+                name, part = k.rsplit(".", 1)
+                layers.setdefault(name, {})[part] = v
+            elif k.endswith(".attn2.constant"):
+                constants[k[:-len(".attn2.constant")]] = v
+        sd = {}
+        for name, parts in layers.items():
+            sd[f"diffusion_model.{name}.{DOWN}"] = parts["lora_down"]
+            sd[f"diffusion_model.{name}.{UP}"] = parts["lora_up"]
+            sd[f"diffusion_model.{name}.{ALPHA}"] = torch.tensor(self.alpha)
+        for block, c in constants.items():
+            sd[f"diffusion_model.{block}.attn2.constant"] = c
+        return sd
+
+    # -- sampling
+    def expected_shapes(self, base_unet, meta):
+        raise NotImplementedError("the LoRA form's layout depends on the file's rank: check_fits checks it")
+
+    def check_fits(self, base_unet, state_dict, name, meta=None):
+        try:
+            DomainLoRA.from_state_dict(state_dict, name).check_fits(base_unet, name)
+        except LoRAFormatError as e:
+            raise DomainCheckpointError(str(e)) from None
+
+    def domain_model(self, base_patcher, state_dict, meta, source=""):
+        from pathlib import Path
+
+        name = Path(source).name if source else "domain LoRA"
+        try:
+            lora = DomainLoRA.from_state_dict(state_dict, name)
+        except LoRAFormatError as e:
+            raise DomainCheckpointError(str(e)) from None
+        patcher = base_patcher.clone()
+        patcher.set_attachments(DOMAIN_ATTACHMENT, DomainRecord(self.configured(lora.rank, lora.alpha or None), meta, source))
+        patcher.set_attachments(INJECTION_ATTACHMENT, DomainInjection(lora))
+        return patcher
+
+    def domain_pass(self, domain_patcher):
+        return InjectedPass(domain_patcher, domain_patcher.get_attachment(INJECTION_ATTACHMENT))
+
+
+def adapter_of(module) -> DomainLoRA:
+    """The DomainLoRA of a trained module (tests, extraction of a training result)."""
+    return collect_adapter(module)
+
+
+__all__ = ["LoRAForm", "InjectedPass", "injection_wrapper", "rows_of", "lora_layers", "DEFAULT_RANK"]

@@ -1,0 +1,167 @@
+"""The LoRA form through the product on a real ComfyUI: a LoRA-form domain model and the same adapter
+merged into a full-form domain UNet give the same samples in all three sampler forms, with and
+without ControlNet (on the control term, and on the domain term too), batch 1 and 2; the domain
+pass runs on the base's own UNet (no second model); one batched forward equals two calls."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from indomain.devkit.graphs import decoupled_forms
+
+CKPT, CN = "tiny_sd15.safetensors", "tiny_controlnet.safetensors"
+LORA, FULL = "tiny_domain_lora.safetensors", "tiny_domain_lora_merged.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_pair(comfy, base, models_dir):
+    from indomain.devkit.domain import make_domain_lora_pair
+
+    model, clip, _ = base
+    folder = models_dir / "domain_unets"
+    return make_domain_lora_pair(model, clip, folder / LORA, folder / FULL, seed=1)
+
+
+def _samples(comfy, domain, **kw):
+    graph, outs = decoupled_forms(CKPT, domain, **kw)
+    res = comfy.run(graph, outputs=list(outs.values()))
+    return {form: res.output(node)["samples"] for form, node in outs.items()}
+
+
+SHARED = {"1", "2", "3", "4", "8", "9", "10", "32", "33", "34"}  # loaders, prompts, latent, ControlNet, sampler parts
+
+
+def _both(comfy, **kw):
+    """The same graph for the LoRA-form and the merged full-form file, run as one graph (shared loaders)."""
+    g_lora, outs_lora = decoupled_forms(CKPT, LORA, **kw)
+    g_full, outs_full = decoupled_forms(CKPT, FULL, **kw)
+
+    def rename(v):
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in g_full and v[0] not in SHARED:
+            return ["9" + v[0], v[1]]
+        return v
+
+    graph = dict(g_lora)
+    for nid, node in g_full.items():
+        if nid not in SHARED:
+            graph["9" + nid] = {"class_type": node["class_type"],
+                                "inputs": {k: rename(v) for k, v in node["inputs"].items()}}
+    outs = {("lora", f): n for f, n in outs_lora.items()}
+    outs.update({("full", f): "9" + n for f, n in outs_full.items()})
+    res = comfy.run(graph, outputs=list(outs.values()))
+    lat = {k: res.output(n)["samples"] for k, n in outs.items()}
+    return {"lora": {f: v for (w, f), v in lat.items() if w == "lora"},
+            "full": {f: v for (w, f), v in lat.items() if w == "full"}}
+
+
+CASES = [
+    pytest.param({}, 1, id="plain-b1"),
+    pytest.param({}, 2, id="plain-b2"),
+    pytest.param({"controlnet": CN}, 1, id="controlnet-on-control-b1"),
+    pytest.param({"controlnet": CN, "domain_on_controlnet": True}, 2, id="controlnet-on-both-b2"),
+]
+
+
+@pytest.mark.parametrize("extra,batch", CASES)
+def test_lora_form_equals_merged_full_form_in_all_three_forms(comfy, lora_pair, extra, batch):
+    kw = dict(cfg=2.5, domain_weight=2.0, steps=3, batch=batch, forms=("core_ksampler", "ksampler", "guider", "patch"),
+              **extra)
+    both = _both(comfy, **kw)
+    lora, full = both["lora"], both["full"]
+    assert (full["ksampler"] - full["core_ksampler"]).abs().max() > 1e-3, "the domain term had no effect"
+    for form in ("ksampler", "guider", "patch"):
+        assert lora[form].shape == (batch, 4, 8, 8)
+        # merged (W + s·up@down)x and injected Wx + s·up(down x) differ by float32 rounding (~1e-7 relative per
+        # layer), which three Euler steps from sigma 14.6 carry to ~1e-4 in the latent (measured up to 1.3e-4);
+        # one model evaluation agrees to 1e-5 (test_one_domain_prediction_equals_the_merged_full_form)
+        torch.testing.assert_close(lora[form], full[form], rtol=0, atol=2e-4, msg=lambda m: f"{form}: {m}")
+    if batch == 2:
+        assert (lora["ksampler"][0] - lora["ksampler"][1]).abs().max() > 1e-3
+
+
+def test_one_domain_prediction_equals_the_merged_full_form(comfy, base, lora_pair):
+    """One evaluation of the domain pass (both forms, batch 2, with the ControlNet-free negative): 1e-5."""
+    import comfy.sampler_helpers
+    import comfy.samplers as samplers
+
+    from indomain.forms import domain_info
+
+    model, clip, _ = base
+    neg = _encode(clip, "")
+    lora_d, full_d = _load(model, lora_pair[0]), _load(model, lora_pair[1])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)) * 3
+    sigma = torch.tensor([3.0, 3.0])
+    conds = samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(neg), x, "cpu", "negative")
+    preds = {}
+    for name, d in (("lora", lora_d), ("full", full_d)):
+        p = domain_info(d).form.domain_pass(d)
+        p.prepare()
+        try:
+            preds[name] = p.predict(model.model, [conds], x, sigma, None)[0]
+        finally:
+            p.release()
+    base_pred = samplers.calc_cond_batch(model.model, [conds], x, sigma, {})[0]
+    assert (preds["full"] - base_pred).abs().max() > 1e-2  # the domain model differs from the base
+    torch.testing.assert_close(preds["lora"], preds["full"], rtol=0, atol=1e-5)
+
+
+def test_domain_weight_zero_is_exactly_core_with_a_lora_form_domain(comfy, lora_pair):
+    lat = _samples(comfy, LORA, cfg=7.0, domain_weight=0.0, steps=3)
+    assert torch.equal(lat["ksampler"], lat["core_ksampler"])
+    assert torch.equal(lat["patch"], lat["core_ksampler"])
+    assert torch.equal(lat["guider"], lat["core_guider"])
+
+
+def _encode(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def _load(model, path):
+    from indomain.nodes.domain_model import load_domain_model
+
+    return load_domain_model(model, path)
+
+
+def test_lora_domain_is_the_base_with_an_adapter_no_second_unet(comfy, base, lora_pair):
+    from indomain.forms import domain_info
+
+    model, _clip, _ = base
+    lora_path, full_path = lora_pair
+    domain = _load(model, lora_path)
+    assert domain_info(domain).form.name == "lora" and domain_info(domain).meta.form == "lora"
+    assert domain.model is model.model  # the base's own BaseModel: no second UNet in memory
+    assert domain_info(domain).form.domain_pass(domain).models == []  # nothing else to load with the base
+    full = _load(model, full_path)
+    assert full.model is not model.model and domain_info(full).form.name == "full"
+
+
+def test_one_batched_forward_equals_two_calls(comfy, base, lora_pair):
+    import comfy.samplers as samplers
+
+    from indomain.nodes.guider import domain_guider
+
+    model, clip, _ = base
+    domain = _load(model, lora_pair[0])
+    pos, neg = _encode(clip, "a blue square"), _encode(clip, "")
+    forwards = []
+    hook = model.model.diffusion_model.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    outs = {}
+    try:
+        for one_forward in (True, False):
+            forwards.clear()
+            guider = domain_guider(model, domain, pos, neg, 2.5, 2.0)
+            guider.one_forward = one_forward
+            noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            sigmas = model.get_model_object("model_sampling").sigmas
+            s = samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+            outs[one_forward] = guider.sample(noise, torch.zeros(2, 4, 8, 8), samplers.sampler_object("euler"), s,
+                                              seed=0)
+            outs[(one_forward, "forwards")] = list(forwards)
+            del sigmas
+    finally:
+        hook.remove()
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-5)
+    # one forward of batch 6 (cond, uncond, domain x batch 2) per step, against two (4 + 2)
+    assert outs[(True, "forwards")] == [6, 6, 6]
+    assert outs[(False, "forwards")] == [4, 2, 4, 2, 4, 2]
