@@ -209,7 +209,7 @@ def train_and_sample() -> Workflow:
 
 def train_lora_and_sample() -> Workflow:
     """The same with the LoRA form: a small adapter on the base's own weights (fits consumer GPUs)."""
-    return _train_and_sample("indomain_7_train_lora_and_sample", "Train Domain UNet, LoRA form (rank 32)",
+    return _train_and_sample("indomain_9_train_lora_and_sample", "Train Domain UNet, LoRA form (rank 32)",
                              {"form": "lora", "rank": 32, "save_name": DOMAIN_UNET.removesuffix(".safetensors") + "_lora"},
                              "indomain/train_lora_and_sample",
                              "\n\nLoRA form: only a rank-32 adapter trains (the base stays frozen and shared), so "
