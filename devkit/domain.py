@@ -69,3 +69,20 @@ def make_domain_lora_pair(model, clip, lora_path: Path, full_path: Path, seed: i
     full = write_domain_checkpoint(full_path, merge_into(unet.state_dict(), lora), meta, precision="fp32")
     lora_meta = dataclasses.replace(meta, form="lora")
     return write_domain_checkpoint(lora_path, lora.to_state_dict(), lora_meta, precision="fp32"), full
+
+
+def one_guider_step(guider, shape=(1, 4, 8, 8), seed: int = 5) -> dict:
+    """Run `guider` for one step at sigma 1 and return what the sampler saw: {"x", "s", "out"} (to check a
+    step against predictions computed from the models directly)."""
+    import comfy.samplers
+
+    seen = {}
+
+    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s = sigmas[0] * x.new_ones([x.shape[0]])
+        seen["x"], seen["s"], seen["out"] = x.clone(), s, model_k(x, s, **(extra_args or {}))
+        return seen["out"]
+
+    guider.sample(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), torch.zeros(*shape),
+                  comfy.samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=seed)
+    return seen
