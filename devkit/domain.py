@@ -64,7 +64,7 @@ def make_domain_lora_pair(model, clip, lora_path: Path, full_path: Path, seed: i
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(8, 4, *latent_hw, generator=gen)
     unet, _constants, _prompt, record = make_null_text_unet(model, clip, latents, seed)
-    lora = random_domain_lora(unet, rank=rank, seed=seed)
+    lora = random_domain_lora(unet, rank=rank, seed=seed, scale=0.01)
     meta = base_meta(model, record, {"kind": "test-random-lora", "rank": rank, "seed": seed})
     full = write_domain_checkpoint(full_path, merge_into(unet.state_dict(), lora), meta, precision="fp32")
     lora_meta = dataclasses.replace(meta, form="lora")
