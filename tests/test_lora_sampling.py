@@ -96,6 +96,7 @@ def test_one_domain_prediction_equals_the_merged_full_form(comfy, base, lora_pai
     sigma = torch.tensor([3.0, 3.0])
     conds = samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(neg), x, "cpu", "negative")
     preds = {}
+    model.pre_run()  # calc_cond_batch runs on the base's current patcher, as inside a sampling run
     for name, d in (("lora", lora_d), ("full", full_d)):
         p = domain_info(d).form.domain_pass(d)
         p.prepare()
@@ -104,6 +105,7 @@ def test_one_domain_prediction_equals_the_merged_full_form(comfy, base, lora_pai
         finally:
             p.release()
     base_pred = samplers.calc_cond_batch(model.model, [conds], x, sigma, {})[0]
+    model.cleanup()
     assert (preds["full"] - base_pred).abs().max() > 1e-2  # the domain model differs from the base
     torch.testing.assert_close(preds["lora"], preds["full"], rtol=0, atol=1e-5)
 

@@ -83,10 +83,14 @@ def test_lora_training_trains_only_the_adapter_and_the_file_loads_as_lora(comfy,
     sigma = torch.tensor([2.0])
     passes = {n: domain_info(d).form.domain_pass(d) for n, d in (("lora", domain), ("full", full))}
     preds = {}
-    for n, p in passes.items():
-        p.prepare()
-        preds[n] = p.predict(model.model, [conds], x, sigma, None)[0]
-        p.release()
+    model.pre_run()  # calc_cond_batch runs on the base's current patcher, as inside a sampling run
+    try:
+        for n, p in passes.items():
+            p.prepare()
+            preds[n] = p.predict(model.model, [conds], x, sigma, None)[0]
+            p.release()
+    finally:
+        model.cleanup()
     torch.testing.assert_close(preds["lora"], preds["full"], rtol=0, atol=1e-5)
 
 
