@@ -101,7 +101,7 @@ def test_one_domain_prediction_equals_the_merged_full_form(comfy, base, lora_pai
         p = domain_info(d).form.domain_pass(d)
         p.prepare()
         try:
-            preds[name] = p.predict(model.model, [conds], x, sigma, None)[0]
+            preds[name] = p.predict(model.model, [conds], x, sigma, {})[0]
         finally:
             p.release()
     base_pred = samplers.calc_cond_batch(model.model, [conds], x, sigma, {})[0]

@@ -87,7 +87,7 @@ def test_lora_training_trains_only_the_adapter_and_the_file_loads_as_lora(comfy,
     try:
         for n, p in passes.items():
             p.prepare()
-            preds[n] = p.predict(model.model, [conds], x, sigma, None)[0]
+            preds[n] = p.predict(model.model, [conds], x, sigma, {})[0]
             p.release()
     finally:
         model.cleanup()
