@@ -116,6 +116,9 @@ def adapter_tensors(domain) -> list:
 
 
 def sampling_child(args) -> dict:
+    from indomain.devkit import host
+
+    host.import_comfy()
     import comfy.model_management
     import comfy.samplers
 
@@ -228,6 +231,9 @@ def timed_sample(guider, latent_hw, steps: int, device, probe) -> float:
 
 
 def training_child(args) -> dict:
+    from indomain.devkit import host
+
+    host.import_comfy()
     import comfy.model_management
 
     from indomain.training.trainer import TrainConfig, train_on_latents
