@@ -395,7 +395,8 @@ def memory_table(payload: dict) -> str:
         ["model", "form", "UNet params", "training B/param (measured, CPU)", "training GiB", "training fits",
          "sampling GiB (UNets, fp16)", "sampling fits"], rows,
         "Memory per form — computed, not measured on a GPU: weights, gradients, AdamW and EMA from the measured bytes "
-        "per parameter, plus the base's fp16 copy that ComfyUI keeps loaded; activations not included (a GPU 'fits' when these take ≤ {ACTIVATION_HEADROOM:.0%} of it)")
+        "per parameter, plus the base's fp16 copy that ComfyUI keeps loaded; activations not included "
+        f"(a GPU 'fits' when these take ≤ {ACTIVATION_HEADROOM:.0%} of it)")
 
 
 def _hidden():
