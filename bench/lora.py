@@ -41,6 +41,19 @@ BENCH_UNET = dict(
 )
 
 
+# ComfyUI's detected SDXL UNet config (comfy/model_detection.py), for the computed memory table
+SDXL_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10, context_dim=2048,
+    num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2816,
+    num_classes="sequential", use_temporal_attention=False, use_spatial_transformer=True, legacy=False, dims=2,
+    use_checkpoint=False,
+)
+GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+ACTIVATION_HEADROOM = 0.7   # weights + optimiser state must leave 30% of the GPU to activations, CUDA and the rest
+
+
 def log(msg: str) -> None:
     print(f"[lora {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -103,6 +116,9 @@ def adapter_tensors(domain) -> list:
 
 
 def sampling_child(args) -> dict:
+    from indomain.devkit import host
+
+    host.import_comfy()
     import comfy.model_management
     import comfy.samplers
 
@@ -215,6 +231,9 @@ def timed_sample(guider, latent_hw, steps: int, device, probe) -> float:
 
 
 def training_child(args) -> dict:
+    from indomain.devkit import host
+
+    host.import_comfy()
     import comfy.model_management
 
     from indomain.training.trainer import TrainConfig, train_on_latents
@@ -321,10 +340,63 @@ def main(argv=None) -> dict:
                         "train_memory": r["train_memory_lora_over_full"] <= 0.5,
                         "train_step": r["train_step_lora_over_full"] <= 1.0,
                         "sampling_step": min(r["step_lora_one_forward_over_cfg"], r["step_lora_two_calls_over_cfg"]) <= 1.5}
+    payload["memory_table"] = memory_table(payload)
     common.write_json(args.out, payload)
     print(report(payload))
+    print("\n" + payload["memory_table"])
     print(f"\nJSON: {args.out}")
     return payload
+
+
+def parameter_counts(rank: int) -> dict:
+    """(UNet parameters, LoRA adapter parameters at `rank`) of SD1.5 and SDXL, counted on the meta device."""
+    from indomain.devkit import host
+
+    host.import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from indomain.guidance.lora import adapted_modules
+    from .sampling import SD15_FULL_UNET
+
+    out = {}
+    for name, cfg in (("SD1.5", SD15_FULL_UNET), ("SDXL", SDXL_UNET)):
+        with torch.device("meta"):
+            unet = UNetModel(**cfg, operations=comfy.ops.disable_weight_init)
+        params = sum(p.numel() for p in unet.parameters())
+        adapter = sum(rank * (m.weight.shape[0] + m.weight[0].numel()) for _n, m in adapted_modules(unet))
+        out[name] = {"params": params, "adapter_params": adapter}
+    return out
+
+
+def memory_table(payload: dict) -> str:
+    """README table: GPU memory of each form for SD1.5 and SDXL, computed from this run's measured bytes per
+    parameter (training: peak RSS per UNet parameter at tiny latents, where weights and optimiser state dominate;
+    sampling: resident parameter bytes over the base's, applied to fp16 weights). Activations are not included."""
+    t, s = payload["training"], payload["sampling"]
+    params = payload["model"]["params"]
+    rank = s["ranks"][-1]
+    train_bpp = {f: t[f]["peak_memory_delta_bytes"] / params for f in ("full", "lora")}
+    sample_mult = {"full": s["resident_bytes"]["full"] / s["base_bytes"],
+                   "lora": s["resident_bytes"]["lora_one_forward"] / s["base_bytes"]}
+    counts = parameter_counts(rank)
+    rows = []
+    for model, c in counts.items():
+        for form in ("full", "lora"):
+            train = (train_bpp[form] + 2) * c["params"]  # + the base ComfyUI keeps loaded in fp16 during training
+            sample = 2 * sample_mult[form] * c["params"]  # fp16 weights on a GPU
+            fits_t = [g for g in GPU_SIZES_GIB if train <= ACTIVATION_HEADROOM * g * 2 ** 30]
+            fits_s = [g for g in GPU_SIZES_GIB if sample <= ACTIVATION_HEADROOM * g * 2 ** 30]
+            label = "full" if form == "full" else f"LoRA r{rank}"
+            rows.append([model, label, f"{c['params'] / 1e6:.0f}M", f"{train_bpp[form]:.1f}", f"{train / 2 ** 30:.1f}",
+                         f"≥ {fits_t[0]} GB" if fits_t else f"> {GPU_SIZES_GIB[-1]} GB", f"{sample / 2 ** 30:.1f}",
+                         f"≥ {fits_s[0]} GB" if fits_s else f"> {GPU_SIZES_GIB[-1]} GB"])
+    return common.table(
+        ["model", "form", "UNet params", "training B/param (measured, CPU)", "training GiB", "training fits",
+         "sampling GiB (UNets, fp16)", "sampling fits"], rows,
+        "Memory per form — computed, not measured on a GPU: weights, gradients, AdamW and EMA from the measured bytes "
+        "per parameter, plus the base's fp16 copy that ComfyUI keeps loaded; activations not included "
+        f"(a GPU 'fits' when these take ≤ {ACTIVATION_HEADROOM:.0%} of it)")
 
 
 def _hidden():

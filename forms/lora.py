@@ -91,9 +91,12 @@ class InjectedPass:
     def rows_wrapper(self, cond_indices):
         return injection_wrapper(self.injection, set(cond_indices))
 
-    def predict(self, base_model, conds, x, timestep, sample_sigmas) -> list:
+    def predict(self, base_model, conds, x, timestep, model_options) -> list:
         import comfy.samplers
 
+        # its own options (the domain MODEL's, i.e. the base's as connected to the loader) plus the injection,
+        # once per sampling run (holding the sigmas tensor keeps its id unique)
+        sample_sigmas = (model_options or {}).get("transformer_options", {}).get("sample_sigmas")
         if self._options is None or self._sigmas is not sample_sigmas:
             self._sigmas = sample_sigmas
             self._options = add_wrapper(run_options(self.patcher, sample_sigmas), injection_wrapper(self.injection))

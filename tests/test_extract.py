@@ -51,3 +51,25 @@ def test_extract_refuses_a_mismatched_base_and_its_own_output(domain_file, tmp_p
     assert not (tmp_path / "x.safetensors").exists()
     assert main(["--base", str(other), "--domain", str(domain_file), "--out", str(domain_file)]) == 2
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_extract_node_writes_a_lora_file_that_samples(comfy, domain_file, models_dir):
+    """The node in a real graph: base MODEL + the full-form file -> a LoRA-form file in models/domain_unets
+    that Load Domain UNet reads as the LoRA form and Domain KSampler samples with."""
+    from indomain.devkit.graphs import sample_with_domain
+    from indomain.forms import domain_info
+
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+             "2": {"class_type": "InDomainExtractDomainLoRA", "inputs": {
+                 "model": ["1", 0], "domain_unet_name": domain_file.name, "rank": 4, "report_ranks": "1,16",
+                 "save_name": "extracted_r4"}}}
+    report = json.loads(comfy.run(graph, outputs=["2"]).output("2"))
+    assert report["output"] == "extracted_r4.safetensors" and report["rank"] == 4
+    assert report["relative_error"]["1"] > report["relative_error"]["4"] > report["relative_error"]["16"]
+    out = models_dir / "domain_unets" / "extracted_r4.safetensors"
+    _, meta = read_domain_checkpoint(out)
+    assert meta.form == "lora"
+    run = comfy.run(sample_with_domain("tiny_sd15.safetensors", {"class_type": "InDomainLoadDomainUNet", "inputs": {
+        "model": ["1", 0], "domain_unet_name": out.name}}, steps=2), outputs=["2", "6"])
+    assert domain_info(run.output("2")).form.name == "lora"
+    assert torch.isfinite(run.output("6")["samples"]).all()

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..forms import DomainModelForm, form_named
+from ..guidance.checkpoint import cast_for_saving
 from .batches import TrainingData, model_resolution_factor
 from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_writable, default_cache_dir,
                      resume_path_for)
@@ -222,7 +223,9 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
 
         saver.save(run)
         barrier(world)
-        final = run.form.file_state(run.ema.state_dict(run.module, run.form.keeps_key))
+        # exactly what the file holds (its precision included), so a model built from it equals the loaded file
+        final = cast_for_saving(run.form.file_state(run.ema.state_dict(run.module, run.form.keeps_key)),
+                                config.save_precision)
         if (out_path is not None and rank == 0 and not interrupted and not config.keep_resume_state
                 and resume_file.is_file()):
             resume_file.unlink()
