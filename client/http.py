@@ -21,6 +21,8 @@ from .workflow import _num, trains
 DEFAULT_SERVER = os.environ.get("COMFYUI_URL", "http://127.0.0.1:8188")
 # How long a run that does not train may take before the client gives up waiting (training runs wait forever).
 DEFAULT_TIMEOUT = 600.0
+# Polls of /history in a row that may fail (timeout, connection reset) before waiting gives up.
+POLL_FAILURES_ALLOWED = 5
 
 
 def default_timeout(workflow: dict) -> float | None:
@@ -109,8 +111,19 @@ class ComfyClient:
         ComfyExecutionError if it failed. `progress` gets "queued"/"running" lines (the polling fallback)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last, wait_step = None, poll
+        failures = 0
         while True:
-            entry = self.history(prompt_id)
+            try:
+                entry = self.history(prompt_id)
+                failures = 0
+            except ComfyConnectionError:
+                # A busy server (a long training step, a loaded machine) may miss one poll's deadline: the prompt
+                # is still there. Give up only when several polls in a row fail.
+                failures += 1
+                if failures >= POLL_FAILURES_ALLOWED:
+                    raise
+                time.sleep(wait_step)
+                continue
             if entry is not None and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") == "error" or not status.get("completed"):

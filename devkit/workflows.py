@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
 from .host import PACK_ROOT
 from .node_schema import is_widget, ordered_inputs
 from .workflow_builder import FRONTEND_ONLY, Workflow
@@ -43,7 +44,7 @@ TRAIN_FOLDER = "/path/to/your/domain_images"
 
 # The paper's starting point: 25 steps of a multistep solver, control weight 2.5, domain weight 2.0.
 STEPS, SAMPLER, SCHEDULER = 25, "dpmpp_2m", "karras"
-CFG, DOMAIN_WEIGHT, SEED = 2.5, 2.0, 42
+CFG, DOMAIN_WEIGHT, SEED = CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START, 42
 SIZE = 512
 
 BLUE, ORANGE, GREEN, PURPLE, RED = "#3f789e", "#b58b2a", "#8A8", "#a1309b", "#b06634"

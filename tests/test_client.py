@@ -72,7 +72,7 @@ def test_overrides_refuse_what_is_not_there(tmp_path):
         apply_overrides(wf, sets=[("NoSuchNode", "seed", 1)])
     with pytest.raises(ComfyClientError, match="is a link"):
         apply_overrides(wf, sets=[("InDomainKSampler", "model", 3)])
-    ui_file = specs.WORKFLOWS_DIR / "indomain_2_text_guided.json"
+    ui_file = specs.TEMPLATES_DIR / "indomain_2_text_guided.json"
     with pytest.raises(ComfyClientError, match="UI-format.*API format"):
         load_workflow(ui_file)
     assert parse_set("Positive prompt.text=a cat") == ("Positive prompt", "text", "a cat")
