@@ -31,7 +31,10 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
-from .data import TrainingInputError, check_resolution, encode_images, scan_images
+from .buckets import BucketedLatentSource
+from .data import EncodedImages, TrainingInputError, check_resolution, encode_images, scan_images
+from .loss_curve import loss_curve_path, write_loss_curve
+from .preview import PreviewRenderer, PreviewSettings, preview_dir_for, preview_due, save_previews
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
                     native_target, noisy_inputs, sample_sigmas)
 
@@ -42,7 +45,7 @@ RESUME_FORMAT = "indomain.resume"
 RESUME_VERSION = 1
 # settings that must match for a resumed run to continue the same run
 RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "resolution", "crop", "hflip", "null_text", "ema_decay",
-                     "weight_decay")
+                     "weight_decay", "buckets")
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +72,10 @@ class TrainConfig:
     calibration_images: int = 64       # domain latents used to calibrate the null-text constants
     cache_dir: Optional[str] = None    # latent cache; default <pack>/.cache/latents
     keep_resume_state: bool = True     # keep NAME.resume after a finished run (lets --resume extend it)
+    buckets: bool = False              # aspect-ratio buckets of about resolution² pixels instead of square crops
+    preview_every: int = 0             # sample the EMA model every N steps (and at the end); 0 = off
+    preview_prompt: str = ""           # also preview this prompt through decoupled guidance
+    preview_steps: int = 20            # sampling steps per preview picture
 
     def validate(self) -> None:
         problems = []
@@ -90,6 +97,13 @@ class TrainConfig:
             problems.append(f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})")
         if self.save_every < 0:
             problems.append(f"save_every must be >= 0 (got {self.save_every})")
+        if self.preview_every < 0:
+            problems.append(f"preview_every must be >= 0 (got {self.preview_every})")
+        if self.preview_steps < 1:
+            problems.append(f"preview_steps must be >= 1 (got {self.preview_steps})")
+        if self.preview_every and not self.null_text:
+            problems.append("previews sample the null-text domain UNet; turn them off (preview_every 0) for a plain "
+                            "fine-tune")
         if problems:
             raise TrainingInputError("invalid training settings: " + "; ".join(problems) + ".")
         check_resolution(self.resolution)
@@ -105,6 +119,8 @@ class TrainResult:
     resume_path: Optional[Path] = None
     meta: object = None                          # DomainMeta (null-text runs)
     summary: dict = field(default_factory=dict)
+    loss_curve_path: Optional[Path] = None       # NAME.loss.png next to the output
+    preview_paths: list = field(default_factory=list)  # pictures saved in NAME.previews/
 
 
 # ----------------------------------------------------------------------------- paths and pre-flight checks
@@ -195,6 +211,16 @@ class LatentSource:
                 self._perms.clear()
             self._perms[epoch] = torch.randperm(n, generator=step_generator(seed, "perm", epoch))
         return int(self._perms[epoch][position % n])
+
+    def micro_batch(self, seed: int, micro_step: int, rank: int, batch_size: int, world: int,
+                    gen: torch.Generator, hflip: float) -> torch.Tensor:
+        """This rank's images at a micro-step: a pure function of the arguments (see index_at)."""
+        first = micro_step * batch_size * world + rank * batch_size
+        return self.batch([self.index_at(seed, first + i) for i in range(batch_size)], gen, hflip)
+
+    def calibration_latents(self, seed: int, count: int) -> torch.Tensor:
+        return torch.stack([self.batch([self.index_at(seed, i)], step_generator(seed, "calib", i), 0.0)[0]
+                            for i in range(count)])
 
     def batch(self, indices: list[int], gen: torch.Generator, hflip: float) -> torch.Tensor:
         th, tw = self.size_hw
@@ -411,11 +437,14 @@ def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path=None, resume: bool = False,
                      progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-                     flipped_latents=None, data_info: dict | None = None) -> TrainResult:
+                     flipped_latents=None, data_info: dict | None = None, bucket_hw: list | None = None,
+                     vae=None, on_preview: Callable | None = None) -> TrainResult:
     """Train on already-encoded (unprocessed VAE) latents: a [N, C, h, w] tensor or a list of [C, h_i, w_i].
 
     `progress(step, total, loss, images_per_s)` is called after every optimizer step; training
     stops (after saving) when `should_stop()` returns True. With `out_path` None nothing is written.
+    `bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells. Previews
+    (config.preview_every) need `vae`; `on_preview(step, total, [(label, PIL image)])` receives them.
     """
     config.validate()
     rank, world = dist_info()
@@ -441,7 +470,16 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     if first.shape[0] != latent_format.latent_channels:
         raise TrainingInputError(f"latents have {first.shape[0]} channels but this model uses "
                                  f"{latent_format.latent_channels}; encode them with this checkpoint's VAE.")
-    source = LatentSource(latents, flipped_latents, size_hw, config.crop)
+    if config.buckets:
+        if bucket_hw is None:
+            bucket_hw = [tuple(x.shape[-2:]) for x in latents]  # latents given at their buckets' sizes
+        odd = [hw for hw in bucket_hw if hw[0] % factor or hw[1] % factor]
+        if odd:
+            raise TrainingInputError(f"bucket latent size {odd[0]} is not a multiple of {factor}, which this UNet needs.")
+        source = BucketedLatentSource(latents, flipped_latents, bucket_hw, config.crop)
+        log.info("InDomain training: aspect-ratio buckets (latent HxW: images) %s", source.bucket_counts)
+    else:
+        source = LatentSource(latents, flipped_latents, size_hw, config.crop)
     data_info = dict(data_info or {})
     data_info.setdefault("images", len(source))
     data_fp = data_info.get("fingerprint") or hashlib.sha256(
@@ -473,9 +511,7 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     with torch.inference_mode(False), torch.enable_grad():
         # -- model
         calib_n = min(len(source), max(1, config.calibration_images))
-        calib = latent_format.process_in(torch.stack(
-            [source.batch([source.index_at(config.seed, i)], step_generator(config.seed, "calib", i), 0.0)[0]
-             for i in range(calib_n)]))
+        calib = latent_format.process_in(source.calibration_latents(config.seed, calib_n))
         if config.null_text:
             if state is not None:
                 unet = convert_to_null_text(detached_unet_copy(model_patcher))  # weights come from the state
@@ -488,6 +524,14 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             unet = detached_unet_copy(model_patcher)
             prompt = empty_prompt(model_patcher, clip, size_hw)
             record = {"kind": "plain_finetune", "prompt": ""}
+        prompts = {tuple(size_hw): prompt}
+
+        def prompt_for(latent_hw: tuple) -> "EmptyPrompt":
+            """The empty prompt at a batch's size (SDXL's size conditioning differs per bucket; SD1.x's does not)."""
+            if latent_hw not in prompts:
+                prompts[latent_hw] = empty_prompt(model_patcher, clip, latent_hw)
+            return prompts[latent_hw]
+
         _materialise_(unet)
         if state is not None:
             unet.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}, strict=True)
@@ -539,7 +583,28 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "null_text": config.null_text, "data_fingerprint": data_fp, "trainer": "indomain.training",
         }
+        if config.buckets:
+            training_info["buckets"] = source.bucket_counts
         last_saved = {"step": None, "path": None}
+        curve_path = loss_curve_path(out_path) if out_path is not None else None
+        renderer = None
+        preview_paths: list[Path] = []
+        if config.preview_every and rank == 0:
+            if vae is None:
+                raise TrainingInputError("previews need the checkpoint's VAE to decode them; pass vae (or set "
+                                         "preview_every to 0).")
+            renderer = PreviewRenderer(model_patcher, clip, vae, PreviewSettings(
+                config.preview_every, config.preview_prompt, config.preview_steps, config.seed), size_hw)
+
+        def preview(at_step: int) -> None:
+            """Sample the EMA weights (rank 0 only; other ranks wait at their next all-reduce)."""
+            t0 = time.perf_counter()
+            images = renderer.render(ema.state_dict(unet), base_meta_obj)
+            if out_path is not None:
+                preview_paths.extend(save_previews(images, preview_dir_for(out_path), at_step))
+            log.info("InDomain training: preview at step %d (%.1f s of sampling)", at_step, time.perf_counter() - t0)
+            if on_preview is not None:
+                on_preview(at_step, config.steps, images)
 
         def save(at_step: int) -> None:
             if out_path is None or rank != 0 or last_saved["step"] == at_step:
@@ -552,8 +617,11 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
                 "config": dataclasses.asdict(config), "world_size": world, "data_fingerprint": data_fp,
                 "calibration": record, "losses": losses, "output": out_path.name}, scaler)
             last_saved.update(step=at_step, path=out_path)
+            try:
+                write_loss_curve(losses, curve_path)
+            except OSError as e:  # the checkpoint is saved; a missing picture must not stop training
+                log.warning("InDomain training: cannot write the loss curve %s (%s)", curve_path, e)
 
-        global_batch = config.batch_size * world
         interrupted = False
         t_start, images_seen = time.perf_counter(), 0
         while step < config.steps:
@@ -564,16 +632,15 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             step_loss = torch.zeros((), device=device)
             for micro in range(config.grad_accum):
                 m = step * config.grad_accum + micro
-                positions = [m * global_batch + rank * config.batch_size + i for i in range(config.batch_size)]
                 gen = step_generator(config.seed, "batch", m, rank)
-                x0 = latent_format.process_in(source.batch([source.index_at(config.seed, p) for p in positions], gen,
-                                                           config.hflip))
+                x0 = latent_format.process_in(source.micro_batch(config.seed, m, rank, config.batch_size, world, gen,
+                                                                 config.hflip))
                 sigma = sample_sigmas(ms, x0.shape[0], gen)
                 noise = torch.randn(x0.shape, generator=gen)
                 xc, t, x_noisy = noisy_inputs(ms, x0, sigma, noise)
                 target = native_target(ms, sigma, x0, noise, x_noisy).to(device)
                 xc, t = xc.to(device), t.to(device)
-                ctx = prompt.expand(x0.shape[0], device, torch.float32)
+                ctx = prompt_for(tuple(x0.shape[-2:])).expand(x0.shape[0], device, torch.float32)
                 sync = world == 1 or micro == config.grad_accum - 1
                 cm = model.no_sync() if (world > 1 and not sync) else _nullcontext()
                 with cm:
@@ -609,6 +676,8 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             if progress is not None:
                 elapsed = max(1e-9, time.perf_counter() - t_start)
                 progress(step, config.steps, loss_value, images_seen / elapsed)
+            if renderer is not None and preview_due(step, config.steps, config.preview_every):
+                preview(step)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save(step)
         save(step)
@@ -634,7 +703,9 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
                        losses=losses, steps_done=step, state_dict=final, interrupted=interrupted,
                        resume_path=resume_file if (resume_file is not None and resume_file.is_file()) else None,
                        meta=dataclasses.replace(base_meta_obj, training=dict(training_info, steps=step)),
-                       summary=summary)
+                       summary=summary,
+                       loss_curve_path=curve_path if (curve_path is not None and curve_path.is_file()) else None,
+                       preview_paths=preview_paths)
 
 
 class _nullcontext:
@@ -663,24 +734,65 @@ def prepare_images(image_dir, config: TrainConfig):
 
 def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, resume: bool = False,
           progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-          scan=None, encode_progress: Callable | None = None) -> TrainResult:
-    """Image folder -> cached VAE latents -> train_on_latents. Fails on bad input before any work."""
-    from ..guidance.checkpoint import weights_fingerprint
+          scan=None, encode_progress: Callable | None = None, images=None,
+          on_preview: Callable | None = None) -> TrainResult:
+    """Image folder and/or IMAGE tensors -> cached VAE latents -> train_on_latents. Fails on bad input before any work.
 
-    scan = scan or prepare_images(image_dir, config)
+    `images`: a ComfyUI IMAGE batch [B, H, W, C] or a list of them (images of different sizes), used
+    besides (or instead of, with `image_dir` empty) the folder.
+    """
+    from ..guidance.checkpoint import weights_fingerprint
+    from .image_items import encode_items, folder_items, tensor_items
+
+    config.validate()
+    if scan is None and image_dir not in (None, ""):
+        scan = prepare_images(image_dir, config)
+    items, skipped_tensors = tensor_items(images, config.resolution) if images is not None else ([], [])
+    if scan is None and not items:
+        what = ("all of the connected images were skipped (first: " + skipped_tensors[0] + ")" if skipped_tensors
+                else "no image folder was given and no images are connected")
+        raise TrainingInputError(f"no training images: {what}. Give a folder of domain images, or connect an IMAGE "
+                                 "(Load Image, a dataset loader or any image node) to 'images'.")
     rank, _ = dist_info()
     if rank == 0:
         check_output_writable(out_path)
-    check_resolution(config.resolution, model_resolution_factor(model_patcher, vae))
+    factor = model_resolution_factor(model_patcher, vae)
+    check_resolution(config.resolution, factor)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
-    encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+    folder_count = scan.count if scan is not None else 0
+    bucket_hw = None
+    if config.buckets or items:
+        all_items = (folder_items(scan) if scan is not None and config.buckets else []) + items
+        if config.buckets:
+            from .buckets import bucket_sizes, nearest_bucket
+
+            choices = bucket_sizes(config.resolution, factor)
+            sizes = [nearest_bucket(*it.size, choices) for it in all_items]
+        else:
+            sizes = [(config.resolution, config.resolution)] * len(all_items)
+        encoded = EncodedImages([], [], [])
+        if scan is not None and not config.buckets:  # square folder images: as without IMAGE input
+            encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp,
+                                    progress=encode_progress)
+        more = encode_items(vae, all_items, sizes, config.crop, cache_dir, vae_fp, progress=encode_progress)
+        encoded.latents += more.latents
+        encoded.flipped += more.flipped
+        encoded.digests += more.digests
+        encoded.cache_hits += more.cache_hits
+        if config.buckets:
+            bucket_hw = [(h // 8, w // 8) for w, h in sizes]
+    else:
+        encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+    skipped = (len(scan.skipped) if scan is not None else 0) + len(skipped_tensors)
     log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
-             len(scan.skipped))
-    data_info = {"images": scan.count, "skipped": len(scan.skipped), "fingerprint": encoded.fingerprint,
+             skipped)
+    data_info = {"images": folder_count + len(items), "skipped": skipped, "fingerprint": encoded.fingerprint,
                  "cache_hits": encoded.cache_hits}
     result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
-                              flipped_latents=encoded.flipped, data_info=data_info)
-    result.summary["skipped_files"] = [f"{p.name}: {why}" for p, why in scan.skipped]
+                              flipped_latents=encoded.flipped, data_info=data_info, bucket_hw=bucket_hw, vae=vae,
+                              on_preview=on_preview)
+    result.summary["skipped_files"] = ([f"{p.name}: {why}" for p, why in scan.skipped] if scan is not None else []) \
+        + skipped_tensors
     result.summary["latent_cache_hits"] = encoded.cache_hits
     return result
