@@ -160,3 +160,30 @@ def test_previews_and_loss_curve_beside_the_checkpoint(comfy, base, models_dir, 
     plain = train(model, clip, vae, None, cfg(session_dir, steps=3), tmp_path / "plain.safetensors",
                   images=mixed_images(1))
     assert plain.summary["weights_digest"] == result.summary["weights_digest"]
+
+
+@pytest.mark.slow
+def test_cli_writes_previews_and_the_loss_curve_and_says_where(tiny_files, session_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from indomain.devkit.images import make_image_folder
+
+    images = make_image_folder(tmp_path / "imgs", 4, 64, seed=2)  # some of them wider than tall
+    out = tmp_path / "cli" / "watched.safetensors"
+    r = subprocess.run([sys.executable, "-m", "indomain.training", "--base", str(tiny_files["checkpoint"]), "--images",
+                        str(images), "--out", str(out), "--resolution", "64", "--batch-size", "2", "--lr", "1e-4",
+                        "--cache-dir", str(session_dir / "watch_cache"), "--cpu", "--steps", "2", "--buckets",
+                        "--preview-every", "1", "--preview-steps", "2", "--summary-json", str(tmp_path / "s.json")],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    curve, previews = loss_curve_path(out), preview_dir_for(out)
+    assert f"loss curve {curve}" in r.stdout and f"previews {previews}" in r.stdout
+    assert "preview at step 1" in r.stderr and "preview at step 2" in r.stderr
+    assert Image.open(curve).size == (800, 480)
+    assert sorted(p.name for p in previews.iterdir()) == ["step_000001_domain.png", "step_000002_domain.png"]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["loss_curve"] == str(curve) and len(summary["previews"]) == 2 and summary["buckets"]

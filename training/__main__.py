@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="trade ~30%% speed for much less GPU memory")
     p.add_argument("--plain-finetune", action="store_true", help="baseline: fine-tune the unmodified UNet on the empty "
                    "prompt instead of the null-text UNet (writes a plain UNet file; for comparisons only)")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: train non-square images whole, in a few "
+                   "shapes of about resolution x resolution pixels, instead of cropping them square")
+    p.add_argument("--preview-every", type=int, default=d.preview_every, help="every N steps (and at the end) sample the "
+                   "EMA model with a fixed seed into NAME.previews/ next to the output; 0 = off (default). Costs "
+                   "sampling time: --preview-steps model passes (three per step with --preview-prompt) plus a VAE decode")
+    p.add_argument("--preview-prompt", default=d.preview_prompt, help="also preview this prompt through decoupled "
+                   "guidance (cfg 2.5, domain weight 2)")
+    p.add_argument("--preview-steps", type=int, default=d.preview_steps, help=f"sampling steps per preview picture "
+                   f"(default {d.preview_steps})")
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
     p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
     p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
         crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
         mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
-        null_text=not args.plain_finetune, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state)
+        null_text=not args.plain_finetune, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state,
+        buckets=args.buckets, preview_every=args.preview_every, preview_prompt=args.preview_prompt,
+        preview_steps=args.preview_steps)
     try:
         # everything that can be checked without a model, first
         scan = prepare_images(args.images, config)
@@ -140,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
             bar.refresh()
 
+    def on_preview(step, total, pictures):
+        if bar is not None:
+            from .preview import preview_dir_for
+
+            bar.write(f"preview at step {step}: {preview_dir_for(out_path)}/step_{step:06d}_*.png", file=sys.stderr)
+
     try:
         result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
-                       should_stop=lambda: stop["flag"], scan=scan)
+                       should_stop=lambda: stop["flag"], scan=scan, on_preview=on_preview)
     except TrainingInputError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -163,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped {line}")
         if result.path:
             print(f"saved {result.path}")
+        if result.loss_curve_path:
+            print(f"loss curve {result.loss_curve_path}")
+        if result.preview_paths:
+            print(f"previews {result.preview_paths[0].parent} ({len(result.preview_paths)} pictures)")
         if result.resume_path:
             print(f"resume state {result.resume_path} (continue with --resume)")
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(dict(s, path=str(result.path) if result.path else None),
-                                                          indent=2, default=str))
+            Path(args.summary_json).write_text(json.dumps(dict(
+                s, path=str(result.path) if result.path else None,
+                loss_curve=str(result.loss_curve_path) if result.loss_curve_path else None,
+                previews=[str(p) for p in result.preview_paths]), indent=2, default=str))
     try:
         import torch.distributed as dist
 
