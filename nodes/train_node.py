@@ -12,8 +12,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
-from .runtime import build_domain_model, ensure_base_model
+from ..pack import DOMAIN_UNET_FOLDER
+from .domain_model import build_domain_model, ensure_base_model
 
 log = logging.getLogger("indomain")
 

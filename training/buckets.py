@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .batches import LatentSource, step_generator
+
 # w / h of the landscape shapes; each also gives its portrait twin (h / w)
 ASPECT_RATIOS = (1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0)
 
@@ -62,8 +64,6 @@ class BucketedLatentSource:
     """Per-image latents of different shapes, grouped by bucket; batches come from one bucket at a time."""
 
     def __init__(self, latents, flipped, bucket_hw: list[tuple[int, int]], crop: str = "center"):
-        from .trainer import LatentSource
-
         if not latents:
             from .data import TrainingInputError
 
@@ -91,8 +91,6 @@ class BucketedLatentSource:
         return sum(math.ceil(len(self.members[k]) / global_batch) for k in self.keys)
 
     def _plan(self, seed: int, epoch: int, global_batch: int) -> list[tuple[tuple[int, int], list[int]]]:
-        from .trainer import step_generator
-
         key = (seed, epoch, global_batch)
         if key not in self._plans:
             if len(self._plans) > 4:
@@ -123,8 +121,6 @@ class BucketedLatentSource:
     def calibration_latents(self, seed: int, count: int) -> torch.Tensor:
         """`count` images in a seeded order, centre-cropped to their common size (the constants are means over
         positions, so a crop is fine)."""
-        from .trainer import step_generator
-
         order = torch.randperm(len(self), generator=step_generator(seed, "calib-order")).tolist()[:count]
         picked = []
         for i in order:

@@ -3,8 +3,8 @@
 Every `every` optimizer steps the trainer hands the EMA weights to a `PreviewRenderer`, which
 samples them through ComfyUI with the pack's own sampling code:
 
-- "domain": the domain model alone (core CFGGuider at cfg 1 on the empty prompt: one model pass
-  per step), i.e. what the domain UNet has learnt so far;
+- "domain": the domain model's own prediction (cfg 0, domain weight 1: u + 1 * (d - u) = d), i.e.
+  what the domain model has learnt so far;
 - "prompt" (only when a prompt is given): decoupled guidance, the base model for the text term
   and the unconditional prediction, the domain model for the domain term (`domain_guider`, the
   same guider as Domain KSampler; cfg PROMPT_CFG, domain weight PROMPT_DOMAIN_WEIGHT).
@@ -14,9 +14,9 @@ The latents are decoded with the checkpoint's VAE; the pictures are saved as PNG
 `NAME.previews/` next to the checkpoint (`step_000100_domain.png`, `..._prompt.png`) and shown
 side by side as the progress bar's preview in the ComfyUI UI.
 
-Cost: each preview is `steps` sampling steps (one model pass each for "domain", three for
-"prompt") plus a VAE decode, at the training resolution: with 20 steps that is about the time of
-a few training steps on a GPU. The run's randomness is untouched (the CPU RNG is forked), so a
+Cost: each preview is `steps` sampling steps (two model passes each for "domain": the base's
+unconditional and the domain model; three for "prompt") plus a VAE decode, at batch 1 and the
+training resolution. The run's randomness is untouched (the CPU RNG is forked), so a
 run with previews trains exactly the same weights as one without.
 """
 from __future__ import annotations
@@ -103,23 +103,16 @@ class PreviewRenderer:
         self.latent_hw = tuple(int(s) for s in latent_hw)
         self.negative = _encode(clip, "")
         self.positive = _encode(clip, settings.prompt) if settings.prompt.strip() else None
-        self.domain = None  # ModelPatcher, built at the first preview and refreshed with new weights after
-
-    def _domain_model(self, state_dict: dict, meta):
-        from ..nodes.runtime import build_domain_model
-
-        if self.domain is None:
-            self.domain = build_domain_model(self.base, state_dict, meta, source="training preview")
-        else:
-            with torch.no_grad():
-                self.domain.model.diffusion_model.load_state_dict(state_dict, strict=True)
-        return self.domain
 
     @torch.no_grad()
     def render(self, state_dict: dict, meta) -> list[tuple[str, object]]:
-        """[(label, PIL image)]: "domain", then "prompt" when a prompt is set."""
+        """[(label, PIL image)] from a domain model file's state (the form's file_state of the EMA weights):
+        "domain", then "prompt" when a prompt is set. The domain MODEL is built as Load Domain UNet builds it,
+        by the file's form, so every form previews."""
+        from ..nodes.domain_model import build_domain_model
+
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            domain = self._domain_model(state_dict, meta)
+            domain = build_domain_model(self.base, state_dict, meta, source="training preview")
             latents = [("domain", self._sample_domain(domain))]
             if self.positive is not None:
                 latents.append(("prompt", self._sample_prompt(domain)))
@@ -149,18 +142,15 @@ class PreviewRenderer:
         return out.to(comfy.model_management.intermediate_device())
 
     def _sample_domain(self, domain):
-        import comfy.samplers
+        from ..nodes.guider import domain_guider
 
-        from ..nodes.runtime import domain_conditioning
-
-        guider = comfy.samplers.CFGGuider(domain)
-        empty = domain_conditioning(self.negative)
-        guider.set_conds(empty, empty)
-        guider.set_cfg(1.0)  # cfg 1: the positive (empty) prediction only, one pass per step
-        return self._run(guider, domain)
+        # u + 1 * (d - u) = d: the domain model's own prediction, through the pack's guider so that every form
+        # (a separate UNet, or patches on the base) samples as it does in Domain KSampler
+        guider = domain_guider(self.base, domain, self.negative, self.negative, 0.0, 1.0)
+        return self._run(guider, self.base)
 
     def _sample_prompt(self, domain):
-        from ..nodes.runtime import domain_guider
+        from ..nodes.guider import domain_guider
 
         guider = domain_guider(self.base, domain, self.positive, self.negative, PROMPT_CFG, PROMPT_DOMAIN_WEIGHT)
         return self._run(guider, self.base)
