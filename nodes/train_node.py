@@ -90,7 +90,8 @@ class TrainDomainUNet(io.ComfyNode):
                              tooltip="Every N steps (and at the end) sample the current EMA domain model with a fixed "
                                      "seed and show it on this node; the pictures are saved in "
                                      "models/domain_unets/<save_name>.previews/. 0 = off. Costs sampling time, not "
-                                     "training: each preview is preview_steps sampling steps plus a VAE decode."),
+                                     "training: each preview is preview_steps sampling steps (two model passes "
+                                     "each, three with a preview_prompt) plus a VAE decode."),
                 io.String.Input("preview_prompt", optional=True, default="",
                                 tooltip="Optional prompt for a second preview through decoupled guidance (base model for "
                                         "the text, the domain model for the domain; cfg 2.5, domain weight 2). Empty: "

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "shapes of about resolution x resolution pixels, instead of cropping them square")
     p.add_argument("--preview-every", type=int, default=d.preview_every, help="every N steps (and at the end) sample the "
                    "EMA model with a fixed seed into NAME.previews/ next to the output; 0 = off (default). Costs "
-                   "sampling time: --preview-steps model passes (three per step with --preview-prompt) plus a VAE decode")
+                   "sampling time: --preview-steps steps of two model passes (three with --preview-prompt) plus a VAE decode")
     p.add_argument("--preview-prompt", default=d.preview_prompt, help="also preview this prompt through decoupled "
                    "guidance (cfg 2.5, domain weight 2)")
     p.add_argument("--preview-steps", type=int, default=d.preview_steps, help=f"sampling steps per preview picture "
