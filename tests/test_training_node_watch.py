@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indomain.forms import domain_info
 from indomain.guidance.checkpoint import read_domain_checkpoint
 from indomain.training.loss_curve import loss_curve_path
 
@@ -86,7 +87,7 @@ def test_load_image_batch_trains(comfy, models_dir, input_dir):
     run = comfy.run(graph, outputs=["2"])
     _, meta = read_domain_checkpoint(models_dir / "domain_unets" / "watch_load_image.safetensors")
     assert meta.training["images"] == 1 and meta.training["steps"] == 2
-    assert run.output("2", 0).model.indomain["meta"].training["steps"] == 2
+    assert domain_info(run.output("2", 0)).meta.training["steps"] == 2  # the MODEL output is the trained one
 
 
 def test_no_folder_and_no_images_is_named(comfy, base):
