@@ -32,7 +32,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
-        from indomain.devkit.host import comfyui_dir
+        from ..devkit.host import comfyui_dir
 
         root = comfyui_dir()
         env["comfyui_dir"] = str(root)

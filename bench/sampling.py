@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from ..guidance.combine import DOMAIN_WEIGHT_START
 
 # ComfyUI's detected SD1.5 UNet config (comfy/model_detection.py, "SD15"), i.e. full depth
 SD15_FULL_UNET = dict(
@@ -42,9 +43,9 @@ def log(msg: str) -> None:
 
 def tiny_models(work: Path):
     """Tiny checkpoint (real CLIP) + a calibrated null-text domain UNet loaded as the product does."""
-    from indomain.devkit import tiny_models as tm
-    from indomain.devkit.domain import load_checkpoint, make_domain_unet
-    from indomain.nodes.domain_model import load_domain_model
+    from ..devkit import tiny_models as tm
+    from ..devkit.domain import load_checkpoint, make_domain_unet
+    from ..nodes.domain_model import load_domain_model
 
     model, clip, _vae = load_checkpoint(tm.tiny_checkpoint(0))
     path = make_domain_unet(model, clip, work / "bench_domain.safetensors", seed=0, perturb=0.02)
@@ -63,10 +64,10 @@ def full_models(dtype, hw):
     import comfy.model_management
     import comfy.sd
 
-    from indomain.devkit import tiny_models as tm
-    from indomain.guidance.nulltext import convert_to_null_text
-    from indomain.nodes.domain_model import build_domain_model
-    from indomain.training.model import EmptyPrompt, base_meta, calibrate, detached_unet_copy
+    from ..devkit import tiny_models as tm
+    from ..guidance.nulltext import convert_to_null_text
+    from ..nodes.domain_model import build_domain_model
+    from ..training.model import EmptyPrompt, base_meta, calibrate, detached_unet_copy
 
     sd = {k: v.to(dtype) for k, v in tm.tiny_unet_state_dict(0, config=SD15_FULL_UNET).items()}
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
@@ -152,7 +153,7 @@ def storages(module: torch.nn.Module) -> dict[int, int]:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> dict:
+def build_parser():
     p = common.parser("sampling", __doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="SD1.5 size (full depth), 64x64 latents, fp16; needs CUDA")
     p.add_argument("--size", type=int, default=None, help="latent side (default 32; --full 64; --fast 8)")
@@ -160,19 +161,79 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=None, help="runs per case; the median is reported (default 3)")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--domain-weight", type=float, default=2.0)
+    p.add_argument("--domain-weight", type=float, default=DOMAIN_WEIGHT_START)
     p.add_argument("--allow-cpu-full", action="store_true", help="run --full on CPU anyway (slow; for checking the code path)")
-    args = p.parse_args(argv)
+    return p
+
+
+def sampling_cases(model, domain, pos, neg, args) -> dict:
+    """case -> (label, make guider)."""
+    import comfy.samplers
+
+    from ..nodes.guider import domain_guider
+
+    def cfg_guider():
+        g = comfy.samplers.CFGGuider(model)
+        g.set_conds(pos, neg)
+        g.set_cfg(args.cfg)
+        return g
+
+    return {
+        "cfg": ("core CFGGuider (batch-2 base pass)", cfg_guider),
+        "text": ("Domain Guider, text-guided (3 predictions)",
+                 lambda: domain_guider(model, domain, pos, neg, args.cfg, args.domain_weight)),
+        "uncond": ("Domain Guider, cfg 0 (u + domain)",
+                   lambda: domain_guider(model, domain, pos, neg, 0.0, args.domain_weight)),
+        "partial": ("Domain Guider, text, domain term on 0-50% of the schedule",
+                    lambda: domain_guider(model, domain, pos, neg, args.cfg, args.domain_weight, end_percent=0.5)),
+    }
+
+
+def measure(cases: dict, model, domain, neg, hw, steps: int, runs: int, pass_repeats: int, sampler: str, device) -> dict:
+    """Interleaved timed runs of every case, storage identity before/after, and each model pass alone."""
+    import comfy.model_base
+    import comfy.model_management
+
+    m = {"base_storage_before": storages(model.model.diffusion_model),
+         "domain_storage_before": storages(domain.model.diffusion_model),
+         "step_times": {k: [] for k in cases}, "step_cpu": {k: [] for k in cases}, "peaks": {k: [] for k in cases},
+         "domain_calls": {}}
+    # one warm-up of each case, then interleaved runs so drifting machine load hits every case alike
+    for k, (_label, make) in cases.items():
+        timed_sample(make(), hw, 0, steps, sampler, device)
+    # diffusion models only: a text encoder loaded earlier in the same process is not a copy of either UNet
+    m["loaded_after"] = [(type(lm.model.model).__name__, lm.model_memory()) for lm in comfy.model_management.current_loaded_models
+                         if isinstance(lm.model.model, comfy.model_base.BaseModel)]
+    for r in range(runs):
+        for k, (_label, make) in cases.items():
+            g = make()
+            t, c, peak = timed_sample(g, hw, 0, steps, sampler, device)
+            m["step_times"][k].append(t)
+            m["step_cpu"][k].append(c)
+            m["peaks"][k].append(peak)
+            m["domain_calls"][k] = getattr(g, "model_calls", 0)
+        log(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {m['step_times'][k][-1] * 1000:.0f} ms" for k in cases))
+    m["base_storage_after"] = storages(model.model.diffusion_model)
+    m["domain_storage_after"] = storages(domain.model.diffusion_model)
+
+    log("timing model passes alone")
+    neg_ctx = neg[0][0]
+    m["pass_b2"] = time_pass(model, 2, hw, neg_ctx, device, pass_repeats)
+    m["pass_b1"] = time_pass(model, 1, hw, neg_ctx, device, pass_repeats)
+    m["pass_d1"] = time_pass(domain, 1, hw, neg_ctx, device, pass_repeats)
+    return m
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     common.enable_stack_dumps()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from indomain.devkit import host
+    from ..devkit import host
 
     host.import_comfy()
-    import comfy.model_base
     import comfy.model_management
-    import comfy.samplers
 
     device = comfy.model_management.get_torch_device()
     if args.full and device.type != "cuda" and not args.allow_cpu_full:
@@ -184,13 +245,10 @@ def main(argv=None) -> dict:
     size = args.size or (8 if args.fast else 64 if args.full else 32)
     steps = args.steps or (3 if args.fast else 8)
     runs = args.runs or (1 if args.fast else 3)
-    pass_repeats = 2 if args.fast else 5
     hw = (size, size)
     mode = "fast" if args.fast else "full" if args.full else "default"
 
     import tempfile
-
-    from indomain.nodes.guider import domain_guider
 
     with tempfile.TemporaryDirectory() as work:
         log(f"building models ({mode})")
@@ -198,52 +256,22 @@ def main(argv=None) -> dict:
             model, domain, pos, neg, desc = full_models(torch.float16 if device.type == "cuda" else torch.float32, hw)
         else:
             model, domain, pos, neg, desc = tiny_models(Path(work))
+        cases = sampling_cases(model, domain, pos, neg, args)
+        m = measure(cases, model, domain, neg, hw, steps, runs, 2 if args.fast else 5, args.sampler, device)
+    payload = summarise(m, cases, model, args, device, mode, hw, steps, runs, desc)
+    common.write_json(args.out, payload)
+    print(report(payload))
+    print(f"\nJSON: {args.out}")
+    return payload
 
-        def cfg_guider():
-            g = comfy.samplers.CFGGuider(model)
-            g.set_conds(pos, neg)
-            g.set_cfg(args.cfg)
-            return g
 
-        cases = {
-            "cfg": ("core CFGGuider (batch-2 base pass)", cfg_guider),
-            "text": ("Domain Guider, text-guided (3 predictions)",
-                     lambda: domain_guider(model, domain, pos, neg, args.cfg, args.domain_weight)),
-            "uncond": ("Domain Guider, cfg 0 (u + domain)",
-                       lambda: domain_guider(model, domain, pos, neg, 0.0, args.domain_weight)),
-            "partial": ("Domain Guider, text, domain term on 0-50% of the schedule",
-                        lambda: domain_guider(model, domain, pos, neg, args.cfg, args.domain_weight, end_percent=0.5)),
-        }
-        base_storage_before = storages(model.model.diffusion_model)
-        domain_storage_before = storages(domain.model.diffusion_model)
-        step_times = {k: [] for k in cases}
-        step_cpu = {k: [] for k in cases}
-        peaks = {k: [] for k in cases}
-        domain_calls = {}
-        # one warm-up of each case, then interleaved runs so drifting machine load hits every case alike
-        for k, (_label, make) in cases.items():
-            timed_sample(make(), hw, 0, steps, args.sampler, device)
-        # diffusion models only: a text encoder loaded earlier in the same process is not a copy of either UNet
-        loaded_after = [(type(lm.model.model).__name__, lm.model_memory()) for lm in comfy.model_management.current_loaded_models
-                        if isinstance(lm.model.model, comfy.model_base.BaseModel)]
-        for r in range(runs):
-            for k, (_label, make) in cases.items():
-                g = make()
-                t, c, peak = timed_sample(g, hw, 0, steps, args.sampler, device)
-                step_times[k].append(t)
-                step_cpu[k].append(c)
-                peaks[k].append(peak)
-                domain_calls[k] = getattr(g, "model_calls", 0)
-            log(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {step_times[k][-1] * 1000:.0f} ms" for k in cases))
-        base_storage_after = storages(model.model.diffusion_model)
-        domain_storage_after = storages(domain.model.diffusion_model)
-
-        log("timing model passes alone")
-        neg_ctx = neg[0][0]
-        (t_b2, c_b2) = time_pass(model, 2, hw, neg_ctx, device, pass_repeats)
-        (t_b1, c_b1) = time_pass(model, 1, hw, neg_ctx, device, pass_repeats)
-        (t_d1, c_d1) = time_pass(domain, 1, hw, neg_ctx, device, pass_repeats)
-
+def summarise(m: dict, cases: dict, model, args, device, mode: str, hw, steps: int, runs: int, desc) -> dict:
+    """The payload: medians, ratios to CFG, pass floors, memory checks."""
+    step_times, step_cpu, peaks, domain_calls = m["step_times"], m["step_cpu"], m["peaks"], m["domain_calls"]
+    loaded_after = m["loaded_after"]
+    (t_b2, c_b2), (t_b1, c_b1), (t_d1, c_d1) = m["pass_b2"], m["pass_b1"], m["pass_d1"]
+    base_storage_before, domain_storage_before = m["base_storage_before"], m["domain_storage_before"]
+    base_storage_after, domain_storage_after = m["base_storage_after"], m["domain_storage_after"]
     # With one torch thread on CPU the main thread's CPU time is the compute itself and does not
     # grow when other processes share the cores; it is the robust figure on a loaded machine.
     cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
@@ -303,9 +331,6 @@ def main(argv=None) -> dict:
     mem["no_model_copies"] = bool(mem["weights_unchanged_in_place"]
                                   and len(loaded_after) <= 2
                                   and max(mem["extra_peak_vs_cfg_mib"].values()) < 0.5 * mem["domain_unet_mib"])
-    common.write_json(args.out, payload)
-    print(report(payload))
-    print(f"\nJSON: {args.out}")
     return payload
 
 

@@ -91,8 +91,8 @@ def encode(clip, text: str) -> torch.Tensor:
 
 def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
     """Train the tiny UNet from its deterministic init on the plain world, text-conditioned."""
-    from indomain.devkit import toy_world as world
-    from indomain.training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+    from ..devkit import toy_world as world
+    from ..training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
 
     ms = model_patcher.get_model_object("model_sampling")
     combos = world.all_combos()
@@ -207,9 +207,9 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
     timings = {}
 
-    from indomain.devkit import host, tiny_models
-    from indomain.devkit import toy_world as world
-    from indomain.devkit.domain import load_checkpoint
+    from ..devkit import host, tiny_models
+    from ..devkit import toy_world as world
+    from ..devkit.domain import load_checkpoint
 
     host.import_comfy()
     root = cache_dir()
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
     base_model, base_clip, _ = load_checkpoint(base_path)
 
     # -- (2) the domain images (model space) and the two fine-tunes by the pack's trainer
-    from indomain.training.trainer import TrainConfig, train_on_latents
+    from ..training.trainer import TrainConfig, train_on_latents
 
     dom_gen = torch.Generator().manual_seed(cfg.seed + 100)
     domain_train = world.sample_batch(cfg.domain_images, dom_gen, style="domain", combos=world.domain_combos())

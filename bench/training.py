@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -33,14 +32,14 @@ def log(msg: str) -> None:
 
 def child(args) -> dict:
     """One variant in this process: build, train `steps` steps, report step times and peak memory."""
-    from indomain.devkit import host, tiny_models
-    from indomain.devkit.domain import load_checkpoint
+    from ..devkit import host, tiny_models
+    from ..devkit.domain import load_checkpoint
 
     host.import_comfy()
     import comfy.model_management
     import comfy.sd
 
-    from indomain.training.trainer import TrainConfig, train_on_latents
+    from ..training.trainer import TrainConfig, train_on_latents
 
     device = comfy.model_management.get_torch_device()
     _m, clip, _v = load_checkpoint(tiny_models.tiny_checkpoint(0))
@@ -77,6 +76,22 @@ def child(args) -> dict:
             "peak_memory_delta_bytes": mem.delta, "memory_kind": mem.kind, "weights_numel": trainable,
             "first_loss": res.losses[0], "last_loss": res.losses[-1], "device": str(device),
             "threads": torch.get_num_threads()}
+
+
+def run_child(args, variant: str, cwd: str) -> dict:
+    """One variant in a fresh process, so one variant's freed memory cannot hide the other's."""
+    cmd = [sys.executable, "-m", "indomain.bench.training", "--child", variant, "--size", str(args.size),
+           "--batch", str(args.batch), "--steps", str(args.steps)]
+    if args.full:
+        cmd += ["--full", "--allow-cpu-full"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("INDOMAIN_CHILD_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"training bench child ({variant}) failed with code {proc.returncode}:\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 def main(argv=None) -> dict:
@@ -116,24 +131,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for variant in ("plain", "null_text"):
-                cmd = [sys.executable, "-m", "indomain.bench.training", "--child", variant, "--size", str(args.size),
-                       "--batch", str(args.batch), "--steps", str(args.steps)]
-                if args.full:
-                    cmd += ["--full", "--allow-cpu-full"]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
                 log(f"run {r + 1}/{args.repeats}: {variant}")
                 if args.inline:
                     args.variant = variant
                     runs[variant].append(child(args))
-                    continue
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("INDOMAIN_CHILD_RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    raise RuntimeError(f"training bench child ({variant}) failed with code {proc.returncode}:\n"
-                                       f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-                runs[variant].append(json.loads(lines[-1].split(" ", 1)[1]))
+                else:
+                    runs[variant].append(run_child(args, variant, tmp))
 
     def agg(variant):
         rs = runs[variant]

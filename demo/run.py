@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import shutil
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 from ..client import ComfyClient, apply_overrides, load_workflow
 from ..devkit.host import PACK_ROOT
+from ..devkit.images import draw_images
+from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "indomain_2_text_guided.json"
 
@@ -26,8 +27,8 @@ class DemoConfig:
     train_batch: int = 8
     lr: float = 3e-4                 # toy scale (the paper's 1e-5 is for real SD weights and thousands of steps)
     sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
-    cfg: float = 2.5
-    domain_weight: float = 2.0
+    cfg: float = CONTROL_WEIGHT_START
+    domain_weight: float = DOMAIN_WEIGHT_START
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     prompt: str = "a photo of a house on a hill"
     base: Path | None = None         # use this checkpoint instead of the built tiny one
@@ -59,23 +60,7 @@ class Progress:
 def draw_domain_images(folder: Path, count: int, px: int, seed: int = 0) -> Path:
     """'Sunset stripes': horizontal warm bands over a dark violet ground with one teal disc, a style no
     text prompt of the base model asks for."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(count):
-        im = Image.new("RGB", (px, px), (40, 16, 60))
-        d = ImageDraw.Draw(im)
-        band = max(2, px // rng.choice([8, 10, 12]))
-        offset = rng.randint(0, band)
-        for y in range(-band + offset, px, 2 * band):
-            warm = (240, rng.randint(90, 170), rng.randint(20, 60))
-            d.rectangle([0, y, px, y + band - 1], fill=warm)
-        r = rng.randint(px // 8, px // 4)
-        cx, cy = rng.randint(r, px - r), rng.randint(r, px - r)
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(20, 200, 190), outline=(250, 250, 250))
-        im.save(folder / f"sunset_{i:03d}.png")
-    return folder
+    return draw_images(folder, count, px, seed, style="sunset")
 
 
 # ----------------------------------------------------------------------------- 3. training

@@ -32,3 +32,20 @@ def make_domain_unet(model, clip, out_path: Path, seed: int = 0, perturb: float 
                     p.add_(torch.randn(p.shape, generator=gen) * p.std() * perturb)
     meta = base_meta(model, record, {"kind": "test-perturbed", "perturb": perturb, "seed": seed})
     return write_domain_checkpoint(out_path, unet.state_dict(), meta)
+
+
+def one_guider_step(guider, shape=(1, 4, 8, 8), seed: int = 5) -> dict:
+    """Run `guider` for one step at sigma 1 and return what the sampler saw: {"x", "s", "out"} (to check a
+    step against predictions computed from the models directly)."""
+    import comfy.samplers
+
+    seen = {}
+
+    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s = sigmas[0] * x.new_ones([x.shape[0]])
+        seen["x"], seen["s"], seen["out"] = x.clone(), s, model_k(x, s, **(extra_args or {}))
+        return seen["out"]
+
+    guider.sample(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), torch.zeros(*shape),
+                  comfy.samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=seed)
+    return seen

@@ -1,6 +1,8 @@
 """API-format graphs used by tests, benchmarks and the demo (built in code, so node inputs stay in one place)."""
 from __future__ import annotations
 
+from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
+
 
 def t2i_core(ckpt: str, prompt: str = "a red circle", negative: str = "", seed: int = 0, steps: int = 4,
              cfg: float = 7.0, size: int = 64, prefix: str = "indomain_core", controlnet: str | None = None) -> dict:
@@ -29,7 +31,7 @@ def t2i_core(ckpt: str, prompt: str = "a red circle", negative: str = "", seed: 
 
 
 def decoupled_forms(ckpt: str, domain: str, prompt: str = "a red circle", seed: int = 0, steps: int = 4,
-                    cfg: float = 2.5, domain_weight: float = 2.0, batch: int = 1, size: int = 64,
+                    cfg: float = CONTROL_WEIGHT_START, domain_weight: float = DOMAIN_WEIGHT_START, batch: int = 1, size: int = 64,
                     sampler: str = "euler", scheduler: str = "normal", controlnet: str | None = None,
                     domain_on_controlnet: bool = False, forms=("core_ksampler", "ksampler", "guider", "patch", "core_guider"),
                     domain_start: float = 0.0, domain_end: float = 1.0) -> tuple[dict, dict]:
@@ -100,7 +102,8 @@ def sample_with_domain(ckpt: str, domain_node: dict, prompt: str = "a red circle
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "6": {"class_type": "InDomainKSampler", "inputs": {
-            "model": ["1", 0], "domain_model": ["2", 0], "seed": seed, "steps": steps, "cfg": 2.5, "domain_weight": 2.0,
+            "model": ["1", 0], "domain_model": ["2", 0], "seed": seed, "steps": steps, "cfg": CONTROL_WEIGHT_START,
+            "domain_weight": DOMAIN_WEIGHT_START,
             "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
             "latent_image": ["5", 0], "denoise": 1.0, "domain_on_controlnet": False,
             "domain_start_percent": 0.0, "domain_end_percent": 1.0}},

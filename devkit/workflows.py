@@ -347,23 +347,10 @@ def write_test_images(folder: Path, size: int = 64) -> dict[str, Path]:
 
 
 def write_train_images(folder: Path, count: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """A small 'domain' of procedural images (warm striped discs on a dark ground), drawn with PIL."""
-    import random
+    """A small 'domain' of procedural images (warm striped discs on a dark ground)."""
+    from .images import draw_images
 
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(count):
-        im = Image.new("RGB", (size, size), (20, 24, 40))
-        d = ImageDraw.Draw(im)
-        r = rng.randint(size // 5, size // 3)
-        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-        for k in range(r, 0, -max(1, size // 16)):
-            shade = 255 - 20 * ((r - k) // max(1, size // 16) % 2)
-            d.ellipse([cx - k, cy - k, cx + k, cy + k], fill=(shade, 120 + rng.randint(0, 60), 40))
-        im.save(folder / f"domain_{i:03d}.png")
-    return folder
+    return draw_images(folder, count, size, seed, style="discs")
 
 
 if __name__ == "__main__":

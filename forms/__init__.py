@@ -28,9 +28,11 @@ Sampling (nodes/)
     domain_pass(domain_patcher) -> DomainPass
         what the guider and the KSampler patch call for the domain prediction. A pass says which
         models to load with the base (`models`, maybe none) and predicts for a list of conds:
-        prepare() / predict(base_model, conds, x, timestep, sample_sigmas) -> [x0] / release().
-        It may run on a model of its own (full, plain: SeparateModelPass) or on the base's own
-        diffusion model with per-pass patches (base_model is the BaseModel sampling right now).
+        prepare() / predict(base_model, conds, x, timestep, model_options) -> [x0] / release().
+        It may run on a model of its own (full, plain: SeparateModelPass, which uses its own
+        model_options plus the run's sample_sigmas) or on the base's own diffusion model with
+        per-pass patches: base_model is the BaseModel sampling right now, model_options the run's
+        options for it (transformer_options["sample_sigmas"] included); copy them before adding to them.
 
 A new form: a module here with a DomainModelForm subclass, its file check in
 guidance/checkpoint.py STATE_CHECKS, and an entry in FORMS below.

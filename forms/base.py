@@ -45,7 +45,7 @@ class DomainPass(Protocol):
 
     def prepare(self) -> None: ...
 
-    def predict(self, base_model, conds: list, x: torch.Tensor, timestep: torch.Tensor, sample_sigmas) -> list: ...
+    def predict(self, base_model, conds: list, x: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> list: ...
 
     def release(self) -> None: ...
 
@@ -75,10 +75,12 @@ class SeparateModelPass:
     def prepare(self) -> None:
         self.patcher.pre_run()  # sets current_patcher, which calc_cond_batch uses
 
-    def predict(self, base_model, conds, x, timestep, sample_sigmas) -> list:
+    def predict(self, base_model, conds, x, timestep, model_options) -> list:
         import comfy.samplers
 
-        # options once per sampling run, not per step (holding the sigmas tensor keeps its id unique)
+        # its own options (not the base's), once per sampling run, not per step (holding the sigmas tensor
+        # keeps its id unique)
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         if self._options is None or self._sigmas is not sample_sigmas:
             self._sigmas, self._options = sample_sigmas, run_options(self.patcher, sample_sigmas)
         self.calls += 1

@@ -4,12 +4,12 @@
 - nulltext:   turn a UNet into the text-free domain UNet (constant cross-attention), calibrate it
 - checkpoint: the domain UNet file format (read / write / validate)
 """
-from .combine import GuidanceWeights, cfg_equivalent, combine, term_active
+from .combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START, cfg_equivalent, combine, term_active
 from .checkpoint import DomainCheckpointError, DomainMeta, read_domain_checkpoint, write_domain_checkpoint
 from .nulltext import NullTextConstant, calibrate_constants, convert_to_null_text
 
 __all__ = [
-    "GuidanceWeights", "cfg_equivalent", "combine", "term_active",
+    "CONTROL_WEIGHT_START", "DOMAIN_WEIGHT_START", "cfg_equivalent", "combine", "term_active",
     "DomainCheckpointError", "DomainMeta", "read_domain_checkpoint", "write_domain_checkpoint",
     "NullTextConstant", "calibrate_constants", "convert_to_null_text",
 ]

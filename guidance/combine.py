@@ -10,7 +10,6 @@ space: x0 = x - σ ε for every term.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -18,12 +17,10 @@ import torch
 WeightedPrediction = tuple[float, torch.Tensor]   # (w_i, e_i): one term of the combination, evaluated
 
 
-@dataclass(frozen=True)
-class GuidanceWeights:
-    """Reference starting points (authors' code): domain 1.5–2.5, text/control ≈ 2.5 (plain CFG users think ≈ 7)."""
-
-    domain: float = 2.0
-    control: float = 2.5
+# Starting weights (the authors' code): domain 1.5–2.5, text/control ≈ 2.5 (plain-CFG users think ≈ 7).
+# The nodes' defaults, the demo and the test graphs read them from here.
+DOMAIN_WEIGHT_START = 2.0
+CONTROL_WEIGHT_START = 2.5
 
 
 def combine(uncond: torch.Tensor, terms: Sequence[WeightedPrediction]) -> torch.Tensor:

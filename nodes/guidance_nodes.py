@@ -6,6 +6,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
 from .domain_model import ensure_base_model
 from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
 from .patch import patch_model_for_domain_guidance
@@ -27,7 +28,7 @@ TIP_TERMS = "Optional extra terms from a 'Guidance Term' chain, added on top (ea
 
 def _domain_inputs() -> list:
     return [
-        io.Float.Input("domain_weight", default=2.0, min=-10.0, max=30.0, step=0.05, round=0.01, tooltip=TIP_DOMAIN_WEIGHT),
+        io.Float.Input("domain_weight", default=DOMAIN_WEIGHT_START, min=-10.0, max=30.0, step=0.05, round=0.01, tooltip=TIP_DOMAIN_WEIGHT),
     ]
 
 
@@ -54,7 +55,7 @@ class DomainKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Random seed for the initial noise."),
                 io.Int.Input("steps", default=25, min=1, max=10000, tooltip="Number of denoising steps (25 with a multistep solver is the paper's setting)."),
-                io.Float.Input("cfg", default=2.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
+                io.Float.Input("cfg", default=CONTROL_WEIGHT_START, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
                 *_domain_inputs(),
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m",
                                tooltip="Sampling algorithm (as in KSampler)."),
@@ -93,7 +94,7 @@ class DomainGuider(io.ComfyNode):
                 io.Model.Input("domain_model", tooltip=TIP_DOMAIN),
                 io.Conditioning.Input("positive", tooltip="Text prompt (optionally with a ControlNet applied): the control condition c."),
                 io.Conditioning.Input("negative", tooltip="Empty prompt or your negative prompt: the unconditional ∅."),
-                io.Float.Input("cfg", default=2.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
+                io.Float.Input("cfg", default=CONTROL_WEIGHT_START, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=TIP_CFG),
                 *_domain_inputs(),
                 *_tail_inputs(),
                 Terms.Input("extra_terms", optional=True, tooltip=TIP_TERMS),
@@ -148,7 +149,7 @@ class GuidanceTerm(io.ComfyNode):
                                "a domain MODEL for domain terms."),
                 io.Conditioning.Input("conditioning", tooltip="Condition c for this term. A ControlNet applied to it "
                                       "(ControlNetApplyAdvanced) is used by this term, also for a domain model."),
-                io.Float.Input("weight", default=2.0, min=-30.0, max=30.0, step=0.05, round=0.01,
+                io.Float.Input("weight", default=DOMAIN_WEIGHT_START, min=-30.0, max=30.0, step=0.05, round=0.01,
                                tooltip="Term weight w. 0 skips the term (its model is not run)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Schedule percent where the term switches on."),

@@ -116,7 +116,6 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         for st in self.terms:
             st.sigma_start = float(ms.percent_to_sigma(st.term.start_percent))
             st.sigma_end = float(ms.percent_to_sigma(st.term.end_percent))
-        self._sample_sigmas = sigmas
         for g in self.groups.values():
             g.domain_pass.prepare()
         self._term_conds = None
@@ -168,7 +167,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                 continue
             self.model_calls += 1
             g_out = g.domain_pass.predict(self.inner_model, [self._conds_for(st) for st in g_terms], x, timestep,
-                                          self._sample_sigmas)
+                                          model_options)
             preds.update({id(st): g_out[i] for i, st in enumerate(g_terms)})
 
         uncond = out[1]

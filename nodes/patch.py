@@ -39,9 +39,8 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
         if len(conds_out) < 2 or conds_out[1] is None or not term_active(float(sigma.reshape(-1)[0]), sigma_start, sigma_end):
             return conds_out
         cond, uncond = args["conds"][0], args["conds"][1]
-        sample_sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
         d = domain_pass.predict(args["model"], [domain_conditioning(uncond, cond, domain_on_control)], args["input"],
-                                sigma, sample_sigmas)[0]
+                                sigma, args["model_options"])[0]
         u = conds_out[1]
         scale = args["cond_scale"]
         if scale != 0:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from indomain.devkit import tiny_models
+from indomain.devkit.domain import one_guider_step
 
 FAMILIES = {"sd2v": dict(ctx=1024, pooled=None), "sdxl": dict(ctx=2048, pooled=1280)}
 
@@ -78,16 +79,7 @@ def test_family_parity_formula_and_effect(comfy, family):
     assert torch.isfinite(on).all() and (on - ref).abs().max() > 1e-3
 
     # one step against the formula from the three predictions (v-prediction / ADM included)
-    seen = {}
-
-    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        s = sigmas[0] * x.new_ones([x.shape[0]])
-        seen["x"], seen["s"], seen["out"] = x.clone(), s, model_k(x, s, **(extra_args or {}))
-        return seen["out"]
-
-    domain_guider(model, domain, pos, neg, 2.5, 2.0).sample(
-        torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.zeros(1, 4, 8, 8),
-        samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=5)
+    seen = one_guider_step(domain_guider(model, domain, pos, neg, 2.5, 2.0))
 
     def pred(m, c):
         kw = {"c_crossattn": c[0][0]}

@@ -133,8 +133,7 @@ def test_plain_form_trains_says_so_and_samples_as_a_domain_model(comfy, base, se
 
 def _check_one_step_formula(model, domain, clip):
     """One guider step equals u + w_d (D(x, ∅) - u) + w_c (B(x, c) - u) computed from the models directly."""
-    import comfy.samplers as samplers
-
+    from indomain.devkit.domain import one_guider_step
     from indomain.nodes.guider import domain_guider
 
     def encode(text):
@@ -142,16 +141,7 @@ def _check_one_step_formula(model, domain, clip):
         return [[cond, {"pooled_output": pooled}]]
 
     pos, neg = encode("a red circle"), encode("")
-    seen = {}
-
-    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        s = sigmas[0] * x.new_ones([x.shape[0]])
-        seen["x"], seen["s"], seen["out"] = x.clone(), s, model_k(x, s, **(extra_args or {}))
-        return seen["out"]
-
-    domain_guider(model, domain, pos, neg, 2.5, 2.0).sample(
-        torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.zeros(1, 4, 8, 8),
-        samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=5)
+    seen = one_guider_step(domain_guider(model, domain, pos, neg, 2.5, 2.0))
 
     def pred(m, c):
         with torch.no_grad():

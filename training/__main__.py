@@ -86,41 +86,127 @@ def resolve_out(out: str, models_dir: Path | None = None) -> Path:
     return Path(models_dir) / DOMAIN_UNET_FOLDER / name
 
 
+def config_from_args(args):
+    from .config import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
+        crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
+        mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
+        form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir,
+        keep_resume_state=not args.drop_resume_state, buckets=args.buckets, preview_every=args.preview_every,
+        preview_prompt=args.preview_prompt, preview_steps=args.preview_steps)
+
+
+def preflight(args, config):
+    """Everything that can be checked without a model, first; then ComfyUI. Returns (scan, base, rank, out_path)."""
+    from .config import check_output_writable
+    from .data import TrainingInputError
+    from .distributed import setup_distributed
+    from .trainer import prepare_images
+
+    scan = prepare_images(args.images, config)
+    base = Path(args.base).expanduser()
+    if not base.is_file():
+        raise TrainingInputError(f"base checkpoint not found: {base}. Pass the .safetensors file your domain "
+                                 "UNet should start from (e.g. ComfyUI/models/checkpoints/...).")
+    if base.suffix.lower() not in (".safetensors", ".sft"):
+        raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
+    rank, _world, _local = setup_distributed()
+    import_comfy(cpu=True if args.cpu else None)
+    out_path = resolve_out(args.out)
+    if rank == 0:
+        check_output_writable(out_path)
+    return scan, base, rank, out_path
+
+
+class CtrlC:
+    """First Ctrl-C asks the trainer to stop after this step (it saves first); the second aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return False
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+
+def progress_bar(total: int, rank: int):
+    """(progress callback, close) showing steps, loss and images/s on rank 0."""
+    if rank != 0:
+        return (lambda *a: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(step, total, loss, ips):
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
+        bar.refresh()
+
+    return progress, bar.close
+
+
+def print_summary(result, config, summary_json: str | None) -> None:
+    s = result.summary
+    state = "interrupted" if result.interrupted else "done"
+    print(f"{state}: {result.steps_done}/{config.steps} steps, loss {s.get('first_loss') or float('nan'):.4f} -> "
+          f"{s.get('last_loss') or float('nan'):.4f}, {s['images']} images ({s['skipped']} skipped), "
+          f"{s['seconds']:.1f} s", flush=True)
+    for line in s.get("skipped_files", []):
+        print(f"  skipped {line}")
+    if result.path:
+        print(f"saved {result.path}")
+    if result.loss_curve_path:
+        print(f"loss curve {result.loss_curve_path}")
+    if result.preview_paths:
+        print(f"previews {result.preview_paths[0].parent} ({len(result.preview_paths)} pictures)")
+    if result.resume_path:
+        print(f"resume state {result.resume_path} (continue with --resume)")
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(dict(
+            s, path=str(result.path) if result.path else None,
+            loss_curve=str(result.loss_curve_path) if result.loss_curve_path else None,
+            previews=[str(p) for p in result.preview_paths]), indent=2, default=str))
+
+
+def say_preview(out_path):
+    """on_preview for the command line: one line per preview above the progress bar."""
+    def on_preview(step, total, pictures):
+        from tqdm import tqdm
+
+        from .preview import preview_dir_for
+
+        tqdm.write(f"preview at step {step}: {preview_dir_for(out_path)}/step_{step:06d}_*.png", file=sys.stderr)
+    return on_preview
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("root",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from .config import TrainingDiverged
     from .data import TrainingInputError
-    from .config import TrainConfig, TrainingDiverged, check_output_writable
-    from .distributed import setup_distributed
-    from .trainer import prepare_images
 
     if args.cpu:
         os.environ["INDOMAIN_FORCE_CPU"] = "1"
-    config = TrainConfig(
-        steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
-        crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
-        mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
-        form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state,
-        buckets=args.buckets, preview_every=args.preview_every, preview_prompt=args.preview_prompt,
-        preview_steps=args.preview_steps)
+    config = config_from_args(args)
     try:
-        # everything that can be checked without a model, first
-        scan = prepare_images(args.images, config)
-        base = Path(args.base).expanduser()
-        if not base.is_file():
-            raise TrainingInputError(f"base checkpoint not found: {base}. Pass the .safetensors file your domain "
-                                     "UNet should start from (e.g. ComfyUI/models/checkpoints/...).")
-        if base.suffix.lower() not in (".safetensors", ".sft"):
-            raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
-        rank, world, _local = setup_distributed()
-        import_comfy(cpu=True if args.cpu else None)
-        out_path = resolve_out(args.out)
-        if rank == 0:
-            check_output_writable(out_path)
+        scan, base, rank, out_path = preflight(args, config)
     except TrainingInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,38 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"InDomain training: {scan.count} images in {scan.folder}"
               + (f" ({len(scan.skipped)} skipped)" if scan.skipped else "") + f" -> {out_path}", flush=True)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=True, output_clip=True)
-
-    stop = {"flag": False}
-
-    def on_sigint(signum, frame):
-        if stop["flag"]:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort without saving)",
-              file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGINT, on_sigint)
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def progress(step, total, loss, ips):
-        if bar is not None:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
-            bar.refresh()
-
-    def on_preview(step, total, pictures):
-        if bar is not None:
-            from .preview import preview_dir_for
-
-            bar.write(f"preview at step {step}: {preview_dir_for(out_path)}/step_{step:06d}_*.png", file=sys.stderr)
-
+    progress, close_bar = progress_bar(config.steps, rank)
     try:
-        result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
-                       should_stop=lambda: stop["flag"], scan=scan, on_preview=on_preview)
+        with CtrlC() as ctrl_c:
+            result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
+                           should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path))
     except TrainingInputError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -172,30 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {e}", file=sys.stderr)
         return 3
     finally:
-        if bar is not None:
-            bar.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    s = result.summary
+        close_bar()
     if rank == 0:
-        state = "interrupted" if result.interrupted else "done"
-        print(f"{state}: {result.steps_done}/{config.steps} steps, loss {s.get('first_loss') or float('nan'):.4f} -> "
-              f"{s.get('last_loss') or float('nan'):.4f}, {s['images']} images ({s['skipped']} skipped), "
-              f"{s['seconds']:.1f} s", flush=True)
-        for line in s.get("skipped_files", []):
-            print(f"  skipped {line}")
-        if result.path:
-            print(f"saved {result.path}")
-        if result.loss_curve_path:
-            print(f"loss curve {result.loss_curve_path}")
-        if result.preview_paths:
-            print(f"previews {result.preview_paths[0].parent} ({len(result.preview_paths)} pictures)")
-        if result.resume_path:
-            print(f"resume state {result.resume_path} (continue with --resume)")
-        if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(dict(
-                s, path=str(result.path) if result.path else None,
-                loss_curve=str(result.loss_curve_path) if result.loss_curve_path else None,
-                previews=[str(p) for p in result.preview_paths]), indent=2, default=str))
+        print_summary(result, config, args.summary_json)
     try:
         import torch.distributed as dist
 
