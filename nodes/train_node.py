@@ -47,6 +47,9 @@ class TrainDomainUNet(io.ComfyNode):
                         "saves it to models/domain_unets. Interruptible (a checkpoint is saved first) and resumable. "
                         "Connect 'domain_model' to Domain KSampler.",
             is_output_node=True,
+            # every input arrives as a list: core's dataset loaders send one IMAGE per picture (sizes may differ),
+            # and the whole list must reach one training run (core's own trainer does the same)
+            is_input_list=True,
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (from Load Checkpoint) the domain UNet starts from. "
                                "It is not modified."),
@@ -55,7 +58,7 @@ class TrainDomainUNet(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The base checkpoint's VAE: encodes the images once (cached on disk)."),
                 io.String.Input("image_folder", default="", tooltip="Folder of domain images on the ComfyUI machine "
                                 "(searched recursively; jpg/png/webp/bmp). No captions needed. A few hundred images "
-                                "are typical; at least tens."),
+                                "are typical; at least tens. May stay empty when 'images' is connected."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps. Thousands for a real "
                              "domain; each step sees batch_size images."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8,
@@ -84,6 +87,27 @@ class TrainDomainUNet(io.ComfyNode):
                              tooltip="Gradient accumulation: effective batch = batch_size x grad_accum."),
                 io.Boolean.Input("grad_checkpointing", optional=True, default=False,
                                  tooltip="Recompute activations in the backward pass: much less GPU memory, ~30% slower."),
+                io.Int.Input("preview_every", optional=True, default=0, min=0, max=1000000,
+                             tooltip="Every N steps (and at the end) sample the current EMA domain model with a fixed "
+                                     "seed and show it on this node; the pictures are saved in "
+                                     "models/domain_unets/<save_name>.previews/. 0 = off. Costs sampling time, not "
+                                     "training: each preview is preview_steps sampling steps (two model passes "
+                                     "each, three with a preview_prompt) plus a VAE decode."),
+                io.String.Input("preview_prompt", optional=True, default="",
+                                tooltip="Optional prompt for a second preview through decoupled guidance (base model for "
+                                        "the text, the domain model for the domain; cfg 2.5, domain weight 2). Empty: "
+                                        "only the domain model's own (unconditional) sample."),
+                io.Int.Input("preview_steps", optional=True, default=20, min=1, max=1000,
+                             tooltip="Sampling steps per preview picture (euler). Fewer is cheaper and blurrier."),
+                io.Boolean.Input("buckets", optional=True, default=False,
+                                 tooltip="Aspect-ratio buckets: train non-square images whole, in a few shapes of about "
+                                         "resolution x resolution pixels (e.g. 448x576, 512x512, 640x448 at 512), "
+                                         "instead of cropping them square. Each batch comes from one shape."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Training images from any image node (Load Image, core's dataset loaders, ...): "
+                                       "a batch or a list of images of any sizes. Used together with image_folder "
+                                       "(leave the folder empty to train on these alone). Encoded latents are cached "
+                                       "by content."),
                 io.Combo.Input("form", options=["full", "lora"], optional=True, default="full",
                                tooltip="full: train a complete null-text copy of the UNet (the paper's domain model). "
                                "lora: train only a low-rank adapter on the frozen base (about a quarter of the "
@@ -99,6 +123,10 @@ class TrainDomainUNet(io.ComfyNode):
                                 tooltip="The trained domain UNet, ready for Domain KSampler (same as loading the saved file)."),
                 io.String.Output("file_name", display_name="file_name",
                                  tooltip="The saved file's name in models/domain_unets (what Load Domain UNet lists)."),
+                io.Custom("LOSS_MAP").Output("loss", display_name="loss",
+                                             tooltip="The loss of every step (core's LOSS_MAP: connect Plot Loss Graph). "
+                                                     "A curve with its moving average is also saved as "
+                                                     "models/domain_unets/<save_name>.loss.png."),
             ],
         )
 
@@ -107,6 +135,8 @@ class TrainDomainUNet(io.ComfyNode):
         """Re-run when the images change (ComfyUI otherwise caches on the inputs alone)."""
         import hashlib
         import os
+
+        image_folder = _single(image_folder)
 
         h = hashlib.sha256(str(image_folder).encode())
         if not image_folder or not os.path.isdir(image_folder):
@@ -124,14 +154,27 @@ class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
-                grad_checkpointing=False, form="full", rank=32, alpha=0.0) -> io.NodeOutput:
+                grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
+                images=None, form="full", rank=32, alpha=0.0) -> io.NodeOutput:
+        from ..training.loss_curve import loss_map
+        from ..training.preview import progress_preview, side_by_side
         from ..training.trainer import TrainConfig, prepare_images, train
 
+        # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
+        (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
+         save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
+         preview_steps, buckets, form, rank, alpha) = (_single(v) for v in (
+            model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
+            save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
+            preview_steps, buckets, form, rank, alpha))
         ensure_base_model(model)
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
-                             grad_checkpointing=grad_checkpointing, form=form, lora_rank=rank, lora_alpha=alpha)
-        scan = prepare_images(image_folder, config)  # bad folder / resolution: fail before any work
+                             grad_checkpointing=grad_checkpointing, buckets=buckets, preview_every=preview_every,
+                             preview_prompt=preview_prompt, preview_steps=preview_steps, form=form,
+                             lora_rank=rank, lora_alpha=alpha)
+        # bad folder / resolution: fail before any work
+        scan = prepare_images(image_folder, config) if str(image_folder or "").strip() else None
         out_path, name = domain_unet_output_path(save_name)
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -140,13 +183,26 @@ class TrainDomainUNet(io.ComfyNode):
             if step == 1 or step % 10 == 0 or step == total:
                 log.info("InDomain training: step %d/%d loss %.4f (%.1f img/s)", step, total, loss, ips)
 
+        def on_preview(step, total, pictures):
+            pbar.update_absolute(step, total, progress_preview(side_by_side([im for _label, im in pictures])))
+
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(model, clip, vae, scan.folder, config, out_path, resume=resume, progress=progress,
-                           should_stop=comfy.model_management.processing_interrupted, scan=scan)
+            result = train(model, clip, vae, scan.folder if scan is not None else None, config, out_path,
+                           resume=resume, progress=progress, should_stop=comfy.model_management.processing_interrupted,
+                           scan=scan, images=images, on_preview=on_preview)
         if result.interrupted:
             log.info("InDomain training interrupted at step %d; saved %s (resume with 'resume' on)",
                      result.steps_done, out_path)
             comfy.model_management.throw_exception_if_processing_interrupted()
         folder_paths.filename_list_cache.pop(DOMAIN_UNET_FOLDER, None)  # the loader lists the new file at once
         domain = build_domain_model(model, result.state_dict, result.meta, source=str(out_path))
-        return io.NodeOutput(domain, name)
+        if result.loss_curve_path is not None:
+            log.info("InDomain training: loss curve %s", result.loss_curve_path)
+        return io.NodeOutput(domain, name, loss_map(result.losses))
+
+
+def _single(value):
+    """One value of an is_input_list input (a one-element list), or the value itself."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "alpha / rank (default: the rank, scale 1)")
     p.add_argument("--save-precision", choices=("fp16", "fp32"), default=d.save_precision,
                    help=f"precision of the weights in the written file (default {d.save_precision}: half the size)")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets: train non-square images whole, in a few "
+                   "shapes of about resolution x resolution pixels, instead of cropping them square")
+    p.add_argument("--preview-every", type=int, default=d.preview_every, help="every N steps (and at the end) sample the "
+                   "EMA model with a fixed seed into NAME.previews/ next to the output; 0 = off (default). Costs "
+                   "sampling time: --preview-steps steps of two model passes (three with --preview-prompt) plus a VAE decode")
+    p.add_argument("--preview-prompt", default=d.preview_prompt, help="also preview this prompt through decoupled "
+                   "guidance (cfg 2.5, domain weight 2)")
+    p.add_argument("--preview-steps", type=int, default=d.preview_steps, help=f"sampling steps per preview picture "
+                   f"(default {d.preview_steps})")
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
     p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
     p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
@@ -92,7 +101,8 @@ def config_from_args(args):
         mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
         form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir,
         keep_resume_state=not args.drop_resume_state, lora_rank=args.rank, lora_alpha=args.alpha or 0.0,
-        save_precision=args.save_precision)
+        save_precision=args.save_precision, buckets=args.buckets, preview_every=args.preview_every,
+        preview_prompt=args.preview_prompt, preview_steps=args.preview_steps)
 
 
 def preflight(args, config):
@@ -165,11 +175,28 @@ def print_summary(result, config, summary_json: str | None) -> None:
         print(f"  skipped {line}")
     if result.path:
         print(f"saved {result.path}")
+    if result.loss_curve_path:
+        print(f"loss curve {result.loss_curve_path}")
+    if result.preview_paths:
+        print(f"previews {result.preview_paths[0].parent} ({len(result.preview_paths)} pictures)")
     if result.resume_path:
         print(f"resume state {result.resume_path} (continue with --resume)")
     if summary_json:
-        Path(summary_json).write_text(json.dumps(dict(s, path=str(result.path) if result.path else None),
-                                                 indent=2, default=str))
+        Path(summary_json).write_text(json.dumps(dict(
+            s, path=str(result.path) if result.path else None,
+            loss_curve=str(result.loss_curve_path) if result.loss_curve_path else None,
+            previews=[str(p) for p in result.preview_paths]), indent=2, default=str))
+
+
+def say_preview(out_path):
+    """on_preview for the command line: one line per preview above the progress bar."""
+    def on_preview(step, total, pictures):
+        from tqdm import tqdm
+
+        from .preview import preview_dir_for
+
+        tqdm.write(f"preview at step {step}: {preview_dir_for(out_path)}/step_{step:06d}_*.png", file=sys.stderr)
+    return on_preview
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with CtrlC() as ctrl_c:
             result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
-                           should_stop=lambda: ctrl_c.requested, scan=scan)
+                           should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path))
     except TrainingInputError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

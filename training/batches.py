@@ -57,6 +57,17 @@ class LatentSource:
             self._perms[epoch] = torch.randperm(n, generator=step_generator(seed, "perm", epoch))
         return int(self._perms[epoch][position % n])
 
+    def micro_batch(self, seed: int, micro_step: int, rank: int, batch_size: int, world: int,
+                    gen: torch.Generator, hflip: float) -> torch.Tensor:
+        """This rank's images at a micro-step: a pure function of the arguments (see index_at)."""
+        first = micro_step * batch_size * world + rank * batch_size
+        return self.batch([self.index_at(seed, first + i) for i in range(batch_size)], gen, hflip)
+
+    def calibration_latents(self, seed: int, count: int) -> torch.Tensor:
+        """The first `count` images of the run's order, centre-cropped, not flipped."""
+        return torch.stack([self.batch([self.index_at(seed, i)], step_generator(seed, "calib", i), 0.0)[0]
+                            for i in range(count)])
+
     def batch(self, indices: list[int], gen: torch.Generator, hflip: float) -> torch.Tensor:
         th, tw = self.size_hw
         out = []
@@ -90,7 +101,7 @@ class TrainingData:
     """The run's latents at their training size, the base's latent format and a CPU copy of its noise
     schedule (a step's noise and sigmas are drawn on the CPU: device independent), and a fingerprint."""
 
-    source: LatentSource
+    source: object                      # LatentSource, or BucketedLatentSource with config.buckets
     size_hw: tuple[int, int]
     latent_format: object
     model_sampling: object
@@ -98,7 +109,9 @@ class TrainingData:
     info: dict
 
     @classmethod
-    def prepare(cls, model_patcher, latents, flipped_latents, config, data_info: dict | None) -> "TrainingData":
+    def prepare(cls, model_patcher, latents, flipped_latents, config, data_info: dict | None,
+                bucket_hw: list | None = None) -> "TrainingData":
+        """`bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells (default: its own size)."""
         latent_format = model_patcher.model.latent_format
         size_hw = (config.resolution // 8, config.resolution // 8)
         if isinstance(latents, torch.Tensor) and config.crop == "center" and tuple(latents.shape[-2:]) != size_hw:
@@ -110,7 +123,18 @@ class TrainingData:
         if latents[0].shape[0] != latent_format.latent_channels:
             raise TrainingInputError(f"latents have {latents[0].shape[0]} channels but this model uses "
                                      f"{latent_format.latent_channels}; encode them with this checkpoint's VAE.")
-        source = LatentSource(latents, flipped_latents, size_hw, config.crop)
+        if config.buckets:
+            from .buckets import BucketedLatentSource
+
+            if bucket_hw is None:
+                bucket_hw = [tuple(x.shape[-2:]) for x in latents]
+            odd = [hw for hw in bucket_hw if hw[0] % factor or hw[1] % factor]
+            if odd:
+                raise TrainingInputError(f"bucket latent size {odd[0]} is not a multiple of {factor}, which this UNet "
+                                         "needs.")
+            source = BucketedLatentSource(latents, flipped_latents, bucket_hw, config.crop)
+        else:
+            source = LatentSource(latents, flipped_latents, size_hw, config.crop)
         info = dict(data_info or {})
         info.setdefault("images", len(source))
         fingerprint = info.get("fingerprint") or hashlib.sha256(
@@ -120,17 +144,18 @@ class TrainingData:
     def calibration_latents(self, config) -> torch.Tensor:
         """The first `calibration_images` latents of the run's order, uncropped-flip-free, processed."""
         n = min(len(self.source), max(1, config.calibration_images))
-        return self.latent_format.process_in(torch.stack(
-            [self.source.batch([self.source.index_at(config.seed, i)], step_generator(config.seed, "calib", i), 0.0)[0]
-             for i in range(n)]))
+        return self.latent_format.process_in(self.source.calibration_latents(config.seed, n))
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every latent (h, w) a batch can have: the training size, or each bucket's."""
+        return list(getattr(self.source, "keys", [tuple(self.size_hw)]))
 
     def micro_batch(self, config, micro_step: int, rank: int, world: int, device):
         """(model input, timestep, target) of one micro-batch, on `device`."""
-        global_batch = config.batch_size * world
-        positions = [micro_step * global_batch + rank * config.batch_size + i for i in range(config.batch_size)]
         gen = step_generator(config.seed, "batch", micro_step, rank)
-        x0 = self.latent_format.process_in(self.source.batch([self.source.index_at(config.seed, p) for p in positions],
-                                                             gen, config.hflip))
+        x0 = self.latent_format.process_in(self.source.micro_batch(config.seed, micro_step, rank, config.batch_size,
+                                                                   world, gen, config.hflip))
         sigma = sample_sigmas(self.model_sampling, x0.shape[0], gen)
         noise = torch.randn(x0.shape, generator=gen)
         xc, t, x_noisy = noisy_inputs(self.model_sampling, x0, sigma, noise)

@@ -45,6 +45,10 @@ class TrainConfig:
     calibration_images: int = 64       # domain latents used to calibrate the null-text constants
     cache_dir: Optional[str] = None    # latent cache; default <pack>/.cache/latents
     keep_resume_state: bool = True     # keep NAME.resume after a finished run (lets --resume extend it)
+    buckets: bool = False              # aspect-ratio buckets of about resolution² pixels instead of square crops
+    preview_every: int = 0             # sample the EMA model every N steps (and at the end); 0 = off
+    preview_prompt: str = ""           # also preview this prompt through decoupled guidance
+    preview_steps: int = 20            # sampling steps per preview picture
 
     def validate(self) -> None:
         problems = []
@@ -72,6 +76,10 @@ class TrainConfig:
             problems.append(f"lora_alpha must be >= 0 (got {self.lora_alpha}); 0 means the rank")
         if self.save_precision not in ("fp16", "fp32"):
             problems.append(f"save_precision must be fp16 or fp32 (got {self.save_precision!r})")
+        if self.preview_every < 0:
+            problems.append(f"preview_every must be >= 0 (got {self.preview_every})")
+        if self.preview_steps < 1:
+            problems.append(f"preview_steps must be >= 1 (got {self.preview_steps})")
         if self.form not in FORMS:
             problems.append(f"form must be one of {', '.join(FORMS)} (got {self.form!r})")
         if problems:
@@ -89,6 +97,8 @@ class TrainResult:
     resume_path: Optional[Path] = None
     meta: object = None                          # DomainMeta
     summary: dict = field(default_factory=dict)
+    loss_curve_path: Optional[Path] = None       # NAME.loss.png next to the output
+    preview_paths: list = field(default_factory=list)  # pictures saved in NAME.previews/
 
 
 def resume_path_for(out_path: Path) -> Path:

@@ -18,7 +18,7 @@ log = logging.getLogger("indomain.training")
 RESUME_FORMAT = "indomain.resume"
 RESUME_VERSION = 1
 # settings that must match for a resumed run to continue the same run
-RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "resolution", "crop", "hflip", "form", "ema_decay",
+RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "resolution", "crop", "hflip", "form", "ema_decay", "buckets",
                      "weight_decay", "lora_rank", "lora_alpha")
 
 

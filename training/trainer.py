@@ -25,12 +25,14 @@ from ..guidance.checkpoint import cast_for_saving
 from .batches import TrainingData, model_resolution_factor
 from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_writable, default_cache_dir,
                      resume_path_for)
-from .data import check_resolution, encode_images, scan_images
+from .data import EncodedImages, TrainingInputError, check_resolution, encode_images, scan_images
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from .gpu import on_rank0_others_wait
-from .model import base_meta
+from .loss_curve import loss_curve_path, write_loss_curve
+from .model import base_meta, empty_prompt
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
+from .preview import PreviewRenderer, PreviewSettings, preview_dir_for, preview_due, save_previews
 from .resume import load_resume_state, restore_optimisation, restore_weights, save_resume_state
 
 log = logging.getLogger("indomain.training")
@@ -51,6 +53,7 @@ class _Run:
     amp_dtype: object
     step: int = 0
     losses: list = field(default_factory=list)
+    prompts: dict = field(default_factory=dict)   # EmptyPrompt per batch latent (h, w) other than the training size
 
 
 def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved) -> _Run:
@@ -98,7 +101,7 @@ def _step_loss(run: _Run, data: TrainingData, config: TrainConfig, rank: int, wo
     step_loss = torch.zeros((), device=device)
     for micro in range(config.grad_accum):
         xc, t, target = data.micro_batch(config, run.step * config.grad_accum + micro, rank, world, device)
-        ctx = run.prompt.expand(xc.shape[0], device, torch.float32)
+        ctx = run.prompts.get(tuple(xc.shape[-2:]), run.prompt).expand(xc.shape[0], device, torch.float32)
         sync = world == 1 or micro == config.grad_accum - 1
         with run.model.no_sync() if not sync else nullcontext():
             with torch.autocast(device_type=device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -133,6 +136,7 @@ class _Saver:
         self.out_path, self.resume_file, self.rank = out_path, resume_file, rank
         self.meta, self.training_info, self.config, self.world = meta, training_info, config, world
         self.step, self.path = None, None
+        self.loss_curve = loss_curve_path(out_path) if out_path is not None else None
 
     def save(self, run: _Run) -> None:
         if self.out_path is None or self.step == run.step:
@@ -152,6 +156,10 @@ class _Saver:
             "config": dataclasses.asdict(self.config), "world_size": self.world,
             "data_fingerprint": self.training_info["data_fingerprint"], "calibration": run.record,
             "losses": run.losses, "output": self.out_path.name}, run.scaler, run.form.keeps_key)
+        try:
+            write_loss_curve(run.losses, self.loss_curve)
+        except OSError as e:  # the checkpoint is saved; a missing picture must not stop training
+            log.warning("InDomain training: cannot write the loss curve %s (%s)", self.loss_curve, e)
 
     def diverged(self, run: _Run, loss_value: float) -> TrainingDiverged:
         where = (f"The last good checkpoint ({self.path}, step {self.step}) is kept" if self.step is not None
@@ -173,16 +181,49 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
         "form": config.form, **({"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
                                 if config.form == "lora" else {}),
         "save_precision": config.save_precision, "data_fingerprint": data.fingerprint, "trainer": "indomain.training",
+        **({"buckets": data.source.bucket_counts} if config.buckets else {}),
     }
+
+
+class _Previewer:
+    """Every config.preview_every steps (and at the end), on rank 0: sample the EMA weights (training/preview.py),
+    save the pictures next to the output and hand them to `on_preview(step, total, [(label, PIL image)])`.
+    Other ranks wait at their next all-reduce meanwhile."""
+
+    def __init__(self, model_patcher, clip, vae, config: TrainConfig, data: TrainingData, out_path, rank: int,
+                 meta, on_preview: Callable | None):
+        self.config, self.out_path, self.meta, self.on_preview = config, out_path, meta, on_preview
+        self.paths: list[Path] = []
+        self.renderer = None
+        if config.preview_every and rank == 0:
+            if vae is None:
+                raise TrainingInputError("previews need the checkpoint's VAE to decode them; pass vae (or set "
+                                         "preview_every to 0).")
+            self.renderer = PreviewRenderer(model_patcher, clip, vae, PreviewSettings(
+                config.preview_every, config.preview_prompt, config.preview_steps, config.seed), data.size_hw)
+
+    def after_step(self, run: _Run) -> None:
+        if self.renderer is None or not preview_due(run.step, self.config.steps, self.config.preview_every):
+            return
+        t0 = time.perf_counter()
+        images = self.renderer.render(run.form.file_state(run.ema.state_dict(run.module)), self.meta)
+        if self.out_path is not None:
+            self.paths.extend(save_previews(images, preview_dir_for(self.out_path), run.step))
+        log.info("InDomain training: preview at step %d (%.1f s of sampling)", run.step, time.perf_counter() - t0)
+        if self.on_preview is not None:
+            self.on_preview(run.step, self.config.steps, images)
 
 
 def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path=None, resume: bool = False,
                      progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-                     flipped_latents=None, data_info: dict | None = None) -> TrainResult:
+                     flipped_latents=None, data_info: dict | None = None, bucket_hw: list | None = None,
+                     vae=None, on_preview: Callable | None = None) -> TrainResult:
     """Train on already-encoded (unprocessed VAE) latents: a [N, C, h, w] tensor or a list of [C, h_i, w_i].
 
     `progress(step, total, loss, images_per_s)` is called after every optimizer step; training
     stops (after saving) when `should_stop()` returns True. With `out_path` None nothing is written.
+    `bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells. Previews
+    (config.preview_every) need `vae`; `on_preview(step, total, [(label, PIL image)])` receives them.
     """
     import comfy.model_management
 
@@ -192,7 +233,9 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     if out_path is not None and rank == 0:
         check_output_writable(out_path)
     resume_file = None if out_path is None else resume_path_for(out_path)
-    data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info)
+    data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw)
+    if config.buckets:
+        log.info("InDomain training: aspect-ratio buckets (latent HxW: images) %s", data.source.bucket_counts)
     # resume state read and checked before building anything expensive
     saved = load_resume_state(resume_file, config, world, data.fingerprint) if resume else None
 
@@ -200,9 +243,12 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     with torch.inference_mode(False), torch.enable_grad():
         run = _build(model_patcher, clip, data, config, device, saved)
         _restore(run, saved, device, world)
+        # SDXL's size conditioning differs per bucket shape (SD1.x's empty prompt does not depend on it)
+        run.prompts = {hw: empty_prompt(model_patcher, clip, hw) for hw in data.shapes if hw != tuple(data.size_hw)}
         training_info = _training_info(config, data, world, run.amp_dtype)
         meta = base_meta(model_patcher, run.record, {}, form=run.form.name)
         saver = _Saver(out_path, resume_file, rank, meta, training_info, config, world)
+        previewer = _Previewer(model_patcher, clip, vae, config, data, out_path, rank, meta, on_preview)
 
         interrupted = False
         t_start, images_seen = time.perf_counter(), 0
@@ -218,6 +264,7 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
             images_seen += config.batch_size * config.grad_accum * world
             if progress is not None:
                 progress(run.step, config.steps, loss_value, images_seen / max(1e-9, time.perf_counter() - t_start))
+            previewer.after_step(run)
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
                 saver.save(run)
 
@@ -239,7 +286,10 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
                        losses=losses, steps_done=run.step, state_dict=final, interrupted=interrupted,
                        resume_path=resume_file if (resume_file is not None and resume_file.is_file()) else None,
                        meta=dataclasses.replace(meta, training=dict(training_info, steps=run.step)),
-                       summary=summary)
+                       summary=summary,
+                       loss_curve_path=saver.loss_curve if (saver.loss_curve is not None
+                                                            and saver.loss_curve.is_file()) else None,
+                       preview_paths=previewer.paths)
 
 
 def prepare_images(image_dir, config: TrainConfig):
@@ -250,24 +300,59 @@ def prepare_images(image_dir, config: TrainConfig):
 
 def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, resume: bool = False,
           progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-          scan=None, encode_progress: Callable | None = None) -> TrainResult:
-    """Image folder -> cached VAE latents -> train_on_latents. Fails on bad input before any work."""
-    from ..guidance.checkpoint import weights_fingerprint
+          scan=None, encode_progress: Callable | None = None, images=None,
+          on_preview: Callable | None = None) -> TrainResult:
+    """Image folder and/or IMAGE tensors -> cached VAE latents -> train_on_latents. Fails on bad input before any work.
 
-    scan = scan or prepare_images(image_dir, config)
+    `images`: a ComfyUI IMAGE batch [B, H, W, C] or a list of them (images of different sizes), used
+    besides (or instead of, with `image_dir` empty) the folder.
+    """
+    from ..guidance.checkpoint import weights_fingerprint
+    from .image_items import encode_items, folder_items, tensor_items
+
+    config.validate()
+    if scan is None and image_dir not in (None, ""):
+        scan = prepare_images(image_dir, config)
+    items, skipped_tensors = tensor_items(images, config.resolution) if images is not None else ([], [])
+    if scan is None and not items:
+        what = ("all of the connected images were skipped (first: " + skipped_tensors[0] + ")" if skipped_tensors
+                else "no image folder was given and no images are connected")
+        raise TrainingInputError(f"no training images: {what}. Give a folder of domain images, or connect an IMAGE "
+                                 "(Load Image, a dataset loader or any image node) to 'images'.")
     rank, _ = dist_info()
     if rank == 0:
         check_output_writable(out_path)
-    check_resolution(config.resolution, model_resolution_factor(model_patcher, vae))
+    factor = model_resolution_factor(model_patcher, vae)
+    check_resolution(config.resolution, factor)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
-    encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+    encoded, bucket_hw = EncodedImages([], [], []), None
+    if scan is not None and not config.buckets:  # square folder images: the folder's own path (data.py)
+        encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+    if config.buckets or items:
+        from .buckets import bucket_sizes, nearest_bucket
+
+        more_items = (folder_items(scan) if scan is not None and config.buckets else []) + items
+        if config.buckets:
+            choices = bucket_sizes(config.resolution, factor)
+            sizes = [nearest_bucket(*it.size, choices) for it in more_items]
+            bucket_hw = [(h // 8, w // 8) for w, h in sizes]
+        else:
+            sizes = [(config.resolution, config.resolution)] * len(more_items)
+        more = encode_items(vae, more_items, sizes, config.crop, cache_dir, vae_fp, progress=encode_progress)
+        encoded.latents += more.latents
+        encoded.flipped += more.flipped
+        encoded.digests += more.digests
+        encoded.cache_hits += more.cache_hits
+    skipped = (len(scan.skipped) if scan is not None else 0) + len(skipped_tensors)
     log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
-             len(scan.skipped))
-    data_info = {"images": scan.count, "skipped": len(scan.skipped), "fingerprint": encoded.fingerprint,
-                 "cache_hits": encoded.cache_hits}
+             skipped)
+    data_info = {"images": (scan.count if scan is not None else 0) + len(items), "skipped": skipped,
+                 "fingerprint": encoded.fingerprint, "cache_hits": encoded.cache_hits}
     result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
-                              flipped_latents=encoded.flipped, data_info=data_info)
-    result.summary["skipped_files"] = [f"{p.name}: {why}" for p, why in scan.skipped]
+                              flipped_latents=encoded.flipped, data_info=data_info, bucket_hw=bucket_hw, vae=vae,
+                              on_preview=on_preview)
+    result.summary["skipped_files"] = ([f"{p.name}: {why}" for p, why in scan.skipped] if scan is not None
+                                       else []) + skipped_tensors
     result.summary["latent_cache_hits"] = encoded.cache_hits
     return result
