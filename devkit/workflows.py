@@ -30,7 +30,7 @@ DOMAIN_UNET = "my_domain.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 HINT_IMAGE = "control_hint.png"
 INPUT_IMAGE = "input_image.png"
-TRAIN_FOLDER = "/path/to/your/domain_images"
+TRAIN_FOLDER = "domain_images"  # a subfolder of ComfyUI/input (the node reads only those)
 
 # The paper's starting point: 25 steps of a multistep solver, control weight 2.5, domain weight 2.0.
 STEPS, SAMPLER, SCHEDULER = 25, "dpmpp_2m", "karras"

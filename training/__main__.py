@@ -72,11 +72,16 @@ def resolve_out(out: str, models_dir: Path | None = None) -> Path:
     return Path(models_dir) / "domain_unets" / name
 
 
+def configure_logging() -> None:
+    """The trainer's own information lines (logger 'indomain') at INFO; everything else (ComfyUI's model
+    loading chatter on the root logger) at WARNING. Not `getLogger("root")`: that *is* the root logger."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("indomain").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("root",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
 
     from .data import TrainingInputError
     from .trainer import TrainConfig, TrainingDiverged, check_output_writable, prepare_images, setup_distributed

@@ -31,7 +31,7 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
-from .data import TrainingInputError, check_resolution, encode_images, scan_images
+from .data import TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
                     native_target, noisy_inputs, sample_sigmas)
 
@@ -681,6 +681,6 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
                  "cache_hits": encoded.cache_hits}
     result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
                               flipped_latents=encoded.flipped, data_info=data_info)
-    result.summary["skipped_files"] = [f"{p.name}: {why}" for p, why in scan.skipped]
+    result.summary["skipped_files"] = [f"{display_name(p.name)}: {why}" for p, why in scan.skipped]
     result.summary["latent_cache_hits"] = encoded.cache_hits
     return result
