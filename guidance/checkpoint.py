@@ -143,26 +143,27 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> Path:
-    """Write a .safetensors file via a temp file in the same folder + rename: a reader never sees half a file,
-    and a failure (disk full, Ctrl-C) leaves the previous file, if any, untouched."""
+    """Write a .safetensors file in a private temp folder beside it (`.NAME.XXXXXXXX.partial/`) + rename: a
+    reader never sees half a file, and a failure (disk full, Ctrl-C) leaves the previous file, if any,
+    untouched. The folder, not a temp file: safetensors itself writes through its own temp file
+    (`.tmpXXXXXX`), which a kill -9 would otherwise leave beside the models; a whole leftover folder is
+    found and removed by the next run (training.lock.remove_partials)."""
+    import shutil
+
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    tmp = os.path.join(tmp_dir, path.name)
     try:
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 

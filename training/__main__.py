@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
 
     from .data import TrainingInputError
-    from .trainer import TrainConfig, TrainingDiverged, check_output_writable, prepare_images, setup_distributed
+    from .lock import OutputLock
+    from .trainer import TrainConfig, check_output_writable, prepare_images, setup_distributed
 
     if args.cpu:
         os.environ["INDOMAIN_FORCE_CPU"] = "1"
@@ -108,11 +109,23 @@ def main(argv: list[str] | None = None) -> int:
 
         import_comfy(cpu=True if args.cpu else None)
         out_path = resolve_out(args.out)
+        lock = None
         if rank == 0:
             check_output_writable(out_path)
+            lock = OutputLock(out_path).acquire()  # a second run on this output stops here, before loading models
     except TrainingInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, config, scan, base, rank, out_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, config, scan, base, rank, out_path) -> int:
+    from .data import TrainingInputError
+    from .trainer import TrainingDiverged
 
     import comfy.sd
 

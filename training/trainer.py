@@ -31,6 +31,7 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError, save_safetensors_atomic, write_domain_checkpoint
 from ..guidance.nulltext import convert_to_null_text
+from .lock import OutputLock, remove_partials
 from .data import TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .model import (base_meta, cpu_model_sampling, detached_unet_copy, empty_prompt, make_null_text_unet,
                     native_target, noisy_inputs, sample_sigmas)
@@ -416,12 +417,24 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
 
     `progress(step, total, loss, images_per_s)` is called after every optimizer step; training
     stops (after saving) when `should_stop()` returns True. With `out_path` None nothing is written.
+    While it writes, the output is locked (NAME.lock): a second run on the same name is refused.
     """
     config.validate()
-    rank, world = dist_info()
+    rank, _world = dist_info()
     out_path = None if out_path is None else Path(out_path)
-    if out_path is not None and rank == 0:
-        check_output_writable(out_path)
+    if out_path is None or rank != 0:
+        return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
+                                 flipped_latents, data_info)
+    check_output_writable(out_path)
+    with OutputLock(out_path):
+        remove_partials(out_path)  # temp files of a save that a kill -9 interrupted
+        return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
+                                 flipped_latents, data_info)
+
+
+def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path, resume, progress, should_stop,
+                      flipped_latents, data_info) -> TrainResult:
+    rank, world = dist_info()
     resume_file = None if out_path is None else resume_path_for(out_path)
 
     import comfy.model_management
@@ -669,18 +682,24 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
 
     scan = scan or prepare_images(image_dir, config)
     rank, _ = dist_info()
+    lock = None
     if rank == 0:
         check_output_writable(out_path)
-    check_resolution(config.resolution, model_resolution_factor(model_patcher, vae))
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
-    encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
-    log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
-             len(scan.skipped))
-    data_info = {"images": scan.count, "skipped": len(scan.skipped), "fingerprint": encoded.fingerprint,
-                 "cache_hits": encoded.cache_hits}
-    result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
-                              flipped_latents=encoded.flipped, data_info=data_info)
-    result.summary["skipped_files"] = [f"{display_name(p.name)}: {why}" for p, why in scan.skipped]
-    result.summary["latent_cache_hits"] = encoded.cache_hits
-    return result
+        lock = OutputLock(out_path).acquire()  # before any model work: a second writer is refused at once
+    try:
+        check_resolution(config.resolution, model_resolution_factor(model_patcher, vae))
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
+        encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+        log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
+                 len(scan.skipped))
+        data_info = {"images": scan.count, "skipped": len(scan.skipped), "fingerprint": encoded.fingerprint,
+                     "cache_hits": encoded.cache_hits}
+        result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
+                                  flipped_latents=encoded.flipped, data_info=data_info)
+        result.summary["skipped_files"] = [f"{display_name(p.name)}: {why}" for p, why in scan.skipped]
+        result.summary["latent_cache_hits"] = encoded.cache_hits
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
