@@ -69,8 +69,9 @@ def load_workflow(path) -> dict:
         raise ComfyClientError(
             f"{path} is a UI-format workflow (what the frontend saves). The client needs the API format: use the "
             f"twin in workflows/api/, or in ComfyUI export it with 'Export (API)'.")
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
-        raise ComfyClientError(f"{path} is not an API-format workflow (expected {{node_id: {{class_type, inputs}}}}).")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v
+                                             and isinstance(v.get("inputs", {}), dict) for v in data.values()):
+        raise ComfyClientError(f"{path} is not an API-format workflow (expected {{node_id: {{class_type, inputs: {{...}}}}}}).")
     return data
 
 

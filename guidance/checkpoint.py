@@ -114,6 +114,12 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples_per_tensor:
     return h.hexdigest()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.element_size() == 1:  # float8 kinds: torch has no isfinite for them
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
     constants = [k for k in state_dict if k.endswith(f".attn2.{CONSTANT_NAME}")]
     if not constants:
@@ -121,7 +127,7 @@ def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
     leftovers = [k for k in state_dict if ".attn2.to_" in k]
     if leftovers:
         raise DomainCheckpointError(f"{where}: still has cross-attention weights ({leftovers[0]}); not a null-text UNet.")
-    if all(float(state_dict[k].abs().max()) == 0.0 for k in constants):
+    if all(float(state_dict[k].float().abs().max()) == 0.0 for k in constants):
         raise DomainCheckpointError(f"{where}: every null-text constant is zero: calibration never ran. "
                                     "Re-train; the trainer calibrates the constants before step 0.")
 
@@ -132,7 +138,7 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
     if path.suffix != ".safetensors":
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
     _check_null_text(state_dict, str(path))
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise DomainCheckpointError(f"refusing to write {path}: non-finite values in {bad[:3]} (training diverged?).")
     try:
@@ -188,8 +194,13 @@ def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tupl
     except Exception as e:  # safetensors raises several types for truncated/corrupt headers and data
         raise DomainCheckpointError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {e}. "
                                     "Copy it again or re-run training to rewrite it.") from None
+    not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise DomainCheckpointError(f"{path.name}: tensors that are not floating point: {not_float[:3]}; a domain UNet "
+                                    "holds float weights only (the file was altered or is not a domain UNet). Re-train "
+                                    "or copy the original again.")
     _check_null_text(state_dict, path.name)
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise DomainCheckpointError(f"{path.name}: contains NaN/inf in {bad[:3]}; the training run that wrote it diverged. "
                                     "Use an earlier checkpoint or re-train with a lower learning rate.")

@@ -54,7 +54,7 @@ def resolve_image_folder(name) -> Path:
         if absolute_folders_allowed():
             return Path(raw).expanduser()
         raise TrainingInputError(
-            f"image_folder {raw!r} is a path outside ComfyUI's input folder; this server reads training images only "
+            f"image_folder {raw[:200]!r} is a path outside ComfyUI's input folder; this server reads training images only "
             f"from subfolders of {input_dir} ({_choices_hint()}). Copy the images into a subfolder there, or — if you "
             f"run this server yourself — start it with {ALLOW_ABSOLUTE_ENV}=1 to allow absolute paths.")
     target = os.path.realpath(os.path.join(input_dir, raw.replace("\\", "/")))
@@ -64,8 +64,11 @@ def resolve_image_folder(name) -> Path:
         inside = False
     if not inside or target == input_dir:
         raise TrainingInputError(
-            f"image_folder {raw!r} resolves outside the subfolders of ComfyUI's input folder ({input_dir}); "
+            f"image_folder {raw[:200]!r} resolves outside the subfolders of ComfyUI's input folder ({input_dir}); "
             f"choose one of them ({_choices_hint()}).")
+    if not os.path.isdir(target):  # os.path: False (not an exception) for names too long for the file system
+        raise TrainingInputError(f"image_folder {raw[:200]!r} is not a folder in ComfyUI's input folder ({input_dir}); "
+                                 f"choose one of them ({_choices_hint()}), or create it and put the images in it.")
     return Path(target)
 
 

@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from . import DOMAIN_UNET_FOLDER
 from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, input_subfolders, resolve_image_folder
 from .runtime import build_domain_model, ensure_base_model
+from .validation import combo_problem, first_problem
 
 log = logging.getLogger("indomain")
 
@@ -88,16 +89,17 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, image_folder) -> bool | str:
+    def validate_inputs(cls, image_folder=None, crop=None) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
         reloads, and an absolute path is valid when the server owner opted in."""
         from ..training.data import TrainingInputError
 
-        try:
-            resolve_image_folder(image_folder)
-        except TrainingInputError as e:
-            return str(e)
-        return True
+        if image_folder is not None:
+            try:
+                resolve_image_folder(image_folder)
+            except TrainingInputError as e:
+                return str(e)
+        return first_problem(combo_problem("crop", crop, ["center", "random"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
