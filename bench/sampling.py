@@ -44,7 +44,7 @@ def tiny_models(work: Path):
     """Tiny checkpoint (real CLIP) + a calibrated null-text domain UNet loaded as the product does."""
     from indomain.devkit import tiny_models as tm
     from indomain.devkit.domain import load_checkpoint, make_domain_unet
-    from indomain.nodes.runtime import load_domain_model
+    from indomain.nodes.domain_model import load_domain_model
 
     model, clip, _vae = load_checkpoint(tm.tiny_checkpoint(0))
     path = make_domain_unet(model, clip, work / "bench_domain.safetensors", seed=0, perturb=0.02)
@@ -65,7 +65,7 @@ def full_models(dtype, hw):
 
     from indomain.devkit import tiny_models as tm
     from indomain.guidance.nulltext import convert_to_null_text
-    from indomain.nodes.runtime import build_domain_model
+    from indomain.nodes.domain_model import build_domain_model
     from indomain.training.model import EmptyPrompt, base_meta, calibrate, detached_unet_copy
 
     sd = {k: v.to(dtype) for k, v in tm.tiny_unet_state_dict(0, config=SD15_FULL_UNET).items()}
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
 
     import tempfile
 
-    from indomain.nodes.runtime import domain_guider
+    from indomain.nodes.guider import domain_guider
 
     with tempfile.TemporaryDirectory() as work:
         log(f"building models ({mode})")

@@ -11,7 +11,7 @@ background, shifted palette) that holds only 2 shapes x 2 colours. Then, same se
   (c) decoupled guidance, null-text domain UNet    InDomainLoadDomainUNet + InDomainKSampler
 
 (b) and (c) are trained by the pack's trainer (indomain.training.trainer.train_on_latents,
-null_text False / True) on the same latents, steps, lr and seed. Sampling runs as API-format
+form "plain" / "full") on the same latents, steps, lr and seed. Sampling runs as API-format
 graphs on the real in-process ComfyUI. Evaluators (a small CNN with shape / colour / style
 heads, trained here on procedural data of both styles) give control accuracy, a domain score
 and the Fréchet distance to held-out domain images in their 64-d feature space.
@@ -257,17 +257,17 @@ def main(argv=None) -> dict:
     paths = {"naive": models_dir / "diffusion_models" / names["naive"],
              "domain": models_dir / "domain_unets" / names["domain"]}
     train_summaries = {}
-    for which, null_text in (("naive", False), ("domain", True)):
+    for which, form in (("naive", "plain"), ("domain", "full")):
         record = root / f"{paths[which].stem}.json"
         if paths[which].exists() and record.exists() and not args.retrain:
             log(f"{which} fine-tune cached: {paths[which].name}")
             train_summaries[which] = json.loads(record.read_text())
             continue
-        log(f"training {which} ({'null-text UNet' if null_text else 'unmodified UNet, empty prompt'}, "
+        log(f"training {which} ({'null-text UNet' if form == 'full' else 'unmodified UNet, empty prompt'}, "
             f"{cfg.domain_steps} steps)")
         t = time.perf_counter()
         tc = TrainConfig(steps=cfg.domain_steps, lr=cfg.domain_lr, batch_size=cfg.domain_batch, resolution=64,
-                         hflip=0.0, seed=cfg.seed, save_every=0, null_text=null_text, ema_decay=cfg.ema_decay,
+                         hflip=0.0, seed=cfg.seed, save_every=0, form=form, ema_decay=cfg.ema_decay,
                          calibration_images=min(64, cfg.domain_images), keep_resume_state=False,
                          cache_dir=str(root / "latent_cache"))
         res = train_on_latents(base_model, base_clip, comfy_latents, tc, out_path=paths[which])

@@ -1,8 +1,8 @@
 """Cost of null-text domain training against plain fine-tuning of the unmodified UNet.
 
 Both variants run the pack's trainer (indomain.training.trainer.train_on_latents) on the
-same latents, seed, batch and settings; they differ only in `null_text` (True: the null-text
-UNet, no cross-attention; False: the unmodified UNet fed the empty-prompt context, i.e. what
+same latents, seed, batch and settings; they differ only in `form` ("full": the null-text
+UNet, no cross-attention; "plain": the unmodified UNet fed the empty-prompt context, i.e. what
 plain fine-tuning costs). Step time is the median interval between the trainer's per-step
 progress calls (first step excluded); peak memory is measured in a fresh child process per
 variant (RSS above the level before training on CPU, torch.cuda.max_memory_allocated on GPU),
@@ -56,7 +56,7 @@ def child(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(max(args.batch, 8), 4, args.size, args.size, generator=gen) * 5.0  # VAE-space scale
     cfg = TrainConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, resolution=args.size * 8, hflip=0.5,
-                      seed=0, save_every=0, null_text=args.variant == "null_text", calibration_images=8,
+                      seed=0, save_every=0, form="full" if args.variant == "null_text" else "plain", calibration_images=8,
                       keep_resume_state=False)
     stamps = []
 

@@ -18,63 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-
-
-def comfyui_dir() -> Path:
-    """The ComfyUI tree to use: $COMFYUI_DIR, else the provisioned one, else the tree we sit in."""
-    candidates = []
-    if os.environ.get("COMFYUI_DIR"):
-        candidates.append(Path(os.environ["COMFYUI_DIR"]))
-    marker = PACK_ROOT / ".host" / "comfyui_dir"
-    if marker.is_file():
-        candidates.append(Path(marker.read_text().strip()))
-    candidates.append(PACK_ROOT / ".host" / "ComfyUI")
-    # installed as ComfyUI/custom_nodes/<pack>
-    candidates.append(PACK_ROOT.parents[1])
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy").is_dir():
-            return c.resolve()
-    raise FileNotFoundError(
-        "No ComfyUI found. Run `bash scripts/setup_host.sh` (provisions ComfyUI 0.3.75 under .host/) "
-        "or set COMFYUI_DIR to your ComfyUI folder (the one with main.py)."
-    )
-
-
-_IMPORTED = False
-
-
-def import_comfy(cpu: bool | None = None) -> Path:
-    """Make the real ComfyUI importable in this process (idempotent). Returns its root.
-
-    Order matters: CPU mode must be set before comfy.model_management is imported, and
-    utils.extra_config before nodes (nodes.py puts comfy/ on sys.path, after which
-    `utils` would resolve to comfy/utils.py).
-    """
-    global _IMPORTED
-    root = comfyui_dir()
-    if _IMPORTED:
-        return root
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import torch
-
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import utils.extra_config  # noqa: F401
-    import folder_paths  # noqa: F401
-    import nodes  # noqa: F401
-
-    _IMPORTED = True
-    return root
+from ..pack import DOMAIN_UNET_FOLDER, PACK_ROOT, comfyui_dir, import_comfy  # noqa: F401  (re-exported for tests)
 
 
 class _Server:
@@ -163,7 +107,7 @@ def add_model_dirs(models_dir: Path, is_default: bool = True) -> None:
     """Register models_dir/<kind> folders with ComfyUI's folder_paths (in-process)."""
     import folder_paths
 
-    for kind in ("checkpoints", "controlnet", "diffusion_models", "domain_unets", "vae", "loras"):
+    for kind in ("checkpoints", "controlnet", "diffusion_models", DOMAIN_UNET_FOLDER, "vae", "loras"):
         d = models_dir / kind
         d.mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(kind, str(d), is_default=is_default)
@@ -202,7 +146,7 @@ class ComfyServer:
         link = self.base / "custom_nodes" / "indomain"
         if not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
-        for kind in ("checkpoints", "controlnet", "domain_unets", "vae", "loras", "diffusion_models"):
+        for kind in ("checkpoints", "controlnet", DOMAIN_UNET_FOLDER, "vae", "loras", "diffusion_models"):
             (self.base / "models" / kind).mkdir(parents=True, exist_ok=True)
         for kind, files in (models or {}).items():
             named = files.items() if isinstance(files, dict) else [(Path(f).name, f) for f in files]

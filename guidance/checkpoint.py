@@ -1,8 +1,11 @@
-"""The domain UNet checkpoint: one `.safetensors` file with the null-text UNet weights (the
-calibrated constants included, as `<block>.attn2.constant`) and string metadata:
+"""The domain model checkpoint: one `.safetensors` file with the domain model's weights (for the
+full form the null-text UNet, the calibrated constants included as `<block>.attn2.constant`) and
+string metadata:
 
     indomain.format          "indomain.domain_unet"
     indomain.format_version  "1"
+    indomain.form            the domain model form (forms/): "full", "plain"; absent in files written
+                             before forms existed, which read as "full"
     indomain.base_architecture   ComfyUI model family of the base (e.g. "SD15", "SDXL")
     indomain.model_type      prediction type of the base ("EPS", "V_PREDICTION")
     indomain.base_signature  sha256 of the base UNet's key/shape layout (the architecture)
@@ -10,7 +13,8 @@ calibrated constants included, as `<block>.attn2.constant`) and string metadata:
     indomain.calibration     JSON: how the constants were computed
     indomain.training        JSON: settings and data summary of the training run
 
-Reading validates all of it and says what is wrong and what to do. Only safetensors is ever
+Reading validates all of it (the weights with the check STATE_CHECKS holds for the file's form) and
+says what is wrong and what to do. Only safetensors is ever
 read (never pickle); writes go to a temp file in the same folder and are renamed into place.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,6 +33,7 @@ from .nulltext import CONSTANT_NAME
 
 FORMAT_NAME = "indomain.domain_unet"
 FORMAT_VERSION = 1
+DEFAULT_FORM = "full"
 REQUIRED_KEYS = ("indomain.format", "indomain.format_version", "indomain.base_architecture",
                  "indomain.model_type", "indomain.base_signature", "indomain.base_fingerprint")
 
@@ -43,6 +49,7 @@ class DomainMeta:
     base_signature: str
     base_fingerprint: str
     format_version: int = FORMAT_VERSION
+    form: str = DEFAULT_FORM
     calibration: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
@@ -51,6 +58,7 @@ class DomainMeta:
         md = {
             "indomain.format": FORMAT_NAME,
             "indomain.format_version": str(self.format_version),
+            "indomain.form": self.form,
             "indomain.base_architecture": self.base_architecture,
             "indomain.model_type": self.model_type,
             "indomain.base_signature": self.base_signature,
@@ -88,7 +96,8 @@ class DomainMeta:
 
         extra = {k[len("indomain.extra."):]: v for k, v in md.items() if k.startswith("indomain.extra.")}
         return cls(md["indomain.base_architecture"], md["indomain.model_type"], md["indomain.base_signature"],
-                   md["indomain.base_fingerprint"], version, _json("indomain.calibration"), _json("indomain.training"), extra)
+                   md["indomain.base_fingerprint"], version, md.get("indomain.form", DEFAULT_FORM),
+                   _json("indomain.calibration"), _json("indomain.training"), extra)
 
 
 def architecture_signature(shapes: dict[str, tuple]) -> str:
@@ -120,7 +129,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
+def check_null_text_state(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """The full form's file: a calibrated null-text UNet."""
     constants = [k for k in state_dict if k.endswith(f".attn2.{CONSTANT_NAME}")]
     if not constants:
         raise DomainCheckpointError(f"{where}: no '<block>.attn2.{CONSTANT_NAME}' tensors: not a null-text domain UNet.")
@@ -132,13 +142,36 @@ def _check_null_text(state_dict: dict[str, torch.Tensor], where: str) -> None:
                                     "Re-train; the trainer calibrates the constants before step 0.")
 
 
+def check_plain_unet_state(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """The plain form's file: an unmodified UNet (cross-attention kept)."""
+    constants = [k for k in state_dict if k.endswith(f".attn2.{CONSTANT_NAME}")]
+    if constants:
+        raise DomainCheckpointError(f"{where}: holds null-text constants ({constants[0]}) but its form is 'plain'.")
+
+
+# the content check of each domain model form's file (forms/ holds the forms themselves)
+STATE_CHECKS: dict[str, Callable[[dict, str], None]] = {"full": check_null_text_state, "plain": check_plain_unet_state}
+
+
+def check_state(state_dict: dict[str, torch.Tensor], meta: DomainMeta, where: str) -> None:
+    if meta.form not in STATE_CHECKS:
+        raise DomainCheckpointError(f"{where}: domain model form {meta.form!r} is unknown to this InDomain "
+                                    f"(it knows {', '.join(STATE_CHECKS)}); update the pack.")
+    STATE_CHECKS[meta.form](state_dict, where)
+
+
+def non_finite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
+
+
 def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
     """Validate and write atomically (temp file in the same folder, then rename). Returns the path."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
-    _check_null_text(state_dict, str(path))
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
+    check_state(state_dict, meta, str(path))
+    bad = non_finite_keys(state_dict)
     if bad:
         raise DomainCheckpointError(f"refusing to write {path}: non-finite values in {bad[:3]} (training diverged?).")
     try:
@@ -199,23 +232,10 @@ def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tupl
         raise DomainCheckpointError(f"{path.name}: tensors that are not floating point: {not_float[:3]}; a domain UNet "
                                     "holds float weights only (the file was altered or is not a domain UNet). Re-train "
                                     "or copy the original again.")
-    _check_null_text(state_dict, path.name)
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
+    check_state(state_dict, meta, path.name)
+    bad = non_finite_keys(state_dict)
     if bad:
         raise DomainCheckpointError(f"{path.name}: contains NaN/inf in {bad[:3]}; the training run that wrote it diverged. "
                                     "Use an earlier checkpoint or re-train with a lower learning rate.")
     return state_dict, meta
 
-
-def read_domain_metadata(path: str | os.PathLike) -> DomainMeta:
-    """Just the metadata (cheap: reads the header only)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return DomainMeta.from_metadata(f.metadata() or {}, path.name)
-    except DomainCheckpointError:
-        raise
-    except Exception as e:
-        raise DomainCheckpointError(f"{path.name}: not a readable safetensors file: {e}") from None

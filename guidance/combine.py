@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-Term = tuple[float, torch.Tensor]
+WeightedPrediction = tuple[float, torch.Tensor]   # (w_i, e_i): one term of the combination, evaluated
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class GuidanceWeights:
     control: float = 2.5
 
 
-def combine(uncond: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+def combine(uncond: torch.Tensor, terms: Sequence[WeightedPrediction]) -> torch.Tensor:
     """u + Σ w_i (e_i - u). Terms with weight 0 contribute nothing (and need not be evaluated)."""
     out = uncond
     for weight, pred in terms:
@@ -36,7 +36,7 @@ def combine(uncond: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
 
 
 def cfg_equivalent(uncond: torch.Tensor, primary: Optional[torch.Tensor], primary_weight: float,
-                   extra: Sequence[Term]) -> tuple[torch.Tensor, float]:
+                   extra: Sequence[WeightedPrediction]) -> tuple[torch.Tensor, float]:
     """Express the combination as one CFG pair: returns (cond, scale) with
     ``uncond + scale * (cond - uncond) == combine(uncond, [(primary_weight, primary), *extra])``.
 

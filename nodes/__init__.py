@@ -7,7 +7,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-DOMAIN_UNET_FOLDER = "domain_unets"
+from ..pack import DOMAIN_UNET_FOLDER
 
 
 def register_model_folder() -> str:

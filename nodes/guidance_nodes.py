@@ -1,13 +1,15 @@
 """Decoupled-guidance nodes: Domain KSampler, Domain Guider, Apply Domain Guidance, Guidance Term,
-Multi-Term Guider. Wiring only: the guider is nodes/runtime.py, the maths guidance/combine.py."""
+Multi-Term Guider. Wiring only: the guider is nodes/guider.py, the KSampler patch nodes/patch.py,
+the maths guidance/combine.py."""
 from __future__ import annotations
 
 import comfy.samplers
 from comfy_api.latest import io
 
 from .validation import check_interval, combo_problem, first_problem
-from .runtime import (DecoupledGuider, GuidanceTerm as Term, domain_guider, ensure_base_model,
-                      patch_model_for_domain_guidance, sample_with_guider)
+from .domain_model import ensure_base_model
+from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
+from .patch import patch_model_for_domain_guidance
 
 Terms = io.Custom("INDOMAIN_TERMS")
 
@@ -195,4 +197,4 @@ class MultiTermGuider(io.ComfyNode):
         ensure_base_model(model)
         if not terms:
             raise ValueError("Multi-Term Guider: the term chain is empty; connect at least one Guidance Term.")
-        return io.NodeOutput(DecoupledGuider(model, negative, [Term(**{**t.__dict__}) for t in terms]))
+        return io.NodeOutput(DecoupledGuider(model, negative, terms))

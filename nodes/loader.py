@@ -4,8 +4,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
-from .runtime import load_domain_model
+from ..pack import DOMAIN_UNET_FOLDER
+from .domain_model import load_domain_model
 from .validation import combo_problem
 
 

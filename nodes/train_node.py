@@ -12,9 +12,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
+from ..pack import DOMAIN_UNET_FOLDER
+from .domain_model import build_domain_model, ensure_base_model
 from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, input_subfolders, resolve_image_folder
-from .runtime import build_domain_model, ensure_base_model
 from .validation import combo_problem, first_problem
 
 log = logging.getLogger("indomain")

@@ -24,7 +24,7 @@ def _conditioning(family, seed):
 def _domain_for(base_patcher, neg):
     """Calibrate + convert the forced base (random 'empty prompt'), perturb, wrap as a domain MODEL."""
     from indomain.guidance.nulltext import calibrate_constants, convert_to_null_text
-    from indomain.nodes.runtime import build_domain_model
+    from indomain.nodes.domain_model import build_domain_model
     from indomain.training.model import base_meta, noisy_inputs
 
     base = base_patcher.model
@@ -61,7 +61,7 @@ def _domain_for(base_patcher, neg):
 def test_family_parity_formula_and_effect(comfy, family):
     import comfy.samplers as samplers
 
-    from indomain.nodes.runtime import domain_guider, sample_with_guider
+    from indomain.nodes.guider import domain_guider, sample_with_guider
 
     model = tiny_models.forced_model(family, seed=1)
     pos, neg = _conditioning(family, 1), _conditioning(family, 2)
@@ -103,12 +103,13 @@ def test_family_parity_formula_and_effect(comfy, family):
 
 def test_sdxl_domain_file_rejected_for_sd15_base(comfy, base, tmp_path):
     from indomain.guidance.checkpoint import DomainCheckpointError, write_domain_checkpoint
-    from indomain.nodes.runtime import domain_info, load_domain_model
+    from indomain.forms import domain_info
+    from indomain.nodes.domain_model import load_domain_model
 
     xl = tiny_models.forced_model("sdxl", seed=1)
     domain = _domain_for(xl, _conditioning("sdxl", 2))
     path = write_domain_checkpoint(tmp_path / "xl.safetensors", domain.model.diffusion_model.state_dict(),
-                                   domain_info(domain)["meta"])
+                                   domain_info(domain).meta)
     with pytest.raises(DomainCheckpointError, match="SDXL.*SD15"):
         load_domain_model(base[0], path)
     assert load_domain_model(xl, path) is not None  # and it loads onto its own family

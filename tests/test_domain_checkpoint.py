@@ -30,12 +30,12 @@ def test_roundtrip_keeps_weights_and_metadata(domain_file, tmp_path):
 def test_loader_output_is_a_memory_managed_model(comfy, base, domain_file):
     from comfy.model_patcher import ModelPatcher
 
-    from indomain.nodes.runtime import domain_info
+    from indomain.forms import domain_info
 
     model = base[0]
     domain = comfy.node("InDomainLoadDomainUNet").execute(model, domain_file.name).result[0]
     assert isinstance(domain, ModelPatcher)
-    assert domain_info(domain)["meta"].base_architecture == "SD15"
+    assert domain_info(domain).meta.base_architecture == "SD15"
     assert domain.model is not model.model and domain.model_size() > 0
     # weights are exactly the file's
     sd, _ = read_domain_checkpoint(domain_file)
@@ -53,7 +53,7 @@ def _expect_error(fn, *needles):
 
 
 def test_bad_files_give_clear_errors_and_write_nothing(comfy, base, domain_file, tmp_path):
-    from indomain.nodes.runtime import load_domain_model
+    from indomain.nodes.domain_model import load_domain_model
 
     model = base[0]
     folder = tmp_path / "domain_unets"
@@ -102,7 +102,7 @@ def test_unwritable_output_folder_is_a_clear_error(domain_file, tmp_path):
 
 def test_wrong_architecture_pairing_is_rejected(comfy, base, domain_file, tmp_path):
     from indomain.devkit import tiny_models
-    from indomain.nodes.runtime import load_domain_model
+    from indomain.nodes.domain_model import load_domain_model
 
     sd2 = tiny_models.forced_model("sd2v")
     _expect_error(lambda: load_domain_model(sd2, domain_file), "SD15", "SD20", "connect")
@@ -114,8 +114,43 @@ def test_wrong_architecture_pairing_is_rejected(comfy, base, domain_file, tmp_pa
 
 
 def test_domain_model_as_base_is_rejected(comfy, base, domain_file):
-    from indomain.nodes.runtime import load_domain_model
+    from indomain.nodes.domain_model import load_domain_model
 
     domain = load_domain_model(base[0], domain_file)
     with pytest.raises(ValueError, match="is a domain UNet"):
         load_domain_model(domain, domain_file)
+
+
+def test_form_field_is_written_and_files_without_it_load_as_the_full_form(comfy, base, domain_file, tmp_path):
+    """Files written before domain model forms existed have no `indomain.form`: they are full-form files."""
+    from safetensors import safe_open
+
+    from indomain.forms import domain_info
+    from indomain.nodes.domain_model import load_domain_model
+
+    sd, meta = read_domain_checkpoint(domain_file)
+    with safe_open(str(domain_file), framework="pt") as f:
+        assert f.metadata()["indomain.form"] == "full"
+    assert meta.form == "full"
+    # written the old way: the same metadata minus the form field
+    old_metadata = {k: v for k, v in meta.to_metadata().items() if k != "indomain.form"}
+    assert len(old_metadata) == len(meta.to_metadata()) - 1
+    old = tmp_path / "before_forms.safetensors"
+    safetensors.torch.save_file(sd, str(old), metadata=old_metadata)
+    _, old_meta = read_domain_checkpoint(old)
+    assert old_meta == meta
+    domain = load_domain_model(base[0], old)
+    assert domain_info(domain).form.name == "full" and domain_info(domain).source == str(old)
+    loaded = domain.model.diffusion_model.state_dict()
+    assert all(torch.equal(loaded[k].float(), sd[k].float()) for k in sd)
+
+
+def test_unknown_or_mismatched_form_is_a_clear_error(comfy, base, domain_file, tmp_path):
+    sd, meta = read_domain_checkpoint(domain_file)
+    newer = tmp_path / "newer_form.safetensors"
+    safetensors.torch.save_file(sd, str(newer), metadata={**meta.to_metadata(), "indomain.form": "hologram"})
+    _expect_error(lambda: read_domain_checkpoint(newer), "hologram", "update the pack")
+    # a null-text state dict that claims to be a plain UNet
+    claims_plain = DomainMeta(**{**meta.__dict__, "form": "plain"})
+    _expect_error(lambda: write_domain_checkpoint(tmp_path / "p.safetensors", sd, claims_plain), "form is 'plain'")
+    assert not (tmp_path / "p.safetensors").exists()

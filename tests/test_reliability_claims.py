@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from indomain.devkit.images import make_image_folder
-from indomain.training.trainer import TrainConfig, ema_decay_at, read_resume_state, resume_path_for, train
+from indomain.training.optim import ema_decay_at
+from indomain.training.resume import read_resume_state
+from indomain.training.trainer import TrainConfig, resume_path_for, train
 
 
 def test_saved_weights_are_the_ema_and_moved_away_from_the_start(comfy, base, session_dir, tmp_path):
@@ -83,7 +85,8 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
                                                                        domain_on_control):
     import importlib
 
-    from indomain.nodes.runtime import load_domain_model, patch_model_for_domain_guidance
+    from indomain.nodes.domain_model import load_domain_model
+    from indomain.nodes.patch import patch_model_for_domain_guidance
 
     samplers = importlib.import_module("comfy.samplers")  # `import comfy.x` would shadow the fixture
     model, clip, _ = base
@@ -101,8 +104,13 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
     guider = samplers.CFGGuider(patched)
     guider.set_conds(pos, neg)
     guider.set_cfg(w_c)
-    x, out = _x0_at_one_step(guider, noise, sigmas)
-    assert patched.indomain_stats["domain_calls"] == 1  # the active path ran
+    calls = []
+    hook = domain.model.diffusion_model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        x, out = _x0_at_one_step(guider, noise, sigmas)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the active path ran: one domain pass
 
     def alone(m, conds):  # one model, one condition, through core (cfg 1 evaluates the positive only)
         g = samplers.CFGGuider(m)

@@ -20,7 +20,8 @@ from indomain.devkit.images import make_image_folder
 from indomain.guidance.checkpoint import DomainMeta, read_domain_checkpoint, write_domain_checkpoint
 from indomain.training.data import TrainingInputError
 from indomain.training.lock import OutputLock, lock_path_for
-from indomain.training.trainer import TrainConfig, read_resume_state, resume_path_for, train
+from indomain.training.resume import read_resume_state
+from indomain.training.trainer import TrainConfig, resume_path_for, train
 
 HOLD_LOCK = """
 import sys, time

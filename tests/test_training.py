@@ -103,3 +103,60 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     sd, meta = read_domain_checkpoint(out)  # validates: finite, calibrated
     assert meta.training["steps"] == bad_step - 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_plain_form_trains_says_so_and_samples_as_a_domain_model(comfy, base, session_dir, images, tmp_path):
+    """The second domain model form (the benchmarks' naive baseline): an unmodified UNet fine-tuned on the
+    empty prompt. Its file says form 'plain', keeps the base's layout, and Load Domain UNet turns it into a
+    domain model the guider runs; resuming it as another form is refused."""
+    from indomain.forms import domain_info
+    from indomain.nodes.domain_model import load_domain_model
+
+    model, clip, vae = base
+    out = tmp_path / "plain.safetensors"
+    result = train(model, clip, vae, images, cfg(session_dir, steps=3, form="plain"), out)
+    sd, meta = read_domain_checkpoint(out)
+    assert meta.form == "plain" and meta.training["form"] == "plain"
+    assert meta.calibration == {"kind": "plain_finetune", "prompt": ""}
+    base_sd = model.model.diffusion_model.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in base_sd.items()}
+    assert any(".attn2.to_k." in k for k in sd)
+    assert all(torch.equal(result.state_dict[k], sd[k].float()) for k in sd)
+    assert not all(torch.equal(sd[k].float(), base_sd[k].float()) for k in sd)  # it trained
+
+    domain = load_domain_model(model, out)
+    assert domain_info(domain).form.name == "plain" and domain.model is not model.model
+    _check_one_step_formula(model, domain, clip)
+    with pytest.raises(ValueError, match="form"):
+        train(model, clip, vae, images, cfg(session_dir, steps=5), out, resume=True)
+
+
+def _check_one_step_formula(model, domain, clip):
+    """One guider step equals u + w_d (D(x, ∅) - u) + w_c (B(x, c) - u) computed from the models directly."""
+    import comfy.samplers as samplers
+
+    from indomain.nodes.guider import domain_guider
+
+    def encode(text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    pos, neg = encode("a red circle"), encode("")
+    seen = {}
+
+    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s = sigmas[0] * x.new_ones([x.shape[0]])
+        seen["x"], seen["s"], seen["out"] = x.clone(), s, model_k(x, s, **(extra_args or {}))
+        return seen["out"]
+
+    domain_guider(model, domain, pos, neg, 2.5, 2.0).sample(
+        torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.zeros(1, 4, 8, 8),
+        samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=5)
+
+    def pred(m, c):
+        with torch.no_grad():
+            return m.model.apply_model(seen["x"], seen["s"], c_crossattn=c[0][0]).float()
+
+    u, g, d = pred(model, neg), pred(model, pos), pred(domain, neg)
+    assert (d - u).abs().max() > 1e-4  # the domain term is not u in disguise
+    torch.testing.assert_close(seen["out"].float(), u + 2.0 * (d - u) + 2.5 * (g - u), rtol=1e-5, atol=1e-5)

@@ -98,3 +98,25 @@ def _free_port() -> int:
     from indomain.devkit.host import free_port
 
     return free_port()
+
+
+def test_cli_runs_from_an_installed_pack_without_the_devkit(tiny_files, images, tmp_path):
+    """The shipped files alone (no devkit/, tests/, bench/, demo/) train from the command line."""
+    import shutil
+
+    from indomain.pack import PACK_ROOT, comfyui_dir
+
+    site = tmp_path / "site"
+    shutil.copytree(PACK_ROOT, site / "indomain", symlinks=True, ignore=shutil.ignore_patterns(
+        "devkit", "tests", "bench", "demo", ".venv", ".host", ".cache", ".git", "artifacts", "__pycache__"))
+    assert not (site / "indomain" / "devkit").exists()
+    out = tmp_path / "installed" / "dom.safetensors"
+    probe = ("import runpy, sys, indomain; assert indomain.__file__.startswith(sys.argv[1]), indomain.__file__; "
+             "sys.argv = ['indomain.training'] + sys.argv[2:]; runpy.run_module('indomain.training', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", probe, str(site), *cli(tiny_files, images, out, tmp_path / "cache",
+                                                                     "--steps", "1")[2:]],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=dict(env(), PYTHONPATH=str(site), COMFYUI_DIR=str(comfyui_dir())))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _, meta = read_domain_checkpoint(out)
+    assert meta.training["steps"] == 1

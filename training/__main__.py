@@ -15,11 +15,14 @@ import signal
 import sys
 from pathlib import Path
 
+from ..pack import DOMAIN_UNET_FOLDER, import_comfy
+
 EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import TrainConfig
+    from ..forms import FORMS
+    from .config import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -49,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=d.mixed_precision,
                    help="autocast on CUDA: auto = bf16 where supported, else fp16; CPU always trains in fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade ~30%% speed for much less GPU memory")
-    p.add_argument("--plain-finetune", action="store_true", help="baseline: fine-tune the unmodified UNet on the empty "
-                   "prompt instead of the null-text UNet (writes a plain UNet file; for comparisons only)")
+    p.add_argument("--form", choices=sorted(FORMS), default=d.form, help="domain model form: "
+                   + "; ".join(f"{f.name} = {f.description}" for f in FORMS.values()) + f" (default {d.form})")
+    p.add_argument("--plain-finetune", action="store_true", help="same as --form plain: fine-tune the unmodified UNet "
+                   "on the empty prompt (a plain UNet file, also loadable by core 'Load Diffusion Model'; for comparisons)")
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
     p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
     p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
@@ -69,7 +74,7 @@ def resolve_out(out: str, models_dir: Path | None = None) -> Path:
         import folder_paths
 
         models_dir = Path(folder_paths.models_dir)
-    return Path(models_dir) / "domain_unets" / name
+    return Path(models_dir) / DOMAIN_UNET_FOLDER / name
 
 
 def configure_logging() -> None:
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import TrainingInputError
     from .lock import OutputLock
-    from .trainer import TrainConfig, check_output_writable, prepare_images, setup_distributed
+    from .config import TrainConfig, check_output_writable
+    from .distributed import setup_distributed
+    from .trainer import prepare_images
 
     if args.cpu:
         os.environ["INDOMAIN_FORCE_CPU"] = "1"
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
         crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
         mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
-        null_text=not args.plain_finetune, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state)
+        form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir, keep_resume_state=not args.drop_resume_state)
     try:
         # everything that can be checked without a model, first
         scan = prepare_images(args.images, config)
@@ -105,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         if base.suffix.lower() not in (".safetensors", ".sft"):
             raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
         rank, world, _local = setup_distributed()
-        from ..devkit.host import import_comfy
-
         import_comfy(cpu=True if args.cpu else None)
         out_path = resolve_out(args.out)
         lock = None

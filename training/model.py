@@ -6,12 +6,11 @@ one (ε for SD1.x/SDXL, v for v-prediction models) and every family ComfyUI load
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..guidance.checkpoint import DomainMeta, architecture_signature, weights_fingerprint
+from ..guidance.checkpoint import DEFAULT_FORM, DomainMeta, architecture_signature, weights_fingerprint
 from ..guidance.nulltext import calibrate_constants, convert_to_null_text
 
 CALIBRATION_SIGMA_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -147,7 +146,7 @@ def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: 
     return unet, constants, prompt, record
 
 
-def base_meta(model_patcher, calibration: dict, training: dict) -> DomainMeta:
+def base_meta(model_patcher, calibration: dict, training: dict, form: str = DEFAULT_FORM) -> DomainMeta:
     base = model_patcher.model
     sd = base.diffusion_model.state_dict()
     return DomainMeta(
@@ -157,8 +156,6 @@ def base_meta(model_patcher, calibration: dict, training: dict) -> DomainMeta:
         base_fingerprint=weights_fingerprint(sd),
         calibration=calibration,
         training=training,
+        form=form,
     )
 
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

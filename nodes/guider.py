@@ -1,0 +1,221 @@
+"""The decoupled guider: u = B(x, negative); out = u + Σ_i w_i (M_i(x, c_i) - u), and running it like KSampler.
+
+The maths is `guidance.combine`; this module decides which model sees which conditioning and
+keeps ComfyUI's own conventions (ModelPatcher, set_additional_models, calc_cond_batch,
+pre/post-CFG hooks) intact. A domain model's prediction comes from its form's DomainPass (forms/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+
+from ..forms import SeparateModelPass, domain_info
+from ..guidance.combine import cfg_equivalent, term_active
+from .conditioning import domain_conditioning, first_control, with_control
+from .domain_model import ensure_base_model, ensure_domain_model
+
+ADDITIONAL_MODELS_KEY = "indomain"
+
+
+@dataclass(frozen=True, eq=False)  # identity semantics: terms hold tensors
+class Term:
+    """One term w * (M(x, c) - u) as the user set it; evaluated only inside [start, end] percent."""
+
+    model: object                 # ModelPatcher
+    conditioning: list            # CONDITIONING
+    weight: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    label: str = "term"
+
+    def describe(self) -> str:
+        return f"{self.label} (w={self.weight:g}, {self.start_percent:g}–{self.end_percent:g})"
+
+
+@dataclass(eq=False)
+class _ScheduledTerm:
+    """A term's per-guider state: its cond key, its sigma interval (per sampling run), its conds."""
+
+    term: Term
+    key: str
+    has_control: bool
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+
+
+@dataclass
+class _PassGroup:
+    """Terms evaluated by one pass (one domain model or other MODEL), batched in one call."""
+
+    domain_pass: object
+    terms: list = field(default_factory=list)
+
+
+class DecoupledGuider(comfy.samplers.CFGGuider):
+    """u = B(x, negative); out = u + Σ_i w_i (M_i(x, c_i) - u).
+
+    Terms on the base model are batched with u in one calc_cond_batch call; terms on a domain
+    model or another model are batched per model, through that model's pass. Models a pass
+    needs are registered with set_additional_models on a clone of the base, so ComfyUI loads
+    them in the same load_models_gpu call. When no term beyond one base term is active this
+    *is* core CFG (the same function call), so domain_weight = 0 reproduces KSampler exactly.
+    """
+
+    def __init__(self, model, negative, terms: list[Term]):
+        ensure_base_model(model)
+        base = model.clone()
+        self.terms: list[_ScheduledTerm] = []
+        self.primary: _ScheduledTerm | None = None
+        self.groups: dict[int, _PassGroup] = {}
+        conds = {"negative": negative}
+        for i, t in enumerate(terms):
+            group = self._group_for(t, base)
+            is_primary = group is None and self.primary is None
+            st = _ScheduledTerm(t, "positive" if is_primary else f"indomain_term_{i}",
+                                first_control(t.conditioning) is not None)
+            if is_primary:
+                self.primary = st
+            if group is not None:
+                group.terms.append(st)
+            self.terms.append(st)
+            conds[st.key] = t.conditioning
+        extra = [m for g in self.groups.values() for m in g.domain_pass.models]
+        if extra:
+            base.set_additional_models(ADDITIONAL_MODELS_KEY, extra)
+        super().__init__(base)
+        self.inner_set_conds(conds)
+        self.cfg = self.primary.term.weight if self.primary is not None else 1.0
+        self.model_calls = 0  # evaluations of passes other than the base (for tests and benchmarks)
+
+    def _group_for(self, t: Term, base) -> _PassGroup | None:
+        """The pass group of a term, or None for a term on the base model itself."""
+        record = domain_info(t.model)
+        if record is None and t.model.is_clone(base):
+            if not base.clone_has_same_weights(t.model):
+                raise ValueError(
+                    f"{t.describe()}: its MODEL is the base model with different patches (e.g. a LoRA on one "
+                    "branch only). ComfyUI holds one set of patches per model; apply the LoRA before branching.")
+            return None
+        if type(t.model.model.latent_format) is not type(base.model.latent_format):
+            raise ValueError(f"{t.describe()}: its MODEL works in a different latent space "
+                             f"({type(t.model.model.latent_format).__name__}) than the base "
+                             f"({type(base.model.latent_format).__name__}); all terms must share one.")
+        key = id(record) if record is not None else id(t.model.model)
+        if key not in self.groups:
+            domain_pass = record.form.domain_pass(t.model) if record is not None else SeparateModelPass(t.model)
+            self.groups[key] = _PassGroup(domain_pass)
+        return self.groups[key]
+
+    # -- sampling lifecycle
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        ms = self.model_patcher.get_model_object("model_sampling")
+        for st in self.terms:
+            st.sigma_start = float(ms.percent_to_sigma(st.term.start_percent))
+            st.sigma_end = float(ms.percent_to_sigma(st.term.end_percent))
+        self._sample_sigmas = sigmas
+        for g in self.groups.values():
+            g.domain_pass.prepare()
+        self._term_conds = None
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        finally:
+            for g in self.groups.values():
+                g.domain_pass.release()
+
+    def _conds_for(self, st: _ScheduledTerm):
+        if self._term_conds is None:
+            self._term_conds = {}
+            for s in self.terms:
+                conds = self.conds[s.key]
+                if not s.has_control:  # process_conds may copy a positive's control into other conds
+                    conds = [with_control(c) for c in conds]
+                self._term_conds[s.key] = conds
+        return self._term_conds[st.key]
+
+    def active_terms(self, sigma: float) -> list[_ScheduledTerm]:
+        return [st for st in self.terms if st.term.weight != 0 and term_active(sigma, st.sigma_start, st.sigma_end)]
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.reshape(-1)[0])
+        active = self.active_terms(sigma)
+        primary = self.primary if self.primary in active else None
+        others = [st for st in active if st is not primary]
+        negative = self.conds["negative"]
+        if not others:
+            if primary is not None:  # exactly core CFG
+                return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds["positive"],
+                                                        primary.term.weight, model_options=model_options, seed=seed)
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, negative, 1.0,
+                                                    model_options=model_options, seed=seed)
+
+        grouped = {id(st) for g in self.groups.values() for st in g.terms}
+        base_terms = [st for st in others if id(st) not in grouped]
+        conds = [self.conds["positive"] if primary is not None else None, negative]
+        conds += [self._conds_for(st) for st in base_terms]
+        if "sampler_calc_cond_batch_function" in model_options:
+            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = model_options["sampler_calc_cond_batch_function"](args)
+        else:
+            out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        preds = {id(st): out[2 + i] for i, st in enumerate(base_terms)}
+        for g in self.groups.values():
+            g_terms = [st for st in g.terms if st in others]
+            if not g_terms:
+                continue
+            self.model_calls += 1
+            g_out = g.domain_pass.predict(self.inner_model, [self._conds_for(st) for st in g_terms], x, timestep,
+                                          self._sample_sigmas)
+            preds.update({id(st): g_out[i] for i, st in enumerate(g_terms)})
+
+        uncond = out[1]
+        cond, scale = cfg_equivalent(uncond, out[0] if primary is not None else None,
+                                     primary.term.weight if primary is not None else 0.0,
+                                     [(st.term.weight, preds[id(st)]) for st in others])
+        conds_out = [cond, uncond]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds[:2], "conds_out": conds_out, "cond_scale": scale, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            conds_out = fn(args)
+        return comfy.samplers.cfg_function(self.inner_model, conds_out[0], conds_out[1], scale, x, timestep,
+                                           model_options=model_options, cond=conds[0], uncond=conds[1])
+
+
+def domain_guider(model, domain_model, positive, negative, cfg: float, domain_weight: float,
+                  domain_on_control: bool = False, start_percent: float = 0.0, end_percent: float = 1.0,
+                  extra_terms: list[Term] | None = None) -> DecoupledGuider:
+    """The standard decoupled guider: text/control term from the base, domain term from the domain model."""
+    ensure_domain_model(domain_model)
+    terms = [Term(model, positive, cfg, label="control (cfg)"),
+             Term(domain_model, domain_conditioning(negative, positive, domain_on_control), domain_weight,
+                  start_percent, end_percent, label="domain")]
+    return DecoupledGuider(model, negative, terms + list(extra_terms or []))
+
+
+def sample_with_guider(guider, model, seed: int, steps: int, sampler_name: str, scheduler: str, latent: dict,
+                       denoise: float = 1.0, disable_noise: bool = False):
+    """Core KSampler's flow (noise, sigmas, preview callback, progress) with our guider instead of CFGGuider."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if disable_noise:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    else:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    noise_mask = latent.get("noise_mask")
+    callback = latent_preview.prepare_callback(model, steps)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    samples = guider.sample(noise, latent_image, sampler, ks.sigmas, denoise_mask=noise_mask, callback=callback,
+                            disable_pbar=disable_pbar, seed=seed)
+    samples = samples.to(comfy.model_management.intermediate_device())
+    out = latent.copy()
+    out["samples"] = samples
+    return out

@@ -1,0 +1,120 @@
+"""What a training run takes (TrainConfig, validated up front) and gives (TrainResult), and where it writes."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..forms import FORMS
+from ..pack import DOMAIN_UNET_FOLDER, PACK_ROOT
+from .data import TrainingInputError, check_resolution
+
+RESUME_SUFFIX = ".resume"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf. The message names the step, the last good checkpoint and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    batch_size: int = 4
+    grad_accum: int = 1
+    grad_clip: float = 1.0             # max global grad norm; 0 disables
+    ema_decay: float = 0.9999          # with warm-up: min(decay, (1 + k) / (10 + k)) at optimizer step k
+    resolution: int = 512
+    crop: str = "center"               # "center" | "random"
+    hflip: float = 0.5
+    seed: int = 0
+    save_every: int = 500              # also saved at the end and on interruption; 0 = only then
+    mixed_precision: str = "auto"      # "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
+    grad_checkpointing: bool = False
+    form: str = "full"                 # domain model form (forms/): "full" null-text UNet | "plain" fine-tune (baseline)
+    calibration_images: int = 64       # domain latents used to calibrate the null-text constants
+    cache_dir: Optional[str] = None    # latent cache; default <pack>/.cache/latents
+    keep_resume_state: bool = True     # keep NAME.resume after a finished run (lets --resume extend it)
+
+    def validate(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1 (got {self.steps})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum must be >= 1 (got {self.grad_accum})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number (got {self.lr}); 1e-5 is the reference")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if not 0.0 <= self.hflip <= 1.0:
+            problems.append(f"hflip is a probability in [0, 1] (got {self.hflip})")
+        if self.crop not in ("center", "random"):
+            problems.append(f"crop must be 'center' or 'random' (got {self.crop!r})")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            problems.append(f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})")
+        if self.save_every < 0:
+            problems.append(f"save_every must be >= 0 (got {self.save_every})")
+        if self.form not in FORMS:
+            problems.append(f"form must be one of {', '.join(FORMS)} (got {self.form!r})")
+        if problems:
+            raise TrainingInputError("invalid training settings: " + "; ".join(problems) + ".")
+        check_resolution(self.resolution)
+
+
+@dataclass
+class TrainResult:
+    path: Optional[Path]
+    losses: list[float]
+    steps_done: int
+    state_dict: dict[str, torch.Tensor]          # what is saved: the form's file state of the EMA weights
+    interrupted: bool = False
+    resume_path: Optional[Path] = None
+    meta: object = None                          # DomainMeta
+    summary: dict = field(default_factory=dict)
+
+
+def resume_path_for(out_path: Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + RESUME_SUFFIX)
+
+
+def check_output_writable(out_path) -> Path:
+    """Fail before any work when the output cannot be written; leaves nothing behind."""
+    out_path = Path(out_path).expanduser()
+    if out_path.suffix.lower() != ".safetensors":
+        raise TrainingInputError(f"output {out_path.name!r}: domain UNets are saved as .safetensors; "
+                                 "use a name ending in .safetensors (or no extension).")
+    if out_path.is_dir():
+        raise TrainingInputError(f"output {out_path} is a folder; give a file name such as {out_path / 'my_domain.safetensors'}.")
+    folder = out_path.parent
+    created = []
+    try:
+        probe = folder
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".indomain-write-test.", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        for d in created:  # undo folders we made for nothing (deepest first)
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise TrainingInputError(f"cannot write the output {out_path}: {e.strerror or e}. Choose a writable folder "
+                                 f"(or a bare name to save into ComfyUI/models/{DOMAIN_UNET_FOLDER}).") from None
+    return out_path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("INDOMAIN_LATENT_CACHE", PACK_ROOT / ".cache" / "latents"))
