@@ -168,7 +168,7 @@ def non_finite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
 def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: DomainMeta) -> Path:
     """Validate and write atomically (temp file in the same folder, then rename). Returns the path."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":  # one rule everywhere (CLI, node, loader): any case of .safetensors
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
     check_state(state_dict, meta, str(path))
     bad = non_finite_keys(state_dict)

@@ -178,3 +178,16 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     assert worst <= 1e-6, worst
     leftovers = sorted(p.name for p in killed_dir.iterdir())
     assert leftovers == ["dom.resume", "dom.safetensors"], leftovers  # no .partial, no .lock
+
+
+def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
+    """Defect 1: '.SAFETENSORS' passed the pre-flight checks, then the writer refused it at the first save."""
+    from indomain.training.config import check_output_writable
+
+    out = check_output_writable(tmp_path / "Upper.SAFETENSORS")  # the pre-flight accepts any case ...
+    sd = {"b.attn2.constant": torch.ones(4), "w": torch.ones(2, 2)}
+    write_domain_checkpoint(out, sd, _meta(0))  # ... and so does the writer now
+    loaded, meta = read_domain_checkpoint(out)  # and the loader (which lists any case, like ComfyUI's folder_paths)
+    assert meta.training["version"] == 0 and torch.equal(loaded["w"], sd["w"])
+    with pytest.raises(Exception, match="saved as .safetensors"):
+        write_domain_checkpoint(tmp_path / "x.ckpt", sd, _meta(0))
