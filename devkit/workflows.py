@@ -212,8 +212,8 @@ def train_and_sample() -> Workflow:
                                ckpt[0], train[0], pos[0], neg[0], latent[0])
     wf.group("4. Sample with it", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, "indomain/train_and_sample", x=COL_OUT + 60)
-    wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPoint image_folder at a folder of "
-            "images from your domain (no captions needed). Training is interruptible and shows progress; "
+    wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPut images from your domain in a "
+            "subfolder of ComfyUI/input (e.g. input/domain_images; no captions needed) and pick it in image_folder. Training is interruptible and shows progress; "
             "the result is saved under models/domain_unets and can later be loaded with 'Load Domain UNet'.\n"
             "Sampling: cfg 2.5, domain_weight 2.0, 25 steps dpmpp_2m karras.", (COL_MODELS, 170), size=(315, 300))
     return wf
