@@ -327,11 +327,11 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
         if not combos:
             return None
         n, k = rng.choice(combos)
-        values = ["missing.safetensors", "../../models/x.safetensors", "", 5]
+        values = ["missing.safetensors", "../../models/x.safetensors", 5]
         if wf[n]["class_type"].startswith("InDomain"):
-            # not on core nodes: 0.3.75's LoadImage accepts an absolute path at validation (a core defect, fixed
-            # in 0.33), which is not this pack's to fix
-            values.append("/etc/passwd")
+            # not on core nodes: 0.3.75's LoadImage accepts any existing path at validation ('' = the input folder,
+            # '/etc/passwd'; a core defect, fixed in 0.33), which is not this pack's to fix
+            values += ["", "/etc/passwd"]
         wf[n]["inputs"][k] = rng.choice(values)
         return wf, f"{wf[n]['class_type']}.{k} not in list"
     if kind == "link_type_mismatch":
