@@ -40,7 +40,7 @@ DOMAIN_UNET = "my_domain.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 HINT_IMAGE = "control_hint.png"
 INPUT_IMAGE = "input_image.png"
-TRAIN_FOLDER = "/path/to/your/domain_images"
+TRAIN_FOLDER = "domain_images"  # a subfolder of ComfyUI/input (the node reads only those)
 
 # The paper's starting point: 25 steps of a multistep solver, control weight 2.5, domain weight 2.0.
 STEPS, SAMPLER, SCHEDULER = 25, "dpmpp_2m", "karras"
@@ -237,8 +237,8 @@ def _train_and_sample(name: str, train_title: str, widgets: dict, prefix: str, n
                                ckpt[0], train[0], pos[0], neg[0], latent[0])
     wf.group("4. Sample with it", [sampler], GREEN)
     _output(wf, sampler[0], ckpt, prefix, x=COL_OUT + 60)
-    wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPoint image_folder at a folder of "
-            "images from your domain (no captions needed). Training is interruptible and shows progress; "
+    wf.note("Train a domain UNet inside ComfyUI, then sample with it.\n\nPut images from your domain in a "
+            "subfolder of ComfyUI/input (e.g. input/domain_images; no captions needed) and pick it in image_folder. Training is interruptible and shows progress; "
             "the result is saved under models/domain_unets and can later be loaded with 'Load Domain UNet'.\n"
             "Sampling: cfg 2.5, domain_weight 2.0, 25 steps dpmpp_2m karras." + note_extra, (COL_MODELS, 170),
             size=(315, 300))

@@ -123,6 +123,12 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples_per_tensor:
     return h.hexdigest()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.element_size() == 1:  # float8 kinds: torch has no isfinite for them
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def check_null_text_state(state_dict: dict[str, torch.Tensor], where: str) -> None:
     """The full form's file: a calibrated null-text UNet."""
     constants = [k for k in state_dict if k.endswith(f".attn2.{CONSTANT_NAME}")]
@@ -131,7 +137,7 @@ def check_null_text_state(state_dict: dict[str, torch.Tensor], where: str) -> No
     leftovers = [k for k in state_dict if ".attn2.to_" in k]
     if leftovers:
         raise DomainCheckpointError(f"{where}: still has cross-attention weights ({leftovers[0]}); not a null-text UNet.")
-    if all(float(state_dict[k].abs().max()) == 0.0 for k in constants):
+    if all(float(state_dict[k].float().abs().max()) == 0.0 for k in constants):
         raise DomainCheckpointError(f"{where}: every null-text constant is zero: calibration never ran. "
                                     "Re-train; the trainer calibrates the constants before step 0.")
 
@@ -170,7 +176,7 @@ def check_state(state_dict: dict[str, torch.Tensor], meta: DomainMeta, where: st
 
 def non_finite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or inf."""
-    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
 
 
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
@@ -191,7 +197,7 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
 
     Weights are stored in fp16 by default (half the size; ComfyUI casts on load), fp32 on request."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":  # one rule everywhere (CLI, node, loader): any case of .safetensors
         raise DomainCheckpointError(f"{path}: domain UNets are saved as .safetensors; use a name ending in .safetensors.")
     check_state(state_dict, meta, str(path))
     bad = non_finite_keys(state_dict)
@@ -211,26 +217,27 @@ def write_domain_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> Path:
-    """Write a .safetensors file via a temp file in the same folder + rename: a reader never sees half a file,
-    and a failure (disk full, Ctrl-C) leaves the previous file, if any, untouched."""
+    """Write a .safetensors file in a private temp folder beside it (`.NAME.XXXXXXXX.partial/`) + rename: a
+    reader never sees half a file, and a failure (disk full, Ctrl-C) leaves the previous file, if any,
+    untouched. The folder, not a temp file: safetensors itself writes through its own temp file
+    (`.tmpXXXXXX`), which a kill -9 would otherwise leave beside the models; a whole leftover folder is
+    found and removed by the next run (training.lock.remove_partials)."""
+    import shutil
+
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    tmp = os.path.join(tmp_dir, path.name)
     try:
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
@@ -255,6 +262,11 @@ def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tupl
     except Exception as e:  # safetensors raises several types for truncated/corrupt headers and data
         raise DomainCheckpointError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {e}. "
                                     "Copy it again or re-run training to rewrite it.") from None
+    not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise DomainCheckpointError(f"{path.name}: tensors that are not floating point: {not_float[:3]}; a domain UNet "
+                                    "holds float weights only (the file was altered or is not a domain UNet). Re-train "
+                                    "or copy the original again.")
     check_state(state_dict, meta, path.name)
     bad = non_finite_keys(state_dict)
     if bad:

@@ -7,6 +7,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
+from .validation import check_interval, combo_problem, first_problem
 from .domain_model import ensure_base_model
 from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
 from .patch import patch_model_for_domain_guidance
@@ -74,9 +75,15 @@ class DomainKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None) -> bool | str:
+        return first_problem(combo_problem("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES),
+                             combo_problem("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES))
+
+    @classmethod
     def execute(cls, model, domain_model, seed, steps, cfg, domain_weight, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, domain_on_controlnet=False, domain_start_percent=0.0, domain_end_percent=1.0,
                 extra_terms=None) -> io.NodeOutput:
+        check_interval("Domain KSampler", domain_start_percent, domain_end_percent)
         guider = domain_guider(model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet,
                                domain_start_percent, domain_end_percent, extra_terms)
         return io.NodeOutput(sample_with_guider(guider, model, seed, steps, sampler_name, scheduler, latent_image, denoise))
@@ -106,6 +113,7 @@ class DomainGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
                 domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None) -> io.NodeOutput:
+        check_interval("Domain Guider", domain_start_percent, domain_end_percent)
         return io.NodeOutput(domain_guider(model, domain_model, positive, negative, cfg, domain_weight,
                                            domain_on_controlnet, domain_start_percent, domain_end_percent, extra_terms))
 
@@ -131,6 +139,7 @@ class ApplyDomainGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
                 domain_end_percent=1.0) -> io.NodeOutput:
+        check_interval("Apply Domain Guidance", domain_start_percent, domain_end_percent)
         return io.NodeOutput(patch_model_for_domain_guidance(model, domain_model, domain_weight, domain_on_controlnet,
                                                              domain_start_percent, domain_end_percent))
 

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..pack import DOMAIN_UNET_FOLDER
 from .domain_model import load_domain_model
 from .search import search_aliases
+from .validation import combo_problem
 
 
 class LoadDomainUNet(io.ComfyNode):
@@ -27,6 +28,13 @@ class LoadDomainUNet(io.ComfyNode):
             outputs=[io.Model.Output("domain_model", display_name="domain_model",
                                      tooltip="The domain UNet as a ComfyUI model (memory-managed like any other).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, domain_unet_name=None) -> bool | str:
+        problem = combo_problem("domain_unet_name", domain_unet_name, folder_paths.get_filename_list(DOMAIN_UNET_FOLDER))
+        if problem:
+            return problem + " Put trained files in ComfyUI/models/domain_unets (and refresh the page)."
+        return True
 
     @classmethod
     def execute(cls, model, domain_unet_name) -> io.NodeOutput:

@@ -15,23 +15,17 @@ from comfy_api.latest import io
 from ..pack import DOMAIN_UNET_FOLDER
 from .domain_model import build_domain_model, ensure_base_model
 from .search import search_aliases
+from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, input_subfolders, resolve_image_folder
+from .validation import combo_problem, first_problem
 
 log = logging.getLogger("indomain")
 
 
 def domain_unet_output_path(save_name: str) -> tuple[Path, str]:
     """(absolute path, name as the loader lists it) for a save name inside models/domain_unets."""
-    from ..training.data import TrainingInputError
-
-    name = save_name.strip().replace("\\", "/")
-    if not name:
-        raise TrainingInputError("save_name is empty; give a file name such as 'my_domain'.")
+    name = check_save_name(save_name)
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts:
-        raise TrainingInputError(f"save_name {save_name!r} must stay inside models/domain_unets "
-                                 "(no absolute paths or '..'); use a plain name or a subfolder like 'faces/v1'.")
     folder = Path(folder_paths.get_folder_paths(DOMAIN_UNET_FOLDER)[0])
     return folder / name, name
 
@@ -56,9 +50,11 @@ class TrainDomainUNet(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The base checkpoint's CLIP: encodes the empty prompt once, to calibrate "
                               "the constants that replace cross-attention."),
                 io.Vae.Input("vae", tooltip="The base checkpoint's VAE: encodes the images once (cached on disk)."),
-                io.String.Input("image_folder", default="", tooltip="Folder of domain images on the ComfyUI machine "
-                                "(searched recursively; jpg/png/webp/bmp). No captions needed. A few hundred images "
-                                "are typical; at least tens. May stay empty when 'images' is connected."),
+                io.Combo.Input("image_folder", options=[""] + input_subfolders(),
+                               tooltip="Subfolder of ComfyUI's input folder holding the domain images (searched "
+                               "recursively; jpg/png/webp/bmp). No captions needed. A few hundred images are typical; at "
+                               "least tens. Paths outside input/ are refused unless the server is started with "
+                               f"{ALLOW_ABSOLUTE_ENV}=1. Leave empty to train only on the images connected to 'images'."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps. Thousands for a real "
                              "domain; each step sees batch_size images."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8,
@@ -131,24 +127,42 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, image_folder=None, crop=None) -> bool | str:
+        """Own check of image_folder instead of core's list check: the list is refreshed only when the page
+        reloads, and an absolute path is valid when the server owner opted in."""
+        from ..training.data import TrainingInputError
+
+        image_folder, crop = _single(image_folder), _single(crop)  # is_input_list: one-element lists
+        if image_folder is not None and str(image_folder).strip():  # empty: the connected images alone
+            try:
+                resolve_image_folder(image_folder)
+            except TrainingInputError as e:
+                return str(e)
+        return first_problem(combo_problem("crop", crop, ["center", "random"]))
+
+    @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
         """Re-run when the images change (ComfyUI otherwise caches on the inputs alone)."""
         import hashlib
         import os
 
         image_folder = _single(image_folder)
+        from ..training.data import TrainingInputError, find_image_files
 
-        h = hashlib.sha256(str(image_folder).encode())
-        if not image_folder or not os.path.isdir(image_folder):
+        h = hashlib.sha256(os.fsencode(str(image_folder)))
+        try:
+            folder = resolve_image_folder(image_folder)
+        except TrainingInputError:
             return h.hexdigest()  # execute() reports the bad folder
-        for root, dirs, files in os.walk(image_folder):
-            dirs.sort()
-            for f in sorted(files):
-                try:
-                    st = os.stat(os.path.join(root, f))
-                except OSError:
-                    continue
-                h.update(f"{root}/{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if not folder.is_dir():
+            return h.hexdigest()
+        files, _ = find_image_files(folder)  # the files training reads (links followed once, no loops)
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            h.update(os.fsencode(path) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())  # names may be non-UTF-8
         return h.hexdigest()
 
     @classmethod
@@ -173,8 +187,9 @@ class TrainDomainUNet(io.ComfyNode):
                              grad_checkpointing=grad_checkpointing, buckets=buckets, preview_every=preview_every,
                              preview_prompt=preview_prompt, preview_steps=preview_steps, form=form,
                              lora_rank=rank, lora_alpha=alpha)
-        # bad folder / resolution: fail before any work
-        scan = prepare_images(image_folder, config) if str(image_folder or "").strip() else None
+        # bad folder / resolution: fail before any work; no folder = the connected images alone
+        scan = (prepare_images(resolve_image_folder(image_folder), config)
+                if str(image_folder or "").strip() else None)
         out_path, name = domain_unet_output_path(save_name)
         pbar = comfy.utils.ProgressBar(steps)
 

@@ -3,6 +3,7 @@ the same graph; and ComfyUI's interrupt saves a checkpoint before stopping."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +14,22 @@ from indomain.guidance.checkpoint import read_domain_checkpoint
 
 
 @pytest.fixture(scope="module")
-def images(session_dir):
-    folder = session_dir / "node_images"
-    if not folder.exists():
-        make_image_folder(folder, 6, 64, seed=5)
-    return folder
+def images(comfy, session_dir):
+    """The node reads only subfolders of ComfyUI's input folder: the images go there (removed afterwards)."""
+    import shutil
+    import uuid
+
+    import folder_paths
+
+    name = f"indomain_node_images_{uuid.uuid4().hex[:8]}"
+    folder = Path(folder_paths.get_input_directory()) / name
+    make_image_folder(folder, 6, 64, seed=5)
+    yield name
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_inputs(images, save_name, steps=3, **extra):
-    return {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image_folder": str(images), "steps": steps,
+    return {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image_folder": images, "steps": steps,
             "learning_rate": 1e-4, "batch_size": 2, "resolution": 64, "save_name": save_name, **extra}
 
 
@@ -65,7 +73,7 @@ def test_interrupt_saves_a_checkpoint_then_stops(comfy, base, models_dir, images
     try:
         with torch.inference_mode():  # as the executor runs nodes
             with pytest.raises(mm.InterruptProcessingException):
-                node.execute(model, clip, vae, str(images), 50, 1e-4, 2, 64, "node_interrupted", 0, False, 0)
+                node.execute(model, clip, vae, images, 50, 1e-4, 2, 64, "node_interrupted", 0, False, 0)
     finally:
         set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
@@ -75,6 +83,6 @@ def test_interrupt_saves_a_checkpoint_then_stops(comfy, base, models_dir, images
     assert (models_dir / "domain_unets" / "node_interrupted.resume").is_file()
     # resume from it through the node: continues to 4 steps
     with torch.inference_mode():
-        out = node.execute(model, clip, vae, str(images), 4, 1e-4, 2, 64, "node_interrupted", 0, True, 0)
+        out = node.execute(model, clip, vae, images, 4, 1e-4, 2, 64, "node_interrupted", 0, True, 0)
     _, meta = read_domain_checkpoint(path)
     assert meta.training["steps"] == 4 and out.result[1] == "node_interrupted.safetensors"

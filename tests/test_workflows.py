@@ -24,6 +24,8 @@ def client(server, session_dir):
     if not finetuned.exists():
         finetuned.symlink_to(specs.tiny_finetuned_checkpoint())
     c = ComfyClient(server.url)
+    # the training workflow's image_folder names a subfolder of the server's input folder
+    specs.write_train_images(server.base / "input" / specs.TRAIN_FOLDER, count=4, size=64)
     for path in specs.write_test_images(session_dir / "wf_images").values():
         c.upload_image(path)
     return c
@@ -113,12 +115,13 @@ def test_example_workflows_are_the_templates_with_thumbnails(server):
 
 
 @pytest.mark.parametrize("name,api_path", [(f[0], f[2]) for f in FILES], ids=[f[0] for f in FILES])
-def test_api_twin_runs_on_real_server(name, api_path, client, tmp_path):
+def test_api_twin_runs_on_real_server(name, api_path, client, server, tmp_path):
     wf = _tiny(json.loads(api_path.read_text()))
     if "_train_" in name:
         # a real (tiny) training run on the server: 4 drawn images, 2 steps, 64 px
-        folder = specs.write_train_images(tmp_path / "domain_images", count=4, size=64)
-        apply_overrides(wf, steps=2, sets=[("InDomainTrainDomainUNet", "image_folder", str(folder)),
+        # the node reads only subfolders of the server's input folder
+        folder = specs.write_train_images(server.base / "input" / f"wf_{tmp_path.name}", count=4, size=64)
+        apply_overrides(wf, steps=2, sets=[("InDomainTrainDomainUNet", "image_folder", folder.name),
                                           ("InDomainTrainDomainUNet", "batch_size", 2),
                                           ("InDomainTrainDomainUNet", "resolution", 64),
                                           ("InDomainTrainDomainUNet", "save_every", 0),

@@ -106,8 +106,10 @@ def config_from_args(args):
 
 
 def preflight(args, config):
-    """Everything that can be checked without a model, first; then ComfyUI. Returns (scan, base, rank, out_path)."""
+    """Everything that can be checked without a model, first; then ComfyUI; then the output's lock, so a second
+    run on the same output stops here, before loading models. Returns (scan, base, rank, out_path, lock)."""
     from .config import check_output_writable
+    from .lock import OutputLock
     from .data import TrainingInputError
     from .distributed import setup_distributed
     from .trainer import prepare_images
@@ -122,9 +124,11 @@ def preflight(args, config):
     rank, _world, _local = setup_distributed()
     import_comfy(cpu=True if args.cpu else None)
     out_path = resolve_out(args.out)
+    lock = None
     if rank == 0:
         check_output_writable(out_path)
-    return scan, base, rank, out_path
+        lock = OutputLock(out_path).acquire()
+    return scan, base, rank, out_path, lock
 
 
 class CtrlC:
@@ -199,11 +203,16 @@ def say_preview(out_path):
     return on_preview
 
 
+def configure_logging() -> None:
+    """The trainer's own information lines (logger 'indomain') at INFO; everything else (ComfyUI's model
+    loading chatter on the root logger) at WARNING. Not `getLogger("root")`: that *is* the root logger."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("indomain").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("root",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
 
     from .config import TrainingDiverged
     from .data import TrainingInputError
@@ -212,10 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["INDOMAIN_FORCE_CPU"] = "1"
     config = config_from_args(args)
     try:
-        scan, base, rank, out_path = preflight(args, config)
+        scan, base, rank, out_path, lock = preflight(args, config)
     except TrainingInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, config, scan, base, rank, out_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, config, scan, base, rank, out_path) -> int:
+    from .data import TrainingInputError
+    from .trainer import TrainingDiverged
 
     import comfy.sd
 

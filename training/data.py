@@ -1,7 +1,10 @@
 """Training data: a folder of unlabelled images -> cached VAE latents.
 
-Images are found recursively (jpg, jpeg, png, webp, bmp; any case), converted to RGB and
-resized so the short side equals the training resolution. Each image is encoded once by the
+Images are found recursively (jpg, jpeg, png, webp, bmp; any case; symlinked folders are
+followed once, so a link loop cannot make the scan endless), turned upright by their EXIF
+orientation (as ComfyUI's Load Image does), transparent pixels composited on a white
+background (`ALPHA_BACKGROUND`), 16-bit greyscale scaled to 8 bits (not clipped), converted to
+RGB and resized so the short side equals the training resolution. Each image is encoded once by the
 checkpoint's VAE, plain and mirrored (so horizontal flips are exact, not a flip of the latent),
 and cached on disk as safetensors keyed by (file content, resolution, crop mode, VAE weights):
 a changed image, resolution, crop or VAE is a new cache entry. With centre crop the cached
@@ -25,7 +28,15 @@ from ..guidance.checkpoint import save_safetensors_atomic
 log = logging.getLogger("indomain.training")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation, alpha on ALPHA_BACKGROUND, 16-bit greyscale scaled (v1 latents differ)
+# Transparent pixels are composited on this colour: what sits under alpha 0 is arbitrary (often black or
+# leftover colours), so without a stated background the model would learn noise from it.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def display_name(path) -> str:
+    """A file name that can always be printed or stored as UTF-8 (non-UTF-8 bytes become \\xNN escapes)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 class TrainingInputError(ValueError):
@@ -60,8 +71,20 @@ def min_image_side(resolution: int) -> int:
 
 
 def find_image_files(folder: Path) -> tuple[list[Path], int]:
+    """Image files under `folder` (sorted) and the count of other files. Symlinked folders are followed, but
+    each real folder is visited once: a link to a parent (a loop) would otherwise make the walk endless."""
     files, other = [], 0
+    seen: set[tuple[int, int]] = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)  # follows links: the identity of the real folder
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip hidden folders (caches, .git)
         for name in sorted(names):
             if name.startswith("."):
@@ -85,7 +108,7 @@ def _probe(path: Path, min_side: int) -> str | None:
             w, h = im.size
             im.load()    # full decode: catches truncated data that verify() lets through
     except Exception as e:  # PIL raises many types for broken files
-        return f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+        return f"unreadable ({type(e).__name__}: {display_name(str(e)[:80])})"
     if min(w, h) < min_side:
         return f"too small ({w}x{h}; the short side must be at least {min_side} px at this resolution)"
     return None
@@ -106,13 +129,13 @@ def scan_images(folder, resolution: int) -> ImageScan:
             scan.usable.append(p)
         else:
             scan.skipped.append((p, reason))
-            log.warning("InDomain training: skipping %s: %s", p, reason)
+            log.warning("InDomain training: skipping %s: %s", display_name(p), reason)
     if not scan.usable:
         if not candidates:
             what = ("it is empty" if other == 0 else
                     f"it has {other} file(s) but none with an image extension ({', '.join(IMAGE_EXTENSIONS)})")
         else:
-            what = f"all {len(candidates)} image file(s) were skipped (first: {scan.skipped[0][0].name}: {scan.skipped[0][1]})"
+            what = f"all {len(candidates)} image file(s) were skipped (first: {display_name(scan.skipped[0][0].name)}: {scan.skipped[0][1]})"
         raise TrainingInputError(f"no usable training image in {folder}: {what}. Add at least one readable RGB image "
                                  f"whose short side is at least {min_side} px (a few hundred images are typical).")
     return scan
@@ -126,12 +149,32 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def to_rgb(im):
+    """An upright 8-bit RGB PIL image from any mode Pillow opens: EXIF orientation applied, transparency
+    composited on ALPHA_BACKGROUND, 16-bit greyscale scaled (a plain convert("RGB") clips it to white)."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        import numpy as np
+
+        # 16-bit PNGs open as I;16 or I (32-bit ints holding 0..65535), like ComfyUI's Load Image assumes
+        values = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    has_alpha = im.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_resized(path: Path, resolution: int, crop: str):
-    """RGB PIL image, short side = resolution; centre-cropped to a square when crop == 'center'."""
+    """RGB PIL image (see to_rgb), short side = resolution; centre-cropped to a square when crop == 'center'."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
     w, h = im.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -202,7 +245,7 @@ def encode_images(vae, scan: ImageScan, resolution: int, crop: str, cache_dir: P
             if cpath is not None:
                 try:
                     save_safetensors_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
-                                 {"source": path.name, "resolution": str(resolution), "crop": crop})
+                                 {"source": display_name(path.name), "resolution": str(resolution), "crop": crop})
                 except OSError as e:  # a read-only cache must not stop training
                     log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)
         out.latents.append(entry[0].float().clone())

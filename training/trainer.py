@@ -25,7 +25,7 @@ from ..guidance.checkpoint import cast_for_saving
 from .batches import TrainingData, model_resolution_factor
 from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_writable, default_cache_dir,
                      resume_path_for)
-from .data import EncodedImages, TrainingInputError, check_resolution, encode_images, scan_images
+from .data import EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from .gpu import on_rank0_others_wait
@@ -34,6 +34,7 @@ from .model import base_meta, empty_prompt
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
 from .preview import PreviewRenderer, PreviewSettings, preview_dir_for, preview_due, save_previews
 from .resume import load_resume_state, restore_optimisation, restore_weights, save_resume_state
+from .lock import OutputLock, remove_partials
 
 log = logging.getLogger("indomain.training")
 
@@ -224,14 +225,26 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     stops (after saving) when `should_stop()` returns True. With `out_path` None nothing is written.
     `bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells. Previews
     (config.preview_every) need `vae`; `on_preview(step, total, [(label, PIL image)])` receives them.
+    While it writes, the output is locked (NAME.lock): a second run on the same name is refused.
     """
+    config.validate()
+    rank, _world = dist_info()
+    out_path = None if out_path is None else Path(out_path)
+    if out_path is None or rank != 0:
+        return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
+                                 flipped_latents, data_info, bucket_hw, vae, on_preview)
+    check_output_writable(out_path)
+    with OutputLock(out_path):
+        remove_partials(out_path)  # temp files of a save that a kill -9 interrupted
+        return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
+                                 flipped_latents, data_info, bucket_hw, vae, on_preview)
+
+
+def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path, resume, progress, should_stop,
+                      flipped_latents, data_info, bucket_hw, vae, on_preview) -> TrainResult:
     import comfy.model_management
 
-    config.validate()
     rank, world = dist_info()
-    out_path = None if out_path is None else Path(out_path)
-    if out_path is not None and rank == 0:
-        check_output_writable(out_path)
     resume_file = None if out_path is None else resume_path_for(out_path)
     data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw)
     if config.buckets:
@@ -320,39 +333,45 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
         raise TrainingInputError(f"no training images: {what}. Give a folder of domain images, or connect an IMAGE "
                                  "(Load Image, a dataset loader or any image node) to 'images'.")
     rank, _ = dist_info()
+    lock = None
     if rank == 0:
         check_output_writable(out_path)
-    factor = model_resolution_factor(model_patcher, vae)
-    check_resolution(config.resolution, factor)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
-    encoded, bucket_hw = EncodedImages([], [], []), None
-    if scan is not None and not config.buckets:  # square folder images: the folder's own path (data.py)
-        encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
-    if config.buckets or items:
-        from .buckets import bucket_sizes, nearest_bucket
+        lock = OutputLock(out_path).acquire()  # before any model work: a second writer is refused at once
+    try:
+        factor = model_resolution_factor(model_patcher, vae)
+        check_resolution(config.resolution, factor)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        vae_fp = weights_fingerprint(vae.first_stage_model.state_dict())
+        encoded, bucket_hw = EncodedImages([], [], []), None
+        if scan is not None and not config.buckets:  # square folder images: the folder's own path (data.py)
+            encoded = encode_images(vae, scan, config.resolution, config.crop, cache_dir, vae_fp, progress=encode_progress)
+        if config.buckets or items:
+            from .buckets import bucket_sizes, nearest_bucket
 
-        more_items = (folder_items(scan) if scan is not None and config.buckets else []) + items
-        if config.buckets:
-            choices = bucket_sizes(config.resolution, factor)
-            sizes = [nearest_bucket(*it.size, choices) for it in more_items]
-            bucket_hw = [(h // 8, w // 8) for w, h in sizes]
-        else:
-            sizes = [(config.resolution, config.resolution)] * len(more_items)
-        more = encode_items(vae, more_items, sizes, config.crop, cache_dir, vae_fp, progress=encode_progress)
-        encoded.latents += more.latents
-        encoded.flipped += more.flipped
-        encoded.digests += more.digests
-        encoded.cache_hits += more.cache_hits
-    skipped = (len(scan.skipped) if scan is not None else 0) + len(skipped_tensors)
-    log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
-             skipped)
-    data_info = {"images": (scan.count if scan is not None else 0) + len(items), "skipped": skipped,
-                 "fingerprint": encoded.fingerprint, "cache_hits": encoded.cache_hits}
-    result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
-                              flipped_latents=encoded.flipped, data_info=data_info, bucket_hw=bucket_hw, vae=vae,
-                              on_preview=on_preview)
-    result.summary["skipped_files"] = ([f"{p.name}: {why}" for p, why in scan.skipped] if scan is not None
-                                       else []) + skipped_tensors
-    result.summary["latent_cache_hits"] = encoded.cache_hits
-    return result
+            more_items = (folder_items(scan) if scan is not None and config.buckets else []) + items
+            if config.buckets:
+                choices = bucket_sizes(config.resolution, factor)
+                sizes = [nearest_bucket(*it.size, choices) for it in more_items]
+                bucket_hw = [(h // 8, w // 8) for w, h in sizes]
+            else:
+                sizes = [(config.resolution, config.resolution)] * len(more_items)
+            more = encode_items(vae, more_items, sizes, config.crop, cache_dir, vae_fp, progress=encode_progress)
+            encoded.latents += more.latents
+            encoded.flipped += more.flipped
+            encoded.digests += more.digests
+            encoded.cache_hits += more.cache_hits
+        skipped = (len(scan.skipped) if scan is not None else 0) + len(skipped_tensors)
+        log.info("InDomain training: %d images (%d from cache, %d skipped)", len(encoded.latents), encoded.cache_hits,
+                 skipped)
+        data_info = {"images": (scan.count if scan is not None else 0) + len(items), "skipped": skipped,
+                     "fingerprint": encoded.fingerprint, "cache_hits": encoded.cache_hits}
+        result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
+                                  flipped_latents=encoded.flipped, data_info=data_info, bucket_hw=bucket_hw, vae=vae,
+                                  on_preview=on_preview)
+        result.summary["skipped_files"] = ([f"{display_name(p.name)}: {why}" for p, why in scan.skipped] if scan is not None
+                                           else []) + skipped_tensors
+        result.summary["latent_cache_hits"] = encoded.cache_hits
+        return result
+    finally:
+        if lock is not None:
+            lock.release()

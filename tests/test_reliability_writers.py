@@ -1,0 +1,193 @@
+"""Issue 13, writers: two runs on one save name (a lock, stale after kill -9), a reader during saves never
+sees a torn file, and the command-line trainer killed with SIGKILL resumes to the same weights as an
+uninterrupted run (at most one checkpoint interval lost, no temp or lock files left)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from indomain.devkit.images import make_image_folder
+from indomain.guidance.checkpoint import DomainMeta, read_domain_checkpoint, write_domain_checkpoint
+from indomain.training.data import TrainingInputError
+from indomain.training.lock import OutputLock, lock_path_for
+from indomain.training.resume import read_resume_state
+from indomain.training.trainer import TrainConfig, resume_path_for, train
+
+HOLD_LOCK = """
+import sys, time
+from indomain.training.lock import OutputLock
+OutputLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_is_refused_and_a_killed_writers_lock_is_stale(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "imgs", 2, 64, nested=False)
+    out = tmp_path / "models" / "shared.safetensors"
+    holder = _holder(out)
+    try:
+        config = TrainConfig(steps=1, batch_size=1, resolution=64, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(TrainingInputError, match=rf"another training run is writing shared.safetensors "
+                                                      rf"\(pid {holder.pid} .*choose another save name"):
+            train(None, None, None, folder, config, out)  # refused before any model is touched
+        assert lock_path_for(out).is_file() and not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock_path_for(out).is_file()  # SIGKILL leaves the lock behind ...
+    with caplog.at_level("WARNING", logger="indomain.training"):
+        lock = OutputLock(out).acquire()  # ... and the next run takes it over, saying so
+    try:
+        assert json.loads(lock_path_for(out).read_text())["pid"] == os.getpid()
+        assert any("stale lock" in r.getMessage() for r in caplog.records)
+    finally:
+        lock.release()
+    assert not lock_path_for(out).exists()
+
+
+def test_a_lock_from_another_host_is_not_broken(tmp_path):
+    out = tmp_path / "remote.safetensors"
+    lock_path_for(out).write_text(json.dumps({"pid": 1, "host": "some-other-machine", "started": "x"}))
+    with pytest.raises(TrainingInputError, match="some-other-machine.*delete remote.lock"):
+        OutputLock(out).acquire()
+
+
+def _meta(i: int) -> DomainMeta:
+    return DomainMeta("SD15", "EPS", "sig", "fp", training={"version": i})
+
+
+def test_a_reader_never_sees_a_torn_file_while_saves_land(tmp_path):
+    path = tmp_path / "live.safetensors"
+
+    def tensors(i):
+        return {"b.attn2.constant": torch.full((64,), float(i + 1)), "w": torch.full((256, 256), float(i + 1))}
+
+    write_domain_checkpoint(path, tensors(0), _meta(0))
+    done = threading.Event()
+    errors, versions = [], set()
+
+    def writer():
+        try:
+            for i in range(1, 60):
+                write_domain_checkpoint(path, tensors(i), _meta(i))
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reads = 0
+    while not done.is_set() or reads < 5:
+        sd, meta = read_domain_checkpoint(path)  # raises on a torn or half-written file
+        v = meta.training["version"]
+        assert float(sd["w"].min()) == float(sd["w"].max()) == float(sd["b.attn2.constant"][0]) == v + 1
+        versions.add(v)
+        reads += 1
+    t.join()
+    assert not errors and reads >= 5
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".partial"]
+
+
+# ----------------------------------------------------------------------------- kill -9 the command-line trainer
+
+
+def _cli(tiny_files, images, out, cache, *extra):
+    return [sys.executable, "-m", "indomain.training", "--base", str(tiny_files["checkpoint"]), "--images", str(images),
+            "--out", str(out), "--resolution", "64", "--batch-size", "2", "--lr", "1e-4", "--cache-dir", str(cache),
+            "--cpu", "--seed", "4", "--save-every", "2", *extra]
+
+
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_files, tmp_path):
+    images = make_image_folder(tmp_path / "imgs", 4, 64, seed=12, nested=False)
+    cache = tmp_path / "cache"
+    killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
+    out = killed_dir / "dom.safetensors"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_cli(tiny_files, images, out, cache, "--steps", "1000"), stdout=log,
+                                stderr=subprocess.STDOUT, env=_env())
+        try:
+            deadline = time.time() + 500
+            while time.time() < deadline and proc.poll() is None:
+                if resume_path_for(out).is_file():  # the first periodic checkpoint (step 2) has landed
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            # a second writer on the same name is refused while the first runs
+            second = subprocess.run(_cli(tiny_files, images, out, cache, "--steps", "3"), capture_output=True,
+                                    text=True, env=_env(), timeout=300)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert "another training run is writing dom.safetensors" in second.stderr and "Traceback" not in second.stderr
+            time.sleep(1.0)
+            text = log_path.read_text(errors="replace")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # the step the killed run had reached, from its progress bar (tqdm "N/1000")
+    reached = max(int(n) for n in re.findall(r"(\d+)/1000", text))
+    # defect 8: the trainer's own information lines are shown by the CLI
+    assert re.search(r"InDomain training: 4 images \(\d+ from cache, 0 skipped\)", text), text[-3000:]
+    assert lock_path_for(out).is_file()  # left behind by SIGKILL
+    _, info = read_resume_state(resume_path_for(out))
+    saved_step = info["step"]
+    assert saved_step % 2 == 0 and saved_step >= 2
+    assert reached - saved_step <= 2, (reached, saved_step)  # at most one checkpoint interval lost
+
+    # what a kill in the middle of a save leaves: our temp folder with safetensors' own temp file inside
+    torn = killed_dir / ".dom.AbCd1234.partial"
+    torn.mkdir()
+    (torn / ".tmpQwErTy").write_bytes(b"half a file")
+    steps = saved_step + 2  # the resumed run finishes; an uninterrupted run of the same length is the reference
+    r = subprocess.run(_cli(tiny_files, images, out, cache, "--steps", str(steps), "--resume"), capture_output=True,
+                       text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "stale lock" in r.stderr and "done:" in r.stdout and "Traceback" not in r.stderr
+    s = subprocess.run(_cli(tiny_files, images, straight_dir / "dom.safetensors", cache, "--steps", str(steps)),
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert s.returncode == 0, (s.stdout + s.stderr)[-3000:]
+    resumed, meta = read_domain_checkpoint(out)
+    straight, _ = read_domain_checkpoint(straight_dir / "dom.safetensors")
+    assert meta.training["steps"] == steps
+    worst = max(float((resumed[k].float() - straight[k].float()).abs().max()) for k in straight)
+    assert worst <= 1e-6, worst
+    leftovers = sorted(p.name for p in killed_dir.iterdir())
+    assert leftovers == ["dom.resume", "dom.safetensors"], leftovers  # no .partial, no .lock
+
+
+def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
+    """Defect 1: '.SAFETENSORS' passed the pre-flight checks, then the writer refused it at the first save."""
+    from indomain.training.config import check_output_writable
+
+    out = check_output_writable(tmp_path / "Upper.SAFETENSORS")  # the pre-flight accepts any case ...
+    sd = {"b.attn2.constant": torch.ones(4), "w": torch.ones(2, 2)}
+    write_domain_checkpoint(out, sd, _meta(0))  # ... and so does the writer now
+    loaded, meta = read_domain_checkpoint(out)  # and the loader (which lists any case, like ComfyUI's folder_paths)
+    assert meta.training["version"] == 0 and torch.equal(loaded["w"], sd["w"])
+    with pytest.raises(Exception, match="saved as .safetensors"):
+        write_domain_checkpoint(tmp_path / "x.ckpt", sd, _meta(0))
