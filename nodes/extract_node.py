@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import DOMAIN_UNET_FOLDER
+from .search import search_aliases
 
 
 class ExtractDomainLoRA(io.ComfyNode):
@@ -21,6 +22,7 @@ class ExtractDomainLoRA(io.ComfyNode):
                         "of its difference from the base, with the relative reconstruction error per rank. "
                         "Load the result with 'Load Domain UNet' like any domain model.",
             is_output_node=True,
+            **search_aliases("InDomainExtractDomainLoRA"),
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (from Load Checkpoint) the domain UNet was trained from: "
                                "the difference is taken against its weights."),

@@ -18,6 +18,7 @@ ALIASES: dict[str, list[str]] = {
     "InDomainGuidanceTerm": ["guidance term", "multi guidance", "multi cfg", "domain guidance", "decoupled cfg"],
     "InDomainMultiGuider": ["multi guidance", "composable guidance", "multi cfg", "domain guidance", "decoupled cfg"],
     "InDomainTrainDomainUNet": ["train domain", "null text training", "captionless fine-tune", "fine tune unet"],
+    "InDomainExtractDomainLoRA": ["extract lora", "svd lora", "domain lora", "lora from domain unet"],
     "InDomainWeightGrid": ["xy plot", "weight grid", "cfg grid", "domain guidance", "choose weights"],
 }
 

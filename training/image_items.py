@@ -39,10 +39,12 @@ class TrainingImage:
 
 
 def _open_rgb(path: Path):
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from .data import to_rgb  # the folder path's loading rules: EXIF, alpha on the stated background, 16-bit
 
     with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return to_rgb(im)
 
 
 def _upright_size(path: Path) -> tuple[int, int]:
