@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..guidance.checkpoint import DomainCheckpointError
-from ..guidance.lora import (ALPHA, DOWN, UP, DomainInjection, DomainLoRA, LoRAFormatError, add_lora_layers,
-                             collect_adapter, lora_layers)
+from ..guidance.lora import ALPHA, DOWN, UP, DomainLoRA, LoRAFormatError
+from ..guidance.lora_modules import DomainInjection, add_lora_layers, collect_adapter, lora_layers
 from ..guidance.nulltext import convert_to_null_text
 from .base import DOMAIN_ATTACHMENT, DomainModelForm, DomainRecord, Trainable, run_options
 

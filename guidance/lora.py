@@ -14,7 +14,7 @@ Key layout (what ComfyUI's LoRA loader, comfy/lora.py, reads as a LoRA of the di
     diffusion_model.<module>.diff_b             [out]   (only from extraction: bias difference)
     diffusion_model.<block>.attn2.constant      [dim]   (ours; a LoRA loader skips it)
 
-At sampling time the adapter is a forward injection (`DomainInjection`): hooks add the
+At sampling time the adapter is a forward injection (`lora_modules.DomainInjection`): hooks add the
 low-rank term to the layer outputs of the rows that belong to the domain pass, and the
 blocks' `attn2` is swapped for a module that returns the constant on those rows, for the
 duration of one forward call. The base weights are never rewritten, so one set of weights
@@ -25,15 +25,13 @@ Plain torch; no ComfyUI import.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .nulltext import CONSTANT_NAME, NullTextConstant
+from .nulltext import CONSTANT_NAME
 
 KEY_PREFIX = "diffusion_model."
 DOWN, UP, ALPHA, DIFF_B = "lora_down.weight", "lora_up.weight", "alpha", "diff_b"
@@ -253,174 +251,6 @@ def extract(base_sd: dict[str, torch.Tensor], domain_sd: dict[str, torch.Tensor]
     rel = {r: (math.sqrt(residual[r] / total) if total > 0 else 0.0) for r in ranks}
     return Extraction(DomainLoRA(layers, constants, rank=int(rank), alpha=alpha), rel,
                       math.sqrt(rest / all_sq) if all_sq > 0 else 0.0, rest_keys)
-
-
-# ----------------------------------------------------------------------------- training modules
-
-
-class LoRALayer(nn.Module):
-    """base(x) + (alpha / rank) * up(down(x)) with the base frozen: what the trainer optimises."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
-        super().__init__()
-        self.base = base
-        self.rank, self.alpha = int(rank), float(alpha)
-        w = base.weight
-        if isinstance(base, nn.Linear):
-            down_shape, up_shape = (rank, w.shape[1]), (w.shape[0], rank)
-        else:
-            down_shape, up_shape = (rank, *w.shape[1:]), (w.shape[0], rank, *([1] * (w.ndim - 2)))
-        down = torch.empty(down_shape, dtype=torch.float32)
-        # kaiming-uniform (a=sqrt(5)) like nn.Linear's default, from the caller's generator; up starts at
-        # zero so the adapted model equals the (null-text) base at step 0
-        bound = 1.0 / math.sqrt(down[0].numel())
-        down.uniform_(-bound, bound, generator=generator)
-        self.lora_down = nn.Parameter(down.to(w.device))
-        self.lora_up = nn.Parameter(torch.zeros(up_shape, device=w.device))
-        for p in base.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x, *args, **kwargs):
-        return self.base(x, *args, **kwargs) + low_rank_term(self.base, x, self.lora_down, self.lora_up,
-                                                             self.alpha / self.rank)
-
-    def adapter(self) -> LayerAdapter:
-        return LayerAdapter(self.lora_down.detach().float().cpu(), self.lora_up.detach().float().cpu(), self.alpha)
-
-
-def low_rank_term(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return F.linear(F.linear(x, down), up) * scale
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[down.ndim - 2]
-    h = conv(x, down, None, module.stride, module.padding, module.dilation, module.groups)
-    return conv(h, up) * scale
-
-
-def add_lora_layers(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> list[str]:
-    """Wrap every adaptable layer of `unet` (in place) in a LoRALayer; only the adapters require grad.
-
-    Returns the adapted layer names (the names in `unet` before wrapping, which are the file's names).
-    """
-    if rank < 1:
-        raise LoRAFormatError(f"rank must be >= 1 (got {rank}).")
-    alpha = float(rank if alpha is None else alpha)
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(int(seed))
-    names = [n for n, _ in adapted_modules(unet)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, LoRALayer(getattr(parent, child), rank, alpha, gen))
-    return names
-
-
-def lora_layers(unet: nn.Module) -> dict[str, LoRALayer]:
-    return {n: m for n, m in unet.named_modules() if isinstance(m, LoRALayer)}
-
-
-def collect_adapter(unet: nn.Module, constants: dict[str, torch.Tensor] | None = None) -> DomainLoRA:
-    """The DomainLoRA of a UNet wrapped by add_lora_layers (constants read from its NullTextConstants)."""
-    layers = {n: m.adapter() for n, m in lora_layers(unet).items()}
-    if constants is None:
-        constants = {n: m.attn2.constant.detach().float().cpu() for n, m in unet.named_modules()
-                     if isinstance(getattr(m, CROSS_ATTENTION, None), NullTextConstant)}
-    any_layer = next(iter(lora_layers(unet).values()), None)
-    return DomainLoRA(layers, constants, rank=any_layer.rank if any_layer else 0,
-                      alpha=any_layer.alpha if any_layer else 0.0)
-
-
-# ----------------------------------------------------------------------------- sampling-time injection
-
-
-class _RowConstantAttention(nn.Module):
-    """Stands in for a block's attn2 for one forward call: the constant on the domain rows, the real
-    cross-attention (computed on the other rows only) elsewhere."""
-
-    def __init__(self, attn2: nn.Module, constant: torch.Tensor, rows: torch.Tensor | None):
-        super().__init__()
-        self.attn2 = attn2
-        self.constant = constant
-        self.rows = rows
-
-    def forward(self, x, context=None, value=None, mask=None, transformer_options=None, **kwargs):
-        c = self.constant.to(device=x.device, dtype=x.dtype)
-        if self.rows is None:
-            return c.expand(*x.shape[:-1], c.shape[0])
-        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        keep[self.rows] = False
-        idx = keep.nonzero().reshape(-1)
-
-        def pick(t):
-            return t[idx] if isinstance(t, torch.Tensor) and t.shape[0] == x.shape[0] else t
-
-        kw = dict(kwargs)
-        if transformer_options is not None:
-            kw["transformer_options"] = transformer_options
-        real = self.attn2(x[idx], context=pick(context), value=pick(value), mask=pick(mask), **kw)
-        out = c.expand(*x.shape[:-1], c.shape[0]).clone()
-        out[idx] = real.to(out.dtype)
-        return out
-
-
-class DomainInjection:
-    """Applies a DomainLoRA to some rows of a base UNet's forward, weights untouched.
-
-    `with injection.applied(unet, rows):` — rows is a 1-D index tensor of batch rows that belong to
-    the domain pass, or None for all rows. Inside, forward hooks add the low-rank term (and bias
-    difference) to those rows' outputs of every adapted layer, and every transformer block's attn2
-    answers with its constant on those rows. Everything is removed on exit.
-    """
-
-    def __init__(self, lora: DomainLoRA):
-        self.lora = lora
-        self._cast: dict = {}
-
-    def _tensors(self, name: str, a: LayerAdapter, device, dtype):
-        key = (name, device, dtype)
-        t = self._cast.get(key)
-        if t is None:
-            t = (a.down.to(device=device, dtype=dtype), a.up.to(device=device, dtype=dtype),
-                 None if a.diff_b is None else a.diff_b.to(device=device, dtype=dtype))
-            self._cast[key] = t
-        return t
-
-    def _hook(self, name: str, a: LayerAdapter, rows):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            down, up, diff_b = self._tensors(name, a, x.device, x.dtype)
-            xs = x if rows is None else x[rows]
-            delta = low_rank_term(module, xs, down, up, a.scale)
-            if diff_b is not None:  # Linear: [..., out]; Conv: [B, out, *spatial]
-                delta = delta + (diff_b if isinstance(module, nn.Linear) else diff_b.reshape(-1, *([1] * (delta.ndim - 2))))
-            if rows is None:
-                return output + delta.to(output.dtype)
-            out = output.clone()
-            out[rows] = out[rows] + delta.to(out.dtype)
-            return out
-        return hook
-
-    def clear_cache(self) -> None:
-        """Drop the adapter copies cast to the sampling device/dtype (kept for one sampling run)."""
-        self._cast.clear()
-
-    @contextmanager
-    def applied(self, unet: nn.Module, rows: torch.Tensor | None = None):
-        modules = dict(unet.named_modules())
-        handles, swapped = [], []
-        try:
-            for name, a in self.lora.layers.items():
-                handles.append(modules[name].register_forward_hook(self._hook(name, a, rows)))
-            for block, c in self.lora.constants.items():
-                b = modules[block]
-                swapped.append((b, b.attn2))
-                b.attn2 = _RowConstantAttention(b.attn2, c, rows)
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for b, attn2 in swapped:
-                b.attn2 = attn2
 
 
 def adapted_names_from_state(state_dict: dict[str, torch.Tensor]) -> list[str]:

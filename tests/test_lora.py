@@ -10,8 +10,9 @@ import torch
 
 from indomain.devkit import tiny_models
 from indomain.devkit.host import import_comfy
-from indomain.guidance.lora import (DomainInjection, DomainLoRA, LayerAdapter, LoRAFormatError, add_lora_layers,
-                                    adapted_modules, adapted_names_from_state, collect_adapter, extract, merge_into)
+from indomain.guidance.lora import (DomainLoRA, LayerAdapter, LoRAFormatError, adapted_modules,
+                                    adapted_names_from_state, extract, merge_into)
+from indomain.guidance.lora_modules import DomainInjection, add_lora_layers, collect_adapter
 from indomain.guidance.nulltext import convert_to_null_text, cross_attention_blocks
 
 

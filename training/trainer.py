@@ -5,7 +5,8 @@ null-text UNet by default). The loop reads build -> restore -> step -> finish: t
 denoising loss on the model's native target, AdamW, gradient clipping, EMA (the saved model is
 the EMA), gradient accumulation, mixed precision on CUDA, optional gradient checkpointing, and
 data-parallel training under torchrun. Around it: config.py (settings, result, output paths),
-batches.py (latents and determinism), distributed.py, optim.py (EMA, precision), resume.py.
+batches.py (latents and determinism), distributed.py, optim.py (EMA, precision), resume.py, outputs.py
+(what a run writes while it trains: model file, resume state, loss curve, previews).
 """
 from __future__ import annotations
 
@@ -28,19 +29,17 @@ from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_wr
 from .data import EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
-from .gpu import on_rank0_others_wait
-from .loss_curve import loss_curve_path, write_loss_curve
 from .model import base_meta, empty_prompt
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
-from .preview import PreviewRenderer, PreviewSettings, preview_dir_for, preview_due, save_previews
-from .resume import load_resume_state, restore_optimisation, restore_weights, save_resume_state
+from .outputs import Previewer, Saver
+from .resume import load_resume_state, restore_optimisation, restore_weights
 from .lock import OutputLock, remove_partials
 
 log = logging.getLogger("indomain.training")
 
 
 @dataclass
-class _Run:
+class Run:
     """Everything a run updates: the module (and its data-parallel wrapper), EMA, optimiser, step, losses."""
 
     form: DomainModelForm
@@ -57,7 +56,7 @@ class _Run:
     prompts: dict = field(default_factory=dict)   # EmptyPrompt per batch latent (h, w) other than the training size
 
 
-def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved) -> _Run:
+def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved) -> Run:
     """The form's trainable module (fresh, or the skeleton the resume state fills), EMA and optimiser."""
     form = form_named(config.form).for_config(config)
     if saved is not None:
@@ -80,10 +79,10 @@ def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device,
                                   weight_decay=config.weight_decay)
     amp_dtype = autocast_dtype(config.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return _Run(form, module, module, trainable.prompt, trainable.record, ema, optimizer, scaler, amp_dtype)
+    return Run(form, module, module, trainable.prompt, trainable.record, ema, optimizer, scaler, amp_dtype)
 
 
-def _restore(run: _Run, saved, device, world: int) -> None:
+def _restore(run: Run, saved, device, world: int) -> None:
     """Continue from the saved step (or start at 0), then wrap for data parallelism."""
     if saved is not None:
         state, info = saved
@@ -96,7 +95,7 @@ def _restore(run: _Run, saved, device, world: int) -> None:
     run.model = wrap_data_parallel(run.module, world, device)
 
 
-def _step_loss(run: _Run, data: TrainingData, config: TrainConfig, rank: int, world: int, device) -> float:
+def _step_loss(run: Run, data: TrainingData, config: TrainConfig, rank: int, world: int, device) -> float:
     """Forward and backward over the step's micro-batches; the mean loss over all ranks."""
     run.optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
@@ -114,7 +113,7 @@ def _step_loss(run: _Run, data: TrainingData, config: TrainConfig, rank: int, wo
     return float(all_reduce_mean(step_loss, world))
 
 
-def _apply_step(run: _Run, config: TrainConfig, loss_value: float) -> None:
+def _apply_step(run: Run, config: TrainConfig, loss_value: float) -> None:
     """Clip, step the optimiser, update the EMA, count the step."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
@@ -130,45 +129,6 @@ def _apply_step(run: _Run, config: TrainConfig, loss_value: float) -> None:
     run.losses.append(loss_value)
 
 
-class _Saver:
-    """Writes the domain model file (the EMA, in the form's layout) and the resume state, on rank 0 only."""
-
-    def __init__(self, out_path, resume_file, rank: int, meta, training_info: dict, config: TrainConfig, world: int):
-        self.out_path, self.resume_file, self.rank = out_path, resume_file, rank
-        self.meta, self.training_info, self.config, self.world = meta, training_info, config, world
-        self.step, self.path = None, None
-        self.loss_curve = loss_curve_path(out_path) if out_path is not None else None
-
-    def save(self, run: _Run) -> None:
-        if self.out_path is None or self.step == run.step:
-            return
-        # rank 0 writes; the other ranks wait for it on a long-timeout group (training/gpu.py): the resume file
-        # (about 4x the UNet) can take longer to write than the collective timeout of the next step
-        on_rank0_others_wait(lambda: self._write(run), self.rank, self.world)
-        self.step, self.path = run.step, self.out_path
-
-    def _write(self, run: _Run) -> None:
-        meta = dataclasses.replace(self.meta, training=dict(self.training_info, steps=run.step,
-                                                            target_steps=self.config.steps,
-                                                            final_loss=run.losses[-1] if run.losses else None))
-        run.form.write(self.out_path, run.ema.state_dict(run.module, run.form.keeps_key), meta,
-                       precision=self.config.save_precision)
-        save_resume_state(self.resume_file, run.module, run.ema, run.optimizer, run.step, {
-            "config": dataclasses.asdict(self.config), "world_size": self.world,
-            "data_fingerprint": self.training_info["data_fingerprint"], "calibration": run.record,
-            "losses": run.losses, "output": self.out_path.name}, run.scaler, run.form.keeps_key)
-        try:
-            write_loss_curve(run.losses, self.loss_curve)
-        except OSError as e:  # the checkpoint is saved; a missing picture must not stop training
-            log.warning("InDomain training: cannot write the loss curve %s (%s)", self.loss_curve, e)
-
-    def diverged(self, run: _Run, loss_value: float) -> TrainingDiverged:
-        where = (f"The last good checkpoint ({self.path}, step {self.step}) is kept" if self.step is not None
-                 else "No checkpoint had been saved yet")
-        lr = self.config.lr
-        return TrainingDiverged(f"training loss became {loss_value} at step {run.step + 1}; training stopped. {where}. "
-                                f"Lower the learning rate (now {lr:g}; try {lr / 10:g}) and start again "
-                                "(or --resume from the last checkpoint with the lower rate).")
 
 
 def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtype) -> dict:
@@ -186,33 +146,6 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
     }
 
 
-class _Previewer:
-    """Every config.preview_every steps (and at the end), on rank 0: sample the EMA weights (training/preview.py),
-    save the pictures next to the output and hand them to `on_preview(step, total, [(label, PIL image)])`.
-    Other ranks wait at their next all-reduce meanwhile."""
-
-    def __init__(self, model_patcher, clip, vae, config: TrainConfig, data: TrainingData, out_path, rank: int,
-                 meta, on_preview: Callable | None):
-        self.config, self.out_path, self.meta, self.on_preview = config, out_path, meta, on_preview
-        self.paths: list[Path] = []
-        self.renderer = None
-        if config.preview_every and rank == 0:
-            if vae is None:
-                raise TrainingInputError("previews need the checkpoint's VAE to decode them; pass vae (or set "
-                                         "preview_every to 0).")
-            self.renderer = PreviewRenderer(model_patcher, clip, vae, PreviewSettings(
-                config.preview_every, config.preview_prompt, config.preview_steps, config.seed), data.size_hw)
-
-    def after_step(self, run: _Run) -> None:
-        if self.renderer is None or not preview_due(run.step, self.config.steps, self.config.preview_every):
-            return
-        t0 = time.perf_counter()
-        images = self.renderer.render(run.form.file_state(run.ema.state_dict(run.module)), self.meta)
-        if self.out_path is not None:
-            self.paths.extend(save_previews(images, preview_dir_for(self.out_path), run.step))
-        log.info("InDomain training: preview at step %d (%.1f s of sampling)", run.step, time.perf_counter() - t0)
-        if self.on_preview is not None:
-            self.on_preview(run.step, self.config.steps, images)
 
 
 def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path=None, resume: bool = False,
@@ -260,8 +193,8 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
         run.prompts = {hw: empty_prompt(model_patcher, clip, hw) for hw in data.shapes if hw != tuple(data.size_hw)}
         training_info = _training_info(config, data, world, run.amp_dtype)
         meta = base_meta(model_patcher, run.record, {}, form=run.form.name)
-        saver = _Saver(out_path, resume_file, rank, meta, training_info, config, world)
-        previewer = _Previewer(model_patcher, clip, vae, config, data, out_path, rank, meta, on_preview)
+        saver = Saver(out_path, resume_file, rank, meta, training_info, config, world)
+        previewer = Previewer(model_patcher, clip, vae, config, data, out_path, rank, meta, on_preview)
 
         interrupted = False
         t_start, images_seen = time.perf_counter(), 0
