@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from indomain.client import ComfyValidationError
 import torch
 from PIL import Image
 
@@ -162,12 +164,17 @@ def test_train_node_refuses_folders_outside_input_unless_opted_in(comfy, base, i
     monkeypatch.delenv(ALLOW_ABSOLUTE_ENV, raising=False)
     escape = os.path.relpath(outside, folder.parent)  # '../../...' from input/
     (folder / "leak").symlink_to(outside, target_is_directory=True)
-    for bad in (escape, f"{name}/../../", str(outside), f"{name}/leak", "..", "", "C:private"):
+    for bad in (escape, f"{name}/../../", str(outside), f"{name}/leak", "..", "C:private"):
         msg = node.validate_inputs(image_folder=bad)
         assert isinstance(msg, str) and "input folder" in msg, (bad, msg)
         assert ALLOW_ABSOLUTE_ENV in msg or "choose" in msg, msg
         with pytest.raises(ValueError, match="input folder"):  # TrainingInputError of the pack as ComfyUI loaded it
             node.execute(*base, bad, 1, 1e-4, 1, 64, f"never_{uuid.uuid4().hex[:6]}")
+    # empty = no folder: valid (the 'images' input may carry the pictures), but with nothing connected the run is
+    # refused before any work, naming both ways to give images
+    assert node.validate_inputs(image_folder="") is True
+    with pytest.raises(ValueError, match="no training images.*connect an IMAGE"):
+        node.execute(*base, "", 1, 1e-4, 1, 64, f"never_{uuid.uuid4().hex[:6]}")
     # the opt-in allows absolute paths (relative ones must still stay inside input/)
     monkeypatch.setenv(ALLOW_ABSOLUTE_ENV, "1")
     assert node.validate_inputs(image_folder=str(outside)) is True
@@ -192,7 +199,7 @@ def test_train_node_refuses_outside_folders_through_the_real_server(server, tmp_
                  "2": {"class_type": "InDomainTrainDomainUNet", "inputs": {
                      "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image_folder": bad, "steps": 1,
                      "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "save_name": "never_written"}}}
-        with pytest.raises(RuntimeError) as err:
-            server.post_json("/prompt", {"prompt": graph})
-        assert "400" in str(err.value) and "input folder" in str(err.value), str(err.value)[:2000]
+        with pytest.raises(ComfyValidationError) as err:  # POST /prompt answered 400
+            server.client.submit(graph)
+        assert "input folder" in str(err.value), str(err.value)[:2000]
     assert not list((server.base / "models" / "domain_unets").glob("never_written*"))

@@ -42,24 +42,6 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - target))
 
 
-def fit_to_bucket(im, size: tuple[int, int], crop: str):
-    """Resize a PIL image to cover (w, h) (aspect kept), then centre-crop to exactly (w, h); with crop
-    'random' keep the whole covering image on the 8-px latent grid (crops are cut from the latent)."""
-    from PIL import Image
-
-    bw, bh = size
-    w, h = im.size
-    scale = max(bw / w, bh / h)
-    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if crop == "random":
-        nw, nh = max(bw, nw // 8 * 8), max(bh, nh // 8 * 8)
-    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-    if crop == "center":
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-        im = im.crop((left, top, left + bw, top + bh))
-    return im
-
-
 class BucketedLatentSource:
     """Per-image latents of different shapes, grouped by bucket; batches come from one bucket at a time."""
 

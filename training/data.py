@@ -169,22 +169,31 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def fit_to_size(im, size: tuple[int, int], crop: str):
+    """Resize a PIL image to cover (w, h) (aspect kept), then centre-crop to exactly (w, h); with crop
+    'random' keep the whole covering image on the 8-px latent grid (crops are cut from the latent)."""
+    from PIL import Image
+
+    bw, bh = size
+    w, h = im.size
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if crop == "random":
+        nw, nh = max(bw, nw // 8 * 8), max(bh, nh // 8 * 8)
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    if crop == "center":
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+        im = im.crop((left, top, left + bw, top + bh))
+    return im
+
+
 def load_resized(path: Path, resolution: int, crop: str):
     """RGB PIL image (see to_rgb), short side = resolution; centre-cropped to a square when crop == 'center'."""
     from PIL import Image
 
     with Image.open(path) as im:
         im = to_rgb(im)
-    w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if crop == "random":  # keep the whole image on the 8-px latent grid; crops are cut from the latent
-        nw, nh = max(resolution, nw // 8 * 8), max(resolution, nh // 8 * 8)
-    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-    if crop == "center":
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-    return im
+    return fit_to_size(im, (resolution, resolution), crop)
 
 
 def to_pixels(im) -> torch.Tensor:
@@ -220,34 +229,38 @@ class EncodedImages:
         return hashlib.sha256("\n".join(sorted(self.digests)).encode()).hexdigest()
 
 
+def encode_with_cache(vae, load_image, cpath: Path | None, metadata: dict) -> tuple[tuple, bool]:
+    """((latent, mirrored latent), cache hit) of one image: read from the cache file `cpath` when it is
+    there and sound, else `load_image()` encoded by the VAE (plain and mirrored) and written to `cpath`."""
+    entry = _load_cached(cpath) if cpath is not None and cpath.is_file() else None
+    if entry is not None:
+        return entry, True
+    from PIL import ImageOps
+
+    im = load_image()
+    pixels = torch.stack([to_pixels(im), to_pixels(ImageOps.mirror(im))])
+    with torch.inference_mode(False), torch.no_grad():
+        lat = vae.encode(pixels).float().cpu().clone()
+    entry = (lat[0], lat[1])
+    if cpath is not None:
+        try:
+            save_safetensors_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath, metadata)
+        except OSError as e:  # a read-only cache must not stop training
+            log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)
+    return entry, False
+
+
 def encode_images(vae, scan: ImageScan, resolution: int, crop: str, cache_dir: Path | None, vae_fingerprint: str,
                   progress=None) -> EncodedImages:
     """Encode every usable image (plain and mirrored) with the VAE, through the on-disk cache."""
     out = EncodedImages([], [], [])
     for i, path in enumerate(scan.usable):
         digest = file_digest(path)
-        entry = None
-        cpath = None
-        if cache_dir is not None:
-            cpath = Path(cache_dir) / f"{cache_key(digest, resolution, crop, vae_fingerprint)}.safetensors"
-            if cpath.is_file():
-                entry = _load_cached(cpath)
-        if entry is not None:
-            out.cache_hits += 1
-        else:
-            im = load_resized(path, resolution, crop)
-            from PIL import ImageOps
-
-            pixels = torch.stack([to_pixels(im), to_pixels(ImageOps.mirror(im))])
-            with torch.inference_mode(False), torch.no_grad():
-                lat = vae.encode(pixels).float().cpu().clone()
-            entry = (lat[0], lat[1])
-            if cpath is not None:
-                try:
-                    save_safetensors_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
-                                 {"source": display_name(path.name), "resolution": str(resolution), "crop": crop})
-                except OSError as e:  # a read-only cache must not stop training
-                    log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)
+        cpath = None if cache_dir is None else \
+            Path(cache_dir) / f"{cache_key(digest, resolution, crop, vae_fingerprint)}.safetensors"
+        entry, hit = encode_with_cache(vae, lambda: load_resized(path, resolution, crop), cpath,
+                                       {"source": display_name(path.name), "resolution": str(resolution), "crop": crop})
+        out.cache_hits += hit
         out.latents.append(entry[0].float().clone())
         out.flipped.append(entry[1].float().clone())
         out.digests.append(digest)

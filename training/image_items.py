@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from ..guidance.checkpoint import save_safetensors_atomic
-from .data import EncodedImages, TrainingInputError, _load_cached, cache_key, file_digest, min_image_side, to_pixels
+from .data import (EncodedImages, TrainingInputError, cache_key, display_name, encode_with_cache, file_digest,
+                   fit_to_size, min_image_side)
 
 log = logging.getLogger("indomain.training")
 
@@ -107,31 +107,13 @@ def tensor_items(images, resolution: int) -> tuple[list[TrainingImage], list[str
 def encode_items(vae, items: list[TrainingImage], sizes: list[tuple[int, int]], crop: str, cache_dir,
                  vae_fingerprint: str, progress=None) -> EncodedImages:
     """Encode each item (plain and mirrored) at its (width, height) through the on-disk cache."""
-    from PIL import ImageOps
-
-    from .buckets import fit_to_bucket
-
     out = EncodedImages([], [], [])
     for i, (item, size) in enumerate(zip(items, sizes)):
-        entry, cpath = None, None
-        if cache_dir is not None:
-            cpath = Path(cache_dir) / f"{cache_key(item.digest, f'{size[0]}x{size[1]}', crop, vae_fingerprint)}.safetensors"
-            if cpath.is_file():
-                entry = _load_cached(cpath)
-        if entry is not None:
-            out.cache_hits += 1
-        else:
-            im = fit_to_bucket(item.load(), size, crop)
-            pixels = torch.stack([to_pixels(im), to_pixels(ImageOps.mirror(im))])
-            with torch.inference_mode(False), torch.no_grad():
-                lat = vae.encode(pixels).float().cpu().clone()
-            entry = (lat[0], lat[1])
-            if cpath is not None:
-                try:
-                    save_safetensors_atomic({"latent": entry[0], "latent_flip": entry[1]}, cpath,
-                                            {"source": item.name, "size": f"{size[0]}x{size[1]}", "crop": crop})
-                except OSError as e:  # a read-only cache must not stop training
-                    log.warning("InDomain training: cannot write latent cache %s (%s); continuing without it", cpath, e)
+        cpath = None if cache_dir is None else \
+            Path(cache_dir) / f"{cache_key(item.digest, f'{size[0]}x{size[1]}', crop, vae_fingerprint)}.safetensors"
+        entry, hit = encode_with_cache(vae, lambda: fit_to_size(item.load(), size, crop), cpath,
+                                       {"source": display_name(item.name), "size": f"{size[0]}x{size[1]}", "crop": crop})
+        out.cache_hits += hit
         out.latents.append(entry[0].float().clone())
         out.flipped.append(entry[1].float().clone())
         out.digests.append(item.digest)
