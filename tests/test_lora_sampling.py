@@ -141,6 +141,16 @@ def test_lora_domain_is_the_base_with_an_adapter_no_second_unet(comfy, base, lor
     assert full.model is not model.model and domain_info(full).form.name == "full"
 
 
+def guider_without_domain(model, pos, neg, noise, sigmas):
+    """Core CFGGuider at the same cfg: what the sample would be with no domain term."""
+    import comfy.samplers as samplers
+
+    g = samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(2.5)
+    return g.sample(noise, torch.zeros_like(noise), samplers.sampler_object("euler"), sigmas, seed=0)
+
+
 def test_one_batched_forward_equals_two_calls(comfy, base, lora_pair):
     import comfy.samplers as samplers
 
@@ -166,7 +176,12 @@ def test_one_batched_forward_equals_two_calls(comfy, base, lora_pair):
             del sigmas
     finally:
         hook.remove()
-    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-5)
+    # the same bound as the LoRA/merged parity above: float32 rounding of a batch-6 against a batch-4 + batch-2
+    # forward, carried through 3 Euler steps from sigma_max, scales with the sample
+    scale = float(outs[False].abs().max())
+    diff = float((outs[True] - outs[False]).abs().max())
+    assert diff <= 2e-5 * max(1.0, scale), f"max |one forward - two calls| {diff:.3g} at sample scale {scale:.3g}"
+    assert (outs[True] - guider_without_domain(model, pos, neg, noise, s)).abs().max() > 1e-3  # the domain acted
     # one forward of batch 6 (cond, uncond, domain x batch 2) per step, against two (4 + 2)
     assert outs[(True, "forwards")] == [6, 6, 6]
     assert outs[(False, "forwards")] == [4, 2, 4, 2, 4, 2]
