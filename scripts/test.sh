@@ -2,7 +2,8 @@
 # Set everything up from a fresh clone and run the test suite (this is what CI runs).
 #
 # Pass 1: the bundled ComfyUI 0.3.75 (or your tree, when COMFYUI_DIR is set: then it is the only pass).
-# Pass 2: ComfyUI 0.33.0, when its source archive is present at $INDOMAIN_SHARED_DIR/hosts/
+# Pass 2: ComfyUI 0.33.0 (a named subset of the suite, see below; INDOMAIN_SECOND_PASS_TESTS=tests for all of
+#         it), when its source archive is present at $INDOMAIN_SHARED_DIR/hosts/
 #         comfyui-0.33.0.tar.xz (default: ../shared beside the clone). It is unpacked once into
 #         .host/ComfyUI-0.33.0 and gets its own overlay venv .host/venv-0.33.0 (shares .venv's torch,
 #         installs that tree's requirements.txt with torch pinned). INDOMAIN_SECOND_HOST=0 skips it.
@@ -54,7 +55,8 @@ run_pass() {  # LABEL VENV HOST [pytest args...]
     (
         export COMFYUI_DIR="$host" INDOMAIN_REQUIRE_BROWSER=1
         indomain_host_env "$venv" "$host"
-        "$venv/bin/python" -m pytest tests -q -rs --durations=15 "$@"
+        # shellcheck disable=SC2086
+        "$venv/bin/python" -m pytest ${PASS_TESTS:-tests} -q -rs --durations=15 "$@"
     ) 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e
@@ -89,7 +91,14 @@ else
         mv "$SECOND_HOST.tmp/ComfyUI-$SECOND_VERSION" "$SECOND_HOST" && rm -rf "$SECOND_HOST.tmp"
     fi
     COMFYUI_DIR="$SECOND_HOST" INDOMAIN_VENV="$SECOND_VENV" INDOMAIN_BASE_VENV="$BASE_VENV" bash "$ROOT/scripts/setup_host.sh"
-    run_pass "pass 2" "$SECOND_VENV" "$SECOND_HOST" "$@"
+    # The second host runs the parts that touch ComfyUI's moving APIs (the issue's minimum: sampling parity,
+    # multi-term, training node, workflows on the server, client, browser; plus the host, the core follow-ups
+    # that need current core, and the LoRA form's sampling on the base's own UNet), so the two passes stay
+    # within CI's time. INDOMAIN_SECOND_PASS_TESTS=tests runs the whole suite there.
+    PASS_TESTS="${INDOMAIN_SECOND_PASS_TESTS:-tests/test_host.py tests/test_sampling.py tests/test_multiterm.py
+        tests/test_core_followups.py tests/test_training_node.py tests/test_training_node_watch.py
+        tests/test_workflows.py tests/test_client.py tests/test_browser.py tests/test_lora_sampling.py}" \
+        run_pass "pass 2" "$SECOND_VENV" "$SECOND_HOST" "$@"
 fi
 
 echo "[test] ===== summary ====="

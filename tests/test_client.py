@@ -29,10 +29,12 @@ def _cli(*args, timeout=600):
                           text=True, timeout=timeout, cwd=str(host_mod.PACK_ROOT))
 
 
-def _train_workflow(folder, steps: int, save_name: str) -> dict:
-    """The train-and-sample API twin on the tiny models: `steps` training steps on a drawn image folder."""
+def _train_workflow(server, folder_name: str, steps: int, save_name: str) -> dict:
+    """The train-and-sample API twin on the tiny models: `steps` training steps on images drawn into a subfolder
+    of the server's input folder (the Train node reads only those)."""
     wf = specs.substitute(load_workflow(specs.API_DIR / "indomain_6_train_and_sample.json"), specs.tiny_model_names())
-    specs.write_train_images(folder, count=4, size=64)
+    specs.write_train_images(server.base / "input" / folder_name, count=4, size=64)
+    folder = folder_name
     apply_overrides(wf, seed=3, steps=2, width=64, height=64, batch_size=1, filename_prefix=f"client_{save_name}",
                     sets=[("InDomainTrainDomainUNet", "image_folder", str(folder)),
                           ("InDomainTrainDomainUNet", "steps", steps),
@@ -214,7 +216,7 @@ def test_progress_shows_each_nodes_steps_for_the_training_twin(server, tmp_path)
     """The train-and-sample twin through the CLI: the websocket progress names the training node and the sampler
     by their titles, with their steps (3 training steps, 2 sampling steps)."""
     assert websocket_available(), "requirements-dev.txt installs websocket-client"
-    wf = _train_workflow(tmp_path / "images", steps=3, save_name=f"client_progress_{tmp_path.name}")
+    wf = _train_workflow(server, f"images_{tmp_path.name}", steps=3, save_name=f"client_progress_{tmp_path.name}")
     path = tmp_path / "train.json"
     path.write_text(json.dumps(wf))
     r = _cli(path, "--server", server.url, "--out", tmp_path / "out")
@@ -294,7 +296,7 @@ def test_ctrl_c_interrupts_the_running_prompt_and_removes_the_pending_one(server
     """A long training prompt A runs; the CLI submits B (pending behind A) and gets SIGINT: B leaves the queue and
     never runs. A second CLI run of A's kind gets SIGINT while training: the server interrupts exactly that prompt."""
     client = ComfyClient(server.url)
-    long_a = _train_workflow(tmp_path / "images_a", steps=100000, save_name=f"client_cancel_a_{tmp_path.name}")
+    long_a = _train_workflow(server, f"images_a_{tmp_path.name}", steps=100000, save_name=f"client_cancel_a_{tmp_path.name}")
     path_a = tmp_path / "a.json"
     path_a.write_text(json.dumps(long_a))
     cli_a = _Cli(path_a, server, tmp_path)
