@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from .guidance_nodes import TIP_BASE, TIP_CFG, TIP_DOMAIN, TIP_DOMAIN_WEIGHT
 from .guider import domain_guider, sample_with_guider
 from .search import search_aliases
+from .validation import combo_problem, first_problem
 
 MAX_VALUES = 8  # per axis: a grid of at most 64 samplings
 
@@ -97,6 +98,20 @@ class DomainWeightGrid(io.ComfyNode):
             outputs=[io.Image.Output(display_name="grid", tooltip="The labelled grid (rows w_d, columns cfg)."),
                      io.Image.Output(display_name="cells", tooltip="Every cell's image, row by row, unlabelled.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None, domain_weights=None, cfgs=None) -> bool | str:
+        """ComfyUI 0.3.75 does not check a V3 node's combo values; the value lists are checked here too, so a
+        bad prompt is refused at POST /prompt instead of failing after some cells have run."""
+        problems = [combo_problem("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES),
+                    combo_problem("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)]
+        for text, name, low, high in ((domain_weights, "domain_weights", -10.0, 30.0), (cfgs, "cfgs", 0.0, 100.0)):
+            if isinstance(text, str):
+                try:
+                    parse_values(text, name, low, high)
+                except ValueError as e:
+                    problems.append(str(e))
+        return first_problem(*problems)
 
     @classmethod
     def execute(cls, model, domain_model, vae, positive, negative, latent_image, seed, steps, sampler_name, scheduler,
