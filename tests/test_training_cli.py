@@ -89,7 +89,8 @@ def test_torchrun_two_processes_gloo_identical_weights_one_file(tiny_files, imag
     digests = s["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], digests
     written = sorted(p.name for p in out_dir.iterdir())
-    assert written == ["ddp.resume", "ddp.safetensors"], written  # one model file (plus its resume state)
+    # one model file (plus its resume state and loss curve): rank 1 wrote nothing
+    assert written == ["ddp.loss.png", "ddp.resume", "ddp.safetensors"], written
     _, meta = read_domain_checkpoint(out_dir / "ddp.safetensors")
     assert meta.training["world_size"] == 2 and meta.training["steps"] == 3
 
