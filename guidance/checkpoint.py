@@ -241,6 +241,15 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return path
 
 
+def _identity(path: Path) -> tuple | None:
+    """What changes when a save replaces the file (inode, size, modification time); None if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], DomainMeta]:
     """Read and validate a domain UNet file. Raises DomainCheckpointError naming the problem and the fix."""
     from safetensors import safe_open
@@ -252,16 +261,29 @@ def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tupl
     if path.suffix.lower() != ".safetensors":
         raise DomainCheckpointError(f"{path.name}: only .safetensors domain UNets are loaded (pickle-based "
                                     ".ckpt/.pt/.bin files can run code and are never opened). Re-export it as .safetensors.")
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            md = f.metadata() or {}
-            meta = DomainMeta.from_metadata(md, path.name)
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except DomainCheckpointError:
-        raise
-    except Exception as e:  # safetensors raises several types for truncated/corrupt headers and data
-        raise DomainCheckpointError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {e}. "
-                                    "Copy it again or re-run training to rewrite it.") from None
+    # safetensors may re-open the file by name for the tensors, so a save that lands (atomic rename) during the
+    # read could pair one version's metadata with another's tensors: read until the file is the same before and after
+    for _attempt in range(20):
+        before = _identity(path)
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                md = f.metadata() or {}
+                meta = DomainMeta.from_metadata(md, path.name)
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        except DomainCheckpointError:
+            if _identity(path) == before:
+                raise
+            continue  # replaced while reading: read the new file
+        except Exception as e:  # safetensors raises several types for truncated/corrupt headers and data
+            if _identity(path) != before:
+                continue
+            raise DomainCheckpointError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {e}. "
+                                        "Copy it again or re-run training to rewrite it.") from None
+        if _identity(path) == before:
+            break
+    else:
+        raise DomainCheckpointError(f"{path.name} kept changing while it was read (a training run saving to it?); "
+                                    "load it when the run has finished, or load a copy.")
     not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
     if not_float:
         raise DomainCheckpointError(f"{path.name}: tensors that are not floating point: {not_float[:3]}; a domain UNet "
