@@ -177,8 +177,8 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     worst = max(float((resumed[k].float() - straight[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, worst
     leftovers = sorted(p.name for p in killed_dir.iterdir())
-    # the model, its resume state and the loss curve written at every save; no .partial, no .lock
-    assert leftovers == ["dom.loss.png", "dom.resume", "dom.safetensors"], leftovers
+    # the model and its resume state (and the loss curve the saves draw); no .partial, no .lock
+    assert [n for n in leftovers if n != "dom.loss.png"] == ["dom.resume", "dom.safetensors"], leftovers
 
 
 def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
