@@ -94,11 +94,11 @@ else
     # The second host runs the parts that touch ComfyUI's moving APIs (the issue's minimum: sampling parity,
     # multi-term, training node, workflows on the server, client; plus the host, the core follow-ups
     # that need current core, and the LoRA form's sampling on the base's own UNet), so the two passes stay
-    # within CI's time. INDOMAIN_SECOND_PASS_TESTS=tests runs the whole suite there. Not yet here: the browser
-    # test (with 0.33's frontend 1.49.6 it reports core node types as missing; open, see README).
+    # within CI's time, and the browser test with 0.33's own frontend. INDOMAIN_SECOND_PASS_TESTS=tests runs
+    # the whole suite there.
     PASS_TESTS="${INDOMAIN_SECOND_PASS_TESTS:-tests/test_host.py tests/test_sampling.py tests/test_multiterm.py
         tests/test_core_followups.py tests/test_training_node.py tests/test_training_node_watch.py
-        tests/test_workflows.py tests/test_client.py tests/test_lora_sampling.py}" \
+        tests/test_workflows.py tests/test_client.py tests/test_lora_sampling.py tests/test_browser.py}" \
         run_pass "pass 2" "$SECOND_VENV" "$SECOND_HOST" "$@"
 fi
 
