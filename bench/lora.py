@@ -295,8 +295,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="timings per sampling variant (default 2; --fast 1)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 4; --fast 2)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps per child (default 4; --fast 3)")
-    p.add_argument("--ranks", default="8,64", help="the two LoRA ranks for file sizes (the last one is sampled "
-                   "and trained) (default 8,64)")
+    p.add_argument("--ranks", default="8,32", help="the two LoRA ranks for file sizes (the last one is sampled "
+                   "and trained; 32 is the training default) (default 8,32)")
     p.add_argument("--child", choices=["sampling", "training"], default=None, help=_hidden())
     p.add_argument("--variant", default=None, help=_hidden())
     p.add_argument("--work", default=None, help=_hidden())

@@ -140,7 +140,11 @@ class DomainInjection:
         if t is None:
             t = (a.down.to(device=device, dtype=dtype), a.up.to(device=device, dtype=dtype),
                  None if a.diff_b is None else a.diff_b.to(device=device, dtype=dtype))
-            self._cast[key] = t
+            if a.down.device == t[0].device:
+                # same device, other dtype (an fp16 file sampled in fp32 on the CPU): keep one copy, not two
+                a.down, a.up, a.diff_b = t
+            else:
+                self._cast[key] = t
         return t
 
     def _hook(self, name: str, a: LayerAdapter, rows):
