@@ -107,7 +107,9 @@ class _RowConstantAttention(nn.Module):
             return c.expand(*x.shape[:-1], c.shape[0])
         keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         keep[self.rows] = False
-        idx = keep.nonzero().reshape(-1)
+        idx = as_slice(keep.nonzero().reshape(-1))
+        if isinstance(idx, torch.Tensor) and idx.numel() == 0:  # every row is a domain row
+            return c.expand(*x.shape[:-1], c.shape[0])
 
         def pick(t):
             return t[idx] if isinstance(t, torch.Tensor) and t.shape[0] == x.shape[0] else t
@@ -119,6 +121,16 @@ class _RowConstantAttention(nn.Module):
         out = c.expand(*x.shape[:-1], c.shape[0]).clone()
         out[idx] = real.to(out.dtype)
         return out
+
+
+def as_slice(rows):
+    """Consecutive row indices as a slice (indexing with it is a view, not a copy); anything else unchanged."""
+    if not isinstance(rows, torch.Tensor) or rows.numel() == 0:
+        return rows
+    r = rows.reshape(-1).tolist()
+    if r == list(range(r[0], r[0] + len(r))):
+        return slice(r[0], r[0] + len(r))
+    return rows
 
 
 class DomainInjection:
@@ -155,11 +167,18 @@ class DomainInjection:
             delta = low_rank_term(module, xs, down, up, a.scale)
             if diff_b is not None:  # Linear: [..., out]; Conv: [B, out, *spatial]
                 delta = delta + (diff_b if isinstance(module, nn.Linear) else diff_b.reshape(-1, *([1] * (delta.ndim - 2))))
+            delta = delta.to(output.dtype)
+            if torch.is_grad_enabled():  # (sampling runs without grad; keep autograd's view of the output intact)
+                if rows is None:
+                    return output + delta
+                out = output.clone()
+                out[rows] = out[rows] + delta
+                return out
+            # the layer's output is a fresh tensor: add in place (no copy of the whole batch per layer)
             if rows is None:
-                return output + delta.to(output.dtype)
-            out = output.clone()
-            out[rows] = out[rows] + delta.to(out.dtype)
-            return out
+                return output.add_(delta)
+            output[rows] += delta
+            return output
         return hook
 
     def clear_cache(self) -> None:
@@ -168,6 +187,7 @@ class DomainInjection:
 
     @contextmanager
     def applied(self, unet: nn.Module, rows: torch.Tensor | None = None):
+        rows = as_slice(rows)
         modules = dict(unet.named_modules())
         handles, swapped = [], []
         try:
