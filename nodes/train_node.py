@@ -65,7 +65,8 @@ class TrainDomainUNet(io.ComfyNode):
                              "(short side resized, then cropped square). Multiple of 64 for SD1.5/SDXL: 512 for SD1.5, "
                              "1024 for SDXL."),
                 io.String.Input("save_name", default="my_domain", tooltip="File name in models/domain_unets "
-                                "('.safetensors' is added). An existing file of that name is replaced when training ends."),
+                                "('.safetensors' is added). If that file already exists, a fresh run is refused before "
+                                "training unless 'resume' (continue it) or 'overwrite' (replace it) is on."),
                 io.Int.Input("seed", optional=True, default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
                              "flips: the same seed and settings give the same weights. Keep 'control after generate' "
                              "on 'fixed' (the frontend adds it to every seed input) so re-queueing and resume keep it."),
@@ -113,6 +114,11 @@ class TrainDomainUNet(io.ComfyNode):
                              "bigger file; 16-64 is typical."),
                 io.Float.Input("alpha", optional=True, default=0.0, min=0.0, max=4096.0, step=1.0,
                                tooltip="LoRA form only: the adapter is scaled by alpha / rank; 0 = the rank (scale 1)."),
+                io.Boolean.Input("overwrite", optional=True, default=False,
+                                 tooltip="Off: a fresh run whose save_name file already exists is refused before any "
+                                 "training (the existing model is kept). On: the run starts over and the existing "
+                                 "file and its '.resume' state are replaced at the first checkpoint. Ignored with "
+                                 "'resume' on."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -169,18 +175,19 @@ class TrainDomainUNet(io.ComfyNode):
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
                 grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
-                images=None, form="full", rank=32, alpha=0.0) -> io.NodeOutput:
+                images=None, form="full", rank=32, alpha=0.0, overwrite=False) -> io.NodeOutput:
         from ..training.loss_curve import loss_map
         from ..training.preview import progress_preview, side_by_side
+        from ..training.config import refuse_taken_output
         from ..training.trainer import TrainConfig, prepare_images, train
 
         # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
         (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
          save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-         preview_steps, buckets, form, rank, alpha) = (_single(v) for v in (
+         preview_steps, buckets, form, rank, alpha, overwrite) = (_single(v) for v in (
             model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
             save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-            preview_steps, buckets, form, rank, alpha))
+            preview_steps, buckets, form, rank, alpha, overwrite))
         ensure_base_model(model)
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
@@ -191,6 +198,7 @@ class TrainDomainUNet(io.ComfyNode):
         scan = (prepare_images(resolve_image_folder(image_folder), config)
                 if str(image_folder or "").strip() else None)
         out_path, name = domain_unet_output_path(save_name)
+        refuse_taken_output(out_path, bool(resume), bool(overwrite), "overwrite")  # never replace a model silently
         pbar = comfy.utils.ProgressBar(steps)
 
         def progress(step, total, loss, ips):

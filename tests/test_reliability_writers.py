@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,60 @@ def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
     assert meta.training["version"] == 0 and torch.equal(loaded["w"], sd["w"])
     with pytest.raises(Exception, match="saved as .safetensors"):
         write_domain_checkpoint(tmp_path / "x.ckpt", sd, _meta(0))
+
+
+# ----------------------------------------------------------------------------- defect 7: a taken save name
+
+
+def _existing_model(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_domain_checkpoint(path, {"b.attn2.constant": torch.ones(4), "w": torch.ones(2, 2)}, _meta(0))
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_fresh_run_on_a_taken_name_unless_overwrite(tiny_files, tmp_path):
+    """Defect 7: the first periodic checkpoint of a fresh run replaced a finished model of the same name."""
+    images = make_image_folder(tmp_path / "imgs", 2, 64, seed=13, nested=False)
+    out = tmp_path / "taken" / "dom.safetensors"
+    before = _existing_model(out)
+    r = subprocess.run(_cli(tiny_files, images, out, tmp_path / "cache", "--steps", "2"), capture_output=True,
+                       text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert "dom.safetensors already exists" in r.stderr and "--overwrite" in r.stderr and "--resume" in r.stderr
+    assert "Traceback" not in r.stderr and "InDomain training:" not in r.stdout  # refused before loading models
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dom.safetensors"]  # no lock, no resume state left
+    r = subprocess.run(_cli(tiny_files, images, out, tmp_path / "cache", "--steps", "1", "--overwrite"),
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _, meta = read_domain_checkpoint(out)
+    assert meta.training["steps"] == 1 and "version" not in meta.training  # replaced by the new run
+
+
+def test_train_node_refuses_a_taken_save_name_unless_overwrite(comfy, base, models_dir):
+    import uuid
+
+    import folder_paths
+
+    node = comfy.node("InDomainTrainDomainUNet")
+    schema = node.GET_SCHEMA()
+    last = schema.inputs[-1]
+    assert last.id == "overwrite" and last.default is False and "refused" in last.tooltip  # appended at the end
+    name = f"taken_{uuid.uuid4().hex[:6]}"
+    out = models_dir / "domain_unets" / f"{name}.safetensors"
+    before = _existing_model(out)
+    folder = f"indomain_taken_{uuid.uuid4().hex[:6]}"
+    make_image_folder(Path(folder_paths.get_input_directory()) / folder, 2, 64, seed=14, nested=False)
+    try:
+        with torch.inference_mode():
+            with pytest.raises(ValueError, match=f"{name}.safetensors already exists.*overwrite"):
+                node.execute(*base, folder, 1, 1e-4, 1, 64, name)
+            assert out.read_bytes() == before
+            assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(name)) == [out.name]
+            result = node.execute(*base, folder, 1, 1e-4, 1, 64, name, overwrite=True)
+        assert result.result[1] == f"{name}.safetensors"
+        _, meta = read_domain_checkpoint(out)
+        assert meta.training["steps"] == 1 and "version" not in meta.training
+    finally:
+        shutil.rmtree(Path(folder_paths.get_input_directory()) / folder, ignore_errors=True)
