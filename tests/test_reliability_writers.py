@@ -164,6 +164,8 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     torn = killed_dir / ".dom.AbCd1234.partial"
     torn.mkdir()
     (torn / ".tmpQwErTy").write_bytes(b"half a file")
+    # ... and what a kill while the loss curve is written leaves (save_png_atomic's temp file)
+    (killed_dir / ".dom.loss.png.Zx9Yw8Vu.partial").write_bytes(b"half a picture")
     steps = saved_step + 2  # the resumed run finishes; an uninterrupted run of the same length is the reference
     r = subprocess.run(_cli(tiny_files, images, out, cache, "--steps", str(steps), "--resume"), capture_output=True,
                        text=True, env=_env(), timeout=600)
@@ -178,8 +180,28 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     worst = max(float((resumed[k].float() - straight[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, worst
     leftovers = sorted(p.name for p in killed_dir.iterdir())
-    # the model and its resume state (and the loss curve the saves draw); no .partial, no .lock
-    assert [n for n in leftovers if n != "dom.loss.png"] == ["dom.resume", "dom.safetensors"], leftovers
+    # the model, its resume state and the loss curve (every save writes it, the resumed run's last save too);
+    # no temp file (model's, resume state's or loss curve's), no lock
+    assert leftovers == ["dom.loss.png", "dom.resume", "dom.safetensors"], leftovers
+
+
+def test_remove_partials_takes_every_temp_file_a_killed_save_leaves(tmp_path):
+    """A kill -9 can land in any of a save's writes: the model or resume state (temp folder), the loss curve or
+    a preview (temp files of save_png_atomic). The next run on the name removes them all, and nothing else."""
+    from indomain.training.lock import remove_partials
+
+    out = tmp_path / "dom.safetensors"
+    (tmp_path / ".dom.AbCd1234.partial").mkdir()
+    (tmp_path / ".dom.loss.png.Zx9Yw8Vu.partial").write_bytes(b"x")
+    (tmp_path / "dom.previews").mkdir()
+    (tmp_path / "dom.previews" / ".step_000002_domain.png.Qq1Ww2Ee.partial").write_bytes(b"x")
+    keep = ["dom.loss.png", "dom.resume", "dom.safetensors", ".other.AbCd1234.partial", "other.loss.png"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"k")
+    (tmp_path / "dom.previews" / "step_000002_domain.png").write_bytes(b"k")
+    assert len(remove_partials(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["dom.previews"])
+    assert [p.name for p in (tmp_path / "dom.previews").iterdir()] == ["step_000002_domain.png"]
 
 
 def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
