@@ -133,18 +133,19 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, image_folder=None, crop=None) -> bool | str:
+    def validate_inputs(cls, image_folder=None, crop=None, form=None) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
         reloads, and an absolute path is valid when the server owner opted in."""
         from ..training.data import TrainingInputError
 
-        image_folder, crop = _single(image_folder), _single(crop)  # is_input_list: one-element lists
+        image_folder, crop, form = _single(image_folder), _single(crop), _single(form)  # is_input_list: lists
         if image_folder is not None and str(image_folder).strip():  # empty: the connected images alone
             try:
                 resolve_image_folder(image_folder)
             except TrainingInputError as e:
                 return str(e)
-        return first_problem(combo_problem("crop", crop, ["center", "random"]))
+        return first_problem(combo_problem("crop", crop, ["center", "random"]),
+                             combo_problem("form", form, ["full", "lora"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
