@@ -30,6 +30,9 @@ def domain_unet_output_path(save_name: str) -> tuple[Path, str]:
     return folder / name, name
 
 
+_NOT_CONNECTED = object()  # validate_inputs' default for 'images': ComfyUI leaves an unconnected input out
+
+
 class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -133,9 +136,10 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, image_folder=None, crop=None, form=None) -> bool | str:
+    def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
-        reloads, and an absolute path is valid when the server owner opted in."""
+        reloads, and an absolute path is valid when the server owner opted in. `images` is absent from the
+        call when nothing is connected to it (a link arrives as None)."""
         from ..training.data import TrainingInputError
 
         image_folder, crop, form = _single(image_folder), _single(crop), _single(form)  # is_input_list: lists
@@ -144,6 +148,9 @@ class TrainDomainUNet(io.ComfyNode):
                 resolve_image_folder(image_folder)
             except TrainingInputError as e:
                 return str(e)
+        elif images is _NOT_CONNECTED:
+            return ("no training images: image_folder is empty and nothing is connected to 'images'. Pick a "
+                    "subfolder of ComfyUI's input folder, or connect an IMAGE (Load Image, a dataset loader, ...).")
         return first_problem(combo_problem("crop", crop, ["center", "random"]),
                              combo_problem("form", form, ["full", "lora"]))
 
