@@ -17,8 +17,9 @@ Workflows. Each case mutates one of the API-format twins in workflows/api/ so th
 refused: a wrong type, a dangling link, an out-of-range number, a missing required input, a huge
 string in a name, a broken node. It goes through the client (apply_overrides, ComfyClient.submit)
 to the server. A case passes when the client raises one of its named errors (ComfyClientError and
-subclasses); uncaught = anything else, or the server queueing it. Afterwards: the server answers
-/system_stats, its queue is empty and its output folder unchanged.
+subclasses); uncaught = anything else, or the server running it. (ComfyUI queues a workflow when at least one
+output is valid; the client then cancels it and refuses the workflow: all or nothing.) Afterwards: the server
+answers /system_stats, its queue is empty and its output folder unchanged.
 """
 from __future__ import annotations
 
@@ -383,7 +384,8 @@ def fuzz_workflows(count: int, seed: int, server, workflows: dict[str, dict], ob
         path.write_text(json.dumps(wf))
         try:
             loaded = load_workflow(path)
-            if rng.random() < 0.3 and any(isinstance(n.get("inputs", {}).get("filename_prefix"), str)
+            if rng.random() < 0.3 and any(isinstance(n.get("inputs"), dict)
+                                          and isinstance(n["inputs"].get("filename_prefix"), str)
                                           for n in loaded.values()):
                 apply_overrides(loaded, filename_prefix=f"fuzz_{i}")  # the client's editing on the broken graph
             pid = client.submit(loaded)
@@ -415,8 +417,13 @@ def fuzz_workflows(count: int, seed: int, server, workflows: dict[str, dict], ob
         path.unlink()
     # the server is still answering, has nothing queued, wrote nothing
     alive = bool(client.system_stats())
-    queue = client.get_json("/queue")
-    pending = len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
+    deadline = time.monotonic() + 120  # a partly valid prompt the client cancelled may take a moment to stop
+    while True:
+        queue = client.get_json("/queue")
+        pending = len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
+        if pending == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     after = _listing(out_dir) if out_dir.exists() else []
     tracebacks = server.log().count("Traceback (most recent call last)") - log_before
     return {"count": i, "seed": seed, "outcomes": dict(outcomes), "failures": failures, "server_alive": alive,
@@ -449,7 +456,13 @@ def main(argv=None) -> int:
     ap.add_argument("--what", choices=("all", "checkpoints", "workflows"), default="all")
     ap.add_argument("--work", type=Path, default=PACK_ROOT / ".cache" / "fuzz")
     ap.add_argument("--out", type=Path, default=PACK_ROOT / "artifacts" / "bench" / "fuzz.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the server (shared machines)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import os
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server process inherits it
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"env": environment(), "seed": args.seed, "count": args.count}
     ckpt = tiny_models.tiny_checkpoint(0)

@@ -53,18 +53,20 @@ def soak(server, workflow: dict, count: int, domains: tuple[str, str], steps: in
         apply_overrides(wf, seed=i, steps=steps, domain_weight=weight, domain_unet=domain, width=size, height=size,
                         batch_size=1, filename_prefix=f"soak/run_{i:03d}")
         t = time.perf_counter()
+        log_at = len(server.log())
         try:
             client.run(wf, out_dir=None, timeout=600)
             ok = True
         except Exception as e:  # noqa: BLE001 - a soak failure is a result, reported
             ok = False
-            failures.append({"run": i + 1, "error": f"{type(e).__name__}: {e}"[:500]})
+            failures.append({"run": i + 1, "error": f"{type(e).__name__}: {e}"[:2000],
+                             "server_log": server.log()[log_at:][-4000:]})
         loaded = client.get_json("/indomain_soak/loaded")
         rows.append({"run": i + 1, "ok": ok, "domain_weight": weight, "domain": domain,
                      "rss_mib": round(proc.memory_info().rss / 2 ** 20, 1), "loaded_models": loaded["count"],
                      "models": loaded["models"], "seconds": round(time.perf_counter() - t, 2)})
         if progress:
-            progress(rows[-1])
+            progress(rows[-1] if ok else dict(rows[-1], error=failures[-1]["error"]))
     ref = rows[min(9, len(rows) - 1)]["rss_mib"]
     last = rows[-1]["rss_mib"]
     counts = sorted({r["loaded_models"] for r in rows[1:]})  # after the first run has loaded everything
@@ -86,7 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--work", type=Path, default=PACK_ROOT / ".cache" / "soak")
     ap.add_argument("--out", type=Path, default=PACK_ROOT / "artifacts" / "bench" / "soak.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the server (shared machines)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server process inherits it
     ckpt = tiny_models.tiny_checkpoint(0)
     domains_dir = args.work / "domain_unets"
     domains_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +117,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         result = soak(srv, wf, args.count, names, steps=args.steps,
                       progress=lambda r: print(f"run {r['run']:3d} ok={r['ok']} w_d={r['domain_weight']} rss="
-                                               f"{r['rss_mib']} MiB models={r['loaded_models']}", flush=True))
+                                               f"{r['rss_mib']} MiB models={r['loaded_models']}"
+                                               + (f" error: {r['error']}" if "error" in r else ""), flush=True))
         result["seconds"] = round(time.perf_counter() - t, 1)
     finally:
         srv.stop()

@@ -77,7 +77,19 @@ class ComfyClient:
 
     # -- prompt lifecycle
     def submit(self, workflow: dict) -> str:
-        """POST /prompt; returns the prompt id. Validation errors raise ComfyValidationError with a readable message."""
+        """POST /prompt; returns the prompt id. Validation errors raise ComfyValidationError with a readable message.
+
+        All or nothing: ComfyUI queues a workflow when at least one of its outputs is valid and drops the others
+        (reporting them in `node_errors`); the client then cancels what was queued and refuses the workflow, so a
+        broken branch never runs half a graph. Literal `null` input values are refused before sending (the
+        frontend never writes them; ComfyUI 0.3.75 passes them unchecked to combo inputs of newer nodes)."""
+        nulls = [f"node {nid} ({n.get('class_type')}) input {k!r}" for nid, n in workflow.items()
+                 if isinstance(n, dict) and isinstance(n.get("inputs"), dict)
+                 for k, v in n["inputs"].items() if v is None]
+        if nulls:
+            raise ComfyValidationError("the workflow has inputs set to null: " + "; ".join(nulls[:5])
+                                       + (f" (and {len(nulls) - 5} more)" if len(nulls) > 5 else "")
+                                       + ". Give each a value (or a link), as ComfyUI's 'Export (API)' writes them.")
         body = json.dumps({"prompt": workflow, "client_id": self.client_id}).encode()
         try:
             answer = json.loads(self._request("/prompt", body, {"Content-Type": "application/json"}))
@@ -88,7 +100,14 @@ class ComfyClient:
             except json.JSONDecodeError:
                 raise ComfyValidationError(f"ComfyUI refused the workflow (HTTP {e.code}): {raw[:1000]}") from None
             raise ComfyValidationError(format_validation_error(err, workflow), err) from None
-        return answer["prompt_id"]
+        prompt_id = answer["prompt_id"]
+        if answer.get("node_errors"):
+            action = self.cancel(prompt_id)
+            err = {"error": {"message": "some outputs failed validation, so only part of the workflow would run",
+                             "details": f"(the part ComfyUI queued was {action}; fix the nodes below)"},
+                   "node_errors": answer["node_errors"]}
+            raise ComfyValidationError(format_validation_error(err, workflow), err)
+        return prompt_id
 
     def history(self, prompt_id: str) -> dict | None:
         data = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")

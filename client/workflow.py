@@ -36,10 +36,11 @@ def load_workflow(path) -> dict:
             f"{shown(path)} is a UI-format workflow (what the frontend saves). The client needs the API format: "
             f"use the twin in workflows/api/, or in ComfyUI export it with 'Export (API)'.")
     if not isinstance(data, dict) or not data or \
-            not all(isinstance(v, dict) and isinstance(v.get("class_type"), str) for v in data.values()):
+            not all(isinstance(v, dict) and isinstance(v.get("class_type"), str)
+                    and isinstance(v.get("inputs", {}), dict) for v in data.values()):
         what = "an empty workflow" if data == {} else "not an API-format workflow"
-        raise ComfyClientError(f"{shown(path)} is {what} (expected {{node_id: {{class_type, inputs}}}} with at "
-                               f"least one node).")
+        raise ComfyClientError(f"{shown(path)} is {what} (expected {{node_id: {{class_type, inputs: {{...}}}}}} with "
+                               f"at least one node).")
     return data
 
 

@@ -10,7 +10,11 @@ string metadata:
     indomain.model_type      prediction type of the base ("EPS", "V_PREDICTION")
     indomain.base_signature  sha256 of the base UNet's key/shape layout (the architecture)
     indomain.base_fingerprint    sha256 over sampled base weights (which base it started from)
-    indomain.calibration     JSON: how the constants were computed
+    indomain.calibration     JSON: how the constants were computed; for models with an extra vector input
+                             (SDXL's `y`) also `empty_y`, the vector every training step used (the empty
+                             prompt's pooled embedding and the training size), as little-endian float32 in
+                             base64; the domain pass feeds it instead of one built from the negative prompt
+                             (files without it: the negative's, at the sampling size)
     indomain.training        JSON: settings and data summary of the training run
 
 Reading validates all of it (the weights with the check STATE_CHECKS holds for the file's form) and
@@ -19,6 +23,8 @@ read (never pickle); writes go to a temp file in the same folder and are renamed
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -98,6 +104,41 @@ class DomainMeta:
         return cls(md["indomain.base_architecture"], md["indomain.model_type"], md["indomain.base_signature"],
                    md["indomain.base_fingerprint"], version, md.get("indomain.form", DEFAULT_FORM),
                    _json("indomain.calibration"), _json("indomain.training"), extra)
+
+
+TRAINED_Y_KEY = "empty_y"
+
+
+def vector_to_json(t: torch.Tensor) -> dict:
+    """A [1, N] tensor as JSON-safe metadata (exact: float32 bytes in base64)."""
+    import numpy as np
+
+    t = t.detach().float().cpu().reshape(1, -1).contiguous()
+    return {"dtype": "float32", "shape": list(t.shape),
+            "data": base64.b64encode(t.numpy().astype("<f4").tobytes()).decode("ascii")}
+
+
+def trained_y(meta: "DomainMeta", name: str = "") -> torch.Tensor | None:
+    """The `y` vector the domain model was trained with (calibration.empty_y), or None for files without it."""
+    import numpy as np
+
+    d = meta.calibration.get(TRAINED_Y_KEY) if isinstance(meta.calibration, dict) else None
+    if d is None:
+        return None
+    try:
+        shape = [int(v) for v in d["shape"]]
+        raw = base64.b64decode(d["data"], validate=True)
+        if d.get("dtype") != "float32" or len(shape) != 2 or shape[0] != 1 or len(raw) != 4 * shape[1] or not shape[1]:
+            raise ValueError("shape or size")
+        y = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32)).reshape(shape)
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+        raise DomainCheckpointError(
+            f"{name}: metadata indomain.calibration.{TRAINED_Y_KEY} (the extra vector input the model was trained "
+            "with) is unreadable. Copy the original file again or re-train it.") from None
+    if not torch.isfinite(y).all():
+        raise DomainCheckpointError(f"{name}: metadata indomain.calibration.{TRAINED_Y_KEY} holds NaN/inf values; "
+                                    "copy the original file again or re-train it.")
+    return y
 
 
 def architecture_signature(shapes: dict[str, tuple]) -> str:
@@ -290,6 +331,7 @@ def read_domain_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tupl
                                     "holds float weights only (the file was altered or is not a domain UNet). Re-train "
                                     "or copy the original again.")
     check_state(state_dict, meta, path.name)
+    trained_y(meta, path.name)  # readable, or a named error now rather than when sampling
     bad = non_finite_keys(state_dict)
     if bad:
         raise DomainCheckpointError(f"{path.name}: contains NaN/inf in {bad[:3]}; the training run that wrote it diverged. "

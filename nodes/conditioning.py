@@ -58,3 +58,21 @@ def fill_text_free(conditioning, base_patcher):
             d.setdefault("pooled_output", torch.zeros(1, 1280))  # SDXL builds its y vector from it
         out.append([torch.zeros(1, 77, context_dim), d])
     return out
+
+
+def with_trained_y(conds, y):
+    """Processed conds whose `y` (SDXL's pooled + size vector, built from the negative at the sampling size) is
+    replaced by the vector the domain model was trained with (guidance.checkpoint.trained_y). `y` None (files
+    written before it was stored, models without a y input): the conds as they are."""
+    if y is None:
+        return conds
+    import comfy.conds
+
+    out = []
+    for c in conds:
+        mc = c.get("model_conds") if isinstance(c, dict) else None
+        if not mc or "y" not in mc:
+            out.append(c)
+            continue
+        out.append(dict(c, model_conds=dict(mc, y=comfy.conds.CONDRegular(y))))
+    return out

@@ -9,10 +9,12 @@ from pathlib import Path
 from ..forms import domain_info, form_named
 from ..forms.base import MULTIGPU_REFUSAL
 from ..guidance.checkpoint import (DomainCheckpointError, DomainMeta, architecture_signature,
-                                   read_domain_checkpoint, weights_fingerprint)
+                                   read_domain_checkpoint, trained_y, weights_fingerprint)
 from ..guidance.nulltext import is_null_text
 
 log = logging.getLogger("indomain")
+
+PATCH_ATTACHMENT = "indomain.domain_pass"   # set by Apply Domain Guidance (nodes/patch.py) on the model it returns
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,21 @@ def ensure_domain_model(model_patcher, what: str = "domain_model") -> None:
                          "(InDomainLoadDomainUNet), or train one with 'Train Domain UNet'.")
 
 
+def refuse_patched_model(model_patcher, node: str) -> None:
+    """A model from Apply Domain Guidance carries its domain term as a pre-CFG hook; a guider that adds its own
+    terms would run both, and its additional models would replace the patch's (the patch's domain model
+    would not be loaded while its hook runs)."""
+    get = getattr(model_patcher, "get_attachment", None)
+    patch = get(PATCH_ATTACHMENT) if get is not None else None
+    if patch is not None:
+        weights = ", ".join(f"{t.weight:g}" for t in patch.terms)
+        raise ValueError(
+            f"{node}: the 'model' input comes from 'Apply Domain Guidance' (domain weight {weights}), which already "
+            "adds a domain term. Connect the unpatched base MODEL here and set the domain term on this node "
+            "(domain_model / domain_weight; more domain models through 'Guidance Term' -> extra_terms), or sample "
+            "the patched model with the plain KSampler.")
+
+
 def refuse_multigpu(model_patcher) -> None:
     """Newer cores' MultiGPU Work Units give the base per-GPU copies; the domain model has none (yet)."""
     get = getattr(model_patcher, "get_additional_models_with_key", None)
@@ -61,6 +78,11 @@ def check_pairing(base_patcher, meta: DomainMeta, state_dict: dict, name: str) -
             f"{name} was trained from a {meta.base_architecture} base with a different UNet layout than the MODEL "
             "connected (layout signature mismatch). Connect the checkpoint it was trained from.")
     form_named(meta.form).check_fits(base_patcher.model.diffusion_model, state_dict, name, meta)
+    y = trained_y(meta, name)
+    adm = base_patcher.model.model_config.unet_config.get("adm_in_channels")
+    if y is not None and adm != y.shape[1]:
+        raise DomainCheckpointError(f"{name}: its stored y vector has {y.shape[1]} values, but the connected base "
+                                    f"takes {adm or 'none'}. Connect the checkpoint it was trained from.")
 
 
 def build_domain_model(base_patcher, state_dict: dict, meta: DomainMeta, source: str = ""):

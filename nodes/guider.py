@@ -15,8 +15,9 @@ import comfy.samplers
 
 from ..forms import SeparateModelPass, domain_info
 from ..guidance.combine import cfg_equivalent, term_active
-from .conditioning import domain_conditioning, fill_text_free, first_control, with_control
-from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu
+from ..guidance.checkpoint import trained_y
+from .conditioning import domain_conditioning, fill_text_free, first_control, with_control, with_trained_y
+from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu, refuse_patched_model
 
 ADDITIONAL_MODELS_KEY = "indomain"
 
@@ -45,6 +46,7 @@ class _ScheduledTerm:
     has_control: bool
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
+    trained_y: object = None      # a domain model's training `y` (SDXL), fed instead of the negative's
 
 
 @dataclass
@@ -71,6 +73,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
     def __init__(self, model, negative, terms: list[Term]):
         ensure_base_model(model)
         refuse_multigpu(model)
+        refuse_patched_model(model, "Domain KSampler / Domain Guider / Multi-Term Guider")
         base = model.clone()
         negative = fill_text_free(negative, base)
         self.terms: list[_ScheduledTerm] = []
@@ -80,8 +83,10 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         for i, t in enumerate(terms):
             group = self._group_for(t, base)
             is_primary = group is None and self.primary is None
+            record = domain_info(t.model)
             st = _ScheduledTerm(t, "positive" if is_primary else f"indomain_term_{i}",
-                                first_control(t.conditioning) is not None)
+                                first_control(t.conditioning) is not None,
+                                trained_y=trained_y(record.meta) if record is not None else None)
             if is_primary:
                 self.primary = st
             if group is not None:
@@ -112,6 +117,14 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                              f"({type(t.model.model.latent_format).__name__}) than the base "
                              f"({type(base.model.latent_format).__name__}); all terms must share one.")
         key = id(record) if record is not None else id(t.model.model)
+        if key in self.groups and self.groups[key].terms:
+            owner = self.groups[key].terms[0].term.model
+            if owner is not t.model and not owner.clone_has_same_weights(t.model):
+                raise ValueError(
+                    f"{t.describe()}: its MODEL is a copy of another term's model with different "
+                    "patches (e.g. a LoRA on one copy only). ComfyUI holds one set of patches per model, so both "
+                    "terms would silently use the first copy's. Apply the patch to both copies, or load the domain "
+                    "UNet a second time with another 'Load Domain UNet' node.")
         if key not in self.groups:
             domain_pass = record.form.domain_pass(t.model) if record is not None else SeparateModelPass(t.model)
             self.groups[key] = _PassGroup(domain_pass)
@@ -139,6 +152,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                 conds = self.conds[s.key]
                 if not s.has_control:  # process_conds may copy a positive's control into other conds
                     conds = [with_control(c) for c in conds]
+                conds = with_trained_y(conds, s.trained_y)
                 self._term_conds[s.key] = conds
         return self._term_conds[st.key]
 

@@ -1,16 +1,57 @@
 """Apply Domain Guidance: a model patch that makes any sampler node (core KSampler included) do
-decoupled guidance, through a pre-CFG function. The maths is `guidance.combine`."""
+decoupled guidance, through a pre-CFG function. The maths is `guidance.combine`.
+
+Stacking: a second Apply Domain Guidance on an already patched model adds its term to the same
+pre-CFG function (out = u + w_c (c - u) + Σ w_i (D_i(x) - u), every D_i against the base's own u),
+and every domain model is registered to load with the base."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import comfy.patcher_extension
 
 from ..forms import domain_info
 from ..guidance.combine import cfg_equivalent, combine, term_active
-from .conditioning import domain_conditioning
-from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu
+from ..guidance.checkpoint import trained_y
+from .conditioning import domain_conditioning, with_trained_y
+from .domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
 from .guider import ADDITIONAL_MODELS_KEY
 
-PASS_ATTACHMENT = "indomain.domain_pass"   # the patched model's DomainPass (its `calls` count domain evaluations)
+PASS_ATTACHMENT = PATCH_ATTACHMENT   # the patched model's DomainPatch (its terms; each pass's `calls`)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchTerm:
+    domain_model: object          # the domain MODEL (ModelPatcher)
+    domain_pass: object           # its form's DomainPass
+    weight: float
+    domain_on_control: bool
+    sigma_start: float
+    sigma_end: float
+    trained_y: object = None      # the domain model's training `y` (SDXL), fed instead of the negative's
+
+
+@dataclass(frozen=True, eq=False)
+class DomainPatch:
+    """What Apply Domain Guidance put on a model: its terms, and the one pre-CFG function evaluating them."""
+
+    terms: tuple
+    pre_cfg: object
+
+    @property
+    def domain_pass(self):  # the (first) term's pass, for callers that count its `calls`
+        return self.terms[0].domain_pass
+
+
+def _refuse_same_model_other_patches(terms, domain_model) -> None:
+    for t in terms:
+        if domain_info(t.domain_model) is domain_info(domain_model) and t.domain_model.is_clone(domain_model) \
+                and not t.domain_model.clone_has_same_weights(domain_model):
+            raise ValueError(
+                "Apply Domain Guidance: this domain_model is a copy of one already applied to the model, with "
+                "different patches (e.g. a LoRA on one copy only). ComfyUI holds one set of patches per model, so "
+                "both terms would silently use one of them. Apply the patch to both copies, or load the domain "
+                "UNet a second time with another 'Load Domain UNet' node.")
 
 
 def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, domain_on_control: bool = False,
@@ -18,8 +59,9 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     """A clone of `model` whose CFG (in any sampler node, core KSampler included) is decoupled guidance.
 
     Uses a pre-CFG function, so the sampler's `cfg` stays the control weight and every other
-    CFG hook still runs. The models the domain pass needs are additional models of the clone:
-    loaded with the base in one load_models_gpu call and released with it.
+    CFG hook still runs. The models the domain passes need are additional models of the clone:
+    loaded with the base in one load_models_gpu call and released with it. On a model that is
+    already patched, the new domain term is added to the existing ones (see the module text).
     """
     ensure_base_model(model)
     ensure_domain_model(domain_model)
@@ -27,33 +69,51 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     m = model.clone()
     if domain_weight == 0:
         return m
-    domain_pass = domain_info(domain_model).form.domain_pass(domain_model)
-    if domain_pass.models:
-        m.set_additional_models(ADDITIONAL_MODELS_KEY, domain_pass.models)
+    previous = m.get_attachment(PATCH_ATTACHMENT)
+    terms = tuple(previous.terms) if previous is not None else ()
+    _refuse_same_model_other_patches(terms, domain_model)
     ms = m.get_model_object("model_sampling")
-    sigma_start = float(ms.percent_to_sigma(start_percent))
-    sigma_end = float(ms.percent_to_sigma(end_percent))
+    terms += (PatchTerm(domain_model, domain_info(domain_model).form.domain_pass(domain_model), float(domain_weight),
+                        bool(domain_on_control), float(ms.percent_to_sigma(start_percent)),
+                        float(ms.percent_to_sigma(end_percent)), trained_y(domain_info(domain_model).meta)),)
 
     def pre_cfg(args):
         conds_out = args["conds_out"]
         sigma = args["sigma"]
-        if len(conds_out) < 2 or conds_out[1] is None or not term_active(float(sigma.reshape(-1)[0]), sigma_start, sigma_end):
+        s = float(sigma.reshape(-1)[0])
+        active = [t for t in terms if term_active(s, t.sigma_start, t.sigma_end)]
+        if len(conds_out) < 2 or conds_out[1] is None or not active:
             return conds_out
         cond, uncond = args["conds"][0], args["conds"][1]
-        d = domain_pass.predict(args["model"], [domain_conditioning(uncond, cond, domain_on_control)], args["input"],
-                                sigma, args["model_options"])[0]
         u = conds_out[1]
+        extra = []
+        for t in active:
+            conds = with_trained_y(domain_conditioning(uncond, cond, t.domain_on_control), t.trained_y)
+            d = t.domain_pass.predict(args["model"], [conds],
+                                      args["input"], sigma, args["model_options"])[0]
+            extra.append((t.weight, d))
         scale = args["cond_scale"]
         if scale != 0:
-            new_cond, _ = cfg_equivalent(u, conds_out[0], scale, [(domain_weight, d)])
+            new_cond, _ = cfg_equivalent(u, conds_out[0], scale, extra)
             return [new_cond, u] + list(conds_out[2:])
         # cfg 0: ComfyUI returns the uncond slot as the result
-        return [conds_out[0], combine(u, [(domain_weight, d)])] + list(conds_out[2:])
+        return [conds_out[0], combine(u, extra)] + list(conds_out[2:])
 
-    m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
+    fns = m.model_options.get("sampler_pre_cfg_function", [])
+    if previous is not None and previous.pre_cfg in fns:  # one function for all terms, where the first one was
+        fns[fns.index(previous.pre_cfg)] = pre_cfg
+    else:
+        m.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=True)
+    models = []
+    for t in terms:
+        models += [x for x in t.domain_pass.models if not any(x is y for y in models)]
+    if models:
+        m.set_additional_models(ADDITIONAL_MODELS_KEY, models)
+    for call_type in (comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):
+        m.remove_callbacks_with_key(call_type, ADDITIONAL_MODELS_KEY)
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ADDITIONAL_MODELS_KEY,
-                            lambda _p: domain_pass.prepare())
+                            lambda _p: [t.domain_pass.prepare() for t in terms])
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ADDITIONAL_MODELS_KEY,
-                            lambda _p: domain_pass.release())
-    m.set_attachments(PASS_ATTACHMENT, domain_pass)
+                            lambda _p: [t.domain_pass.release() for t in terms])
+    m.set_attachments(PATCH_ATTACHMENT, DomainPatch(terms, pre_cfg))
     return m

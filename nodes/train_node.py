@@ -30,6 +30,9 @@ def domain_unet_output_path(save_name: str) -> tuple[Path, str]:
     return folder / name, name
 
 
+_NOT_CONNECTED = object()  # validate_inputs' default for 'images': ComfyUI leaves an unconnected input out
+
+
 class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -65,7 +68,8 @@ class TrainDomainUNet(io.ComfyNode):
                              "(short side resized, then cropped square). Multiple of 64 for SD1.5/SDXL: 512 for SD1.5, "
                              "1024 for SDXL."),
                 io.String.Input("save_name", default="my_domain", tooltip="File name in models/domain_unets "
-                                "('.safetensors' is added). An existing file of that name is replaced when training ends."),
+                                "('.safetensors' is added). If that file already exists, a fresh run is refused before "
+                                "training unless 'resume' (continue it) or 'overwrite' (replace it) is on."),
                 io.Int.Input("seed", optional=True, default=0, min=0, max=0xffffffffffffffff, tooltip="Seed for data order, noise and "
                              "flips: the same seed and settings give the same weights. Keep 'control after generate' "
                              "on 'fixed' (the frontend adds it to every seed input) so re-queueing and resume keep it."),
@@ -113,6 +117,11 @@ class TrainDomainUNet(io.ComfyNode):
                              "bigger file; 16-64 is typical."),
                 io.Float.Input("alpha", optional=True, default=0.0, min=0.0, max=4096.0, step=1.0,
                                tooltip="LoRA form only: the adapter is scaled by alpha / rank; 0 = the rank (scale 1)."),
+                io.Boolean.Input("overwrite", optional=True, default=False,
+                                 tooltip="Off: a fresh run whose save_name file already exists is refused before any "
+                                 "training (the existing model is kept). On: the run starts over and the existing "
+                                 "file and its '.resume' state are replaced at the first checkpoint. Ignored with "
+                                 "'resume' on."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -127,18 +136,23 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, image_folder=None, crop=None) -> bool | str:
+    def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
-        reloads, and an absolute path is valid when the server owner opted in."""
+        reloads, and an absolute path is valid when the server owner opted in. `images` is absent from the
+        call when nothing is connected to it (a link arrives as None)."""
         from ..training.data import TrainingInputError
 
-        image_folder, crop = _single(image_folder), _single(crop)  # is_input_list: one-element lists
+        image_folder, crop, form = _single(image_folder), _single(crop), _single(form)  # is_input_list: lists
         if image_folder is not None and str(image_folder).strip():  # empty: the connected images alone
             try:
                 resolve_image_folder(image_folder)
             except TrainingInputError as e:
                 return str(e)
-        return first_problem(combo_problem("crop", crop, ["center", "random"]))
+        elif images is _NOT_CONNECTED:
+            return ("no training images: image_folder is empty and nothing is connected to 'images'. Pick a "
+                    "subfolder of ComfyUI's input folder, or connect an IMAGE (Load Image, a dataset loader, ...).")
+        return first_problem(combo_problem("crop", crop, ["center", "random"]),
+                             combo_problem("form", form, ["full", "lora"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
@@ -169,18 +183,19 @@ class TrainDomainUNet(io.ComfyNode):
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
                 grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
-                images=None, form="full", rank=32, alpha=0.0) -> io.NodeOutput:
+                images=None, form="full", rank=32, alpha=0.0, overwrite=False) -> io.NodeOutput:
         from ..training.loss_curve import loss_map
         from ..training.preview import progress_preview, side_by_side
+        from ..training.config import refuse_taken_output
         from ..training.trainer import TrainConfig, prepare_images, train
 
         # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
         (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
          save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-         preview_steps, buckets, form, rank, alpha) = (_single(v) for v in (
+         preview_steps, buckets, form, rank, alpha, overwrite) = (_single(v) for v in (
             model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
             save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-            preview_steps, buckets, form, rank, alpha))
+            preview_steps, buckets, form, rank, alpha, overwrite))
         ensure_base_model(model)
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
@@ -191,6 +206,7 @@ class TrainDomainUNet(io.ComfyNode):
         scan = (prepare_images(resolve_image_folder(image_folder), config)
                 if str(image_folder or "").strip() else None)
         out_path, name = domain_unet_output_path(save_name)
+        refuse_taken_output(out_path, bool(resume), bool(overwrite), "overwrite")  # never replace a model silently
         pbar = comfy.utils.ProgressBar(steps)
 
         def progress(step, total, loss, ips):

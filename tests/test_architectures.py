@@ -105,3 +105,65 @@ def test_sdxl_domain_file_rejected_for_sd15_base(comfy, base, tmp_path):
     with pytest.raises(DomainCheckpointError, match="SDXL.*SD15"):
         load_domain_model(base[0], path)
     assert load_domain_model(xl, path) is not None  # and it loads onto its own family
+
+
+def test_sdxl_domain_pass_gets_the_y_it_was_trained_with(comfy, tmp_path):
+    """Defect 4: the domain pass built SDXL's y from the user's *negative* and the sampling size; the domain UNet
+    was trained with one y (the empty prompt's pooled embedding at the training size). The file stores that y
+    and both the guider and the Apply Domain Guidance patch feed it; a file without it keeps the old way."""
+    import dataclasses
+
+    import comfy.samplers as samplers
+
+    from indomain.forms import domain_info
+    from indomain.guidance.checkpoint import (DomainCheckpointError, read_domain_checkpoint, trained_y,
+                                              write_domain_checkpoint)
+    from indomain.nodes.domain_model import load_domain_model
+    from indomain.nodes.guider import domain_guider
+    from indomain.nodes.patch import patch_model_for_domain_guidance
+    from indomain.training.model import EmptyPrompt, trained_calibration
+
+    model = tiny_models.forced_model("sdxl", seed=1)
+    empty, pos, neg = _conditioning("sdxl", 3), _conditioning("sdxl", 1), _conditioning("sdxl", 2)  # neg: non-empty
+    y_train = model.model.extra_conds(cross_attn=empty[0][0], pooled_output=empty[0][1]["pooled_output"],
+                                      noise=torch.zeros(1, 4, 8, 8), device="cpu", width=64, height=64)["y"].cond
+    built = _domain_for(model, empty)
+    meta = domain_info(built).meta
+    sd = built.model.diffusion_model.state_dict()
+    calibration = trained_calibration(dict(meta.calibration), EmptyPrompt(empty[0][0], y_train.expand(2, -1)))
+    path = write_domain_checkpoint(tmp_path / "xl.safetensors", sd, dataclasses.replace(meta, calibration=calibration),
+                                   precision="fp32")
+    legacy = write_domain_checkpoint(tmp_path / "xl_old.safetensors", sd, meta, precision="fp32")
+    _, read_meta = read_domain_checkpoint(path)
+    assert torch.equal(trained_y(read_meta), y_train.float())  # stored exactly
+    domain, old_domain = load_domain_model(model, path), load_domain_model(model, legacy)
+
+    shape = (2, 4, 8, 12)  # sampling at another size than training (64x96 px), batch 2
+
+    def pred(m, c, x, s, y=None):
+        if y is None:
+            y = m.model.extra_conds(cross_attn=c[0][0], pooled_output=c[0][1]["pooled_output"], noise=x,
+                                    device="cpu", width=96, height=64)["y"].cond
+        with torch.no_grad():
+            return m.model.apply_model(x, s, c_crossattn=c[0][0].expand(x.shape[0], -1, -1),
+                                       y=y.expand(x.shape[0], -1)).float()
+
+    for how in ("guider", "patch"):
+        for dom, y_dom in ((domain, y_train), (old_domain, None)):
+            if how == "guider":
+                guider = domain_guider(model, dom, pos, neg, 2.5, 2.0)
+            else:
+                guider = samplers.CFGGuider(patch_model_for_domain_guidance(model, dom, 2.0))
+                guider.set_conds(pos, neg)
+                guider.set_cfg(2.5)
+            seen = one_guider_step(guider, shape=shape)
+            x, s = seen["x"], seen["s"]
+            u, g = pred(model, neg, x, s), pred(model, pos, x, s)
+            d = pred(dom, neg, x, s, y_dom)  # trained y; the legacy file: the negative's at the sampling size
+            torch.testing.assert_close(seen["out"].float(), u + 2.0 * (d - u) + 2.5 * (g - u), rtol=1e-5, atol=1e-5)
+            if y_dom is not None:
+                assert (d - pred(dom, neg, x, s)).abs().max() > 1e-4  # the two ways really differ
+    # a damaged stored y is a named error at load time
+    bad = dataclasses.replace(meta, calibration=dict(calibration, empty_y=dict(calibration["empty_y"], data="###")))
+    with pytest.raises(DomainCheckpointError, match="empty_y"):
+        read_domain_checkpoint(write_domain_checkpoint(tmp_path / "bad.safetensors", sd, bad))

@@ -21,9 +21,6 @@ def test_fuzzed_checkpoints_are_named_errors(comfy, base, domain_file, tmp_path)
     assert {"truncate", "header_length", "nan_inf", "zero_constants", "metadata_missing"} <= kinds, kinds
 
 
-@pytest.mark.skip(reason="KNOWN FAILURE, open: after this round's merge (workflows 7-9 and their nodes joined the "
-                         "fuzzed API twins) some mutated prompts pass validation and run (seen in CI: 25-step sampling "
-                         "jobs queued); find which mutations and refuse them, then remove this skip (README, Reliability)")
 def test_fuzzed_workflows_are_refused_by_name_and_the_server_survives(server, tmp_path):
     object_info = server.get_json("/object_info")
     r = fuzz_workflows(COUNT, seed=13, server=server, workflows=load_api_twins(), object_info=object_info,
@@ -33,6 +30,49 @@ def test_fuzzed_workflows_are_refused_by_name_and_the_server_survives(server, tm
         print("REFUSED", late)
     assert r["outcomes"] == {"named_error": COUNT}, (r["outcomes"], r["failures"][:3], r["refused_at_execution"][:3])
     assert r["server_alive"] and r["queue_after"] == 0 and not r["written"] and r["server_log_tracebacks"] == 0
+
+
+@pytest.mark.parametrize("inputs", [None, "x", 5, [1, 2]])
+def test_a_node_whose_inputs_are_not_an_object_is_refused_on_reading(tmp_path, inputs):
+    """Lost when the client was split into modules (the fuzz found it again: apply_overrides then crashed)."""
+    import json
+
+    from indomain.client import ComfyClientError, apply_overrides, load_workflow
+
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps({"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a"}},
+                                "2": {"class_type": "KSampler", "inputs": inputs}}))
+    with pytest.raises(ComfyClientError, match="not an API-format workflow"):
+        apply_overrides(load_workflow(path), filename_prefix="b")
+
+
+def test_a_partly_valid_workflow_is_refused_whole_and_null_inputs_before_sending(server):
+    """What the workflow fuzz found queued after workflows 7-9 joined: ComfyUI 0.3.75 queues a prompt when at least
+    one output validates (the weight grid has two: a broken link into one ran the other), and passes a literal
+    null to a newer node's combo input unchecked. The client refuses both: all or nothing."""
+    import time
+
+    from indomain.client import ComfyClient, ComfyValidationError
+
+    client = ComfyClient(server.url)
+    wf = load_api_twins()["indomain_8_weight_grid"]
+    preview = next(k for k, v in wf.items() if v["class_type"] == "PreviewImage")
+    text = next(k for k, v in wf.items() if v["class_type"] == "CLIPTextEncode")
+    wf[preview]["inputs"]["images"] = [text, 0]  # CONDITIONING into IMAGE: only this output is invalid
+    with pytest.raises(ComfyValidationError, match=r"only part of the workflow(.|\n)*node " + preview):
+        client.submit(wf)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # what ComfyUI queued was cancelled: the queue empties without running it
+        q = client.queue()
+        if not q.get("queue_running") and not q.get("queue_pending"):
+            break
+        time.sleep(0.5)
+    assert not q.get("queue_running") and not q.get("queue_pending")
+    wf = load_api_twins()["indomain_2_text_guided"]
+    loader = next(k for k, v in wf.items() if v["class_type"] == "InDomainLoadDomainUNet")
+    wf[loader]["inputs"]["domain_unet_name"] = None
+    with pytest.raises(ComfyValidationError, match=f"node {loader} \\(InDomainLoadDomainUNet\\) input 'domain_unet_name'"):
+        client.submit(wf)
 
 
 @pytest.mark.parametrize("node,inputs,needle", [

@@ -172,7 +172,9 @@ def test_train_node_refuses_folders_outside_input_unless_opted_in(comfy, base, i
             node.execute(*base, bad, 1, 1e-4, 1, 64, f"never_{uuid.uuid4().hex[:6]}")
     # empty = no folder: valid (the 'images' input may carry the pictures), but with nothing connected the run is
     # refused before any work, naming both ways to give images
-    assert node.validate_inputs(image_folder="") is True
+    assert node.validate_inputs(image_folder="", images=None) is True  # 'images' linked (a link arrives as None)
+    msg = node.validate_inputs(image_folder="")  # nothing connected: refused at validation (found by the fuzz)
+    assert isinstance(msg, str) and "no training images" in msg and "connect an IMAGE" in msg
     with pytest.raises(ValueError, match="no training images.*connect an IMAGE"):
         node.execute(*base, "", 1, 1e-4, 1, 64, f"never_{uuid.uuid4().hex[:6]}")
     # the opt-in allows absolute paths (relative ones must still stay inside input/)

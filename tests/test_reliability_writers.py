@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,8 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     torn = killed_dir / ".dom.AbCd1234.partial"
     torn.mkdir()
     (torn / ".tmpQwErTy").write_bytes(b"half a file")
+    # ... and what a kill while the loss curve is written leaves (save_png_atomic's temp file)
+    (killed_dir / ".dom.loss.png.Zx9Yw8Vu.partial").write_bytes(b"half a picture")
     steps = saved_step + 2  # the resumed run finishes; an uninterrupted run of the same length is the reference
     r = subprocess.run(_cli(tiny_files, images, out, cache, "--steps", str(steps), "--resume"), capture_output=True,
                        text=True, env=_env(), timeout=600)
@@ -177,8 +180,28 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_fil
     worst = max(float((resumed[k].float() - straight[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, worst
     leftovers = sorted(p.name for p in killed_dir.iterdir())
-    # the model and its resume state (and the loss curve the saves draw); no .partial, no .lock
-    assert [n for n in leftovers if n != "dom.loss.png"] == ["dom.resume", "dom.safetensors"], leftovers
+    # the model, its resume state and the loss curve (every save writes it, the resumed run's last save too);
+    # no temp file (model's, resume state's or loss curve's), no lock
+    assert leftovers == ["dom.loss.png", "dom.resume", "dom.safetensors"], leftovers
+
+
+def test_remove_partials_takes_every_temp_file_a_killed_save_leaves(tmp_path):
+    """A kill -9 can land in any of a save's writes: the model or resume state (temp folder), the loss curve or
+    a preview (temp files of save_png_atomic). The next run on the name removes them all, and nothing else."""
+    from indomain.training.lock import remove_partials
+
+    out = tmp_path / "dom.safetensors"
+    (tmp_path / ".dom.AbCd1234.partial").mkdir()
+    (tmp_path / ".dom.loss.png.Zx9Yw8Vu.partial").write_bytes(b"x")
+    (tmp_path / "dom.previews").mkdir()
+    (tmp_path / "dom.previews" / ".step_000002_domain.png.Qq1Ww2Ee.partial").write_bytes(b"x")
+    keep = ["dom.loss.png", "dom.resume", "dom.safetensors", ".other.AbCd1234.partial", "other.loss.png"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"k")
+    (tmp_path / "dom.previews" / "step_000002_domain.png").write_bytes(b"k")
+    assert len(remove_partials(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["dom.previews"])
+    assert [p.name for p in (tmp_path / "dom.previews").iterdir()] == ["step_000002_domain.png"]
 
 
 def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
@@ -192,3 +215,60 @@ def test_upper_case_suffix_is_one_rule_from_preflight_to_writer(tmp_path):
     assert meta.training["version"] == 0 and torch.equal(loaded["w"], sd["w"])
     with pytest.raises(Exception, match="saved as .safetensors"):
         write_domain_checkpoint(tmp_path / "x.ckpt", sd, _meta(0))
+
+
+# ----------------------------------------------------------------------------- defect 7: a taken save name
+
+
+def _existing_model(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_domain_checkpoint(path, {"b.attn2.constant": torch.ones(4), "w": torch.ones(2, 2)}, _meta(0))
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_fresh_run_on_a_taken_name_unless_overwrite(tiny_files, tmp_path):
+    """Defect 7: the first periodic checkpoint of a fresh run replaced a finished model of the same name."""
+    images = make_image_folder(tmp_path / "imgs", 2, 64, seed=13, nested=False)
+    out = tmp_path / "taken" / "dom.safetensors"
+    before = _existing_model(out)
+    r = subprocess.run(_cli(tiny_files, images, out, tmp_path / "cache", "--steps", "2"), capture_output=True,
+                       text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert "dom.safetensors already exists" in r.stderr and "--overwrite" in r.stderr and "--resume" in r.stderr
+    assert "Traceback" not in r.stderr and "InDomain training:" not in r.stdout  # refused before loading models
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dom.safetensors"]  # no lock, no resume state left
+    r = subprocess.run(_cli(tiny_files, images, out, tmp_path / "cache", "--steps", "1", "--overwrite"),
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _, meta = read_domain_checkpoint(out)
+    assert meta.training["steps"] == 1 and "version" not in meta.training  # replaced by the new run
+
+
+def test_train_node_refuses_a_taken_save_name_unless_overwrite(comfy, base, models_dir):
+    import uuid
+
+    import folder_paths
+
+    node = comfy.node("InDomainTrainDomainUNet")
+    schema = node.GET_SCHEMA()
+    last = schema.inputs[-1]
+    assert last.id == "overwrite" and last.default is False and "refused" in last.tooltip  # appended at the end
+    name = f"taken_{uuid.uuid4().hex[:6]}"
+    out = models_dir / "domain_unets" / f"{name}.safetensors"
+    before = _existing_model(out)
+    folder = f"indomain_taken_{uuid.uuid4().hex[:6]}"
+    make_image_folder(Path(folder_paths.get_input_directory()) / folder, 2, 64, seed=14, nested=False)
+    try:
+        with torch.inference_mode():
+            with pytest.raises(ValueError, match=f"{name}.safetensors already exists.*overwrite"):
+                node.execute(*base, folder, 1, 1e-4, 1, 64, name)
+            assert out.read_bytes() == before
+            assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(name)) == [out.name]
+            result = node.execute(*base, folder, 1, 1e-4, 1, 64, name, overwrite=True)
+        assert result.result[1] == f"{name}.safetensors"
+        _, meta = read_domain_checkpoint(out)
+        assert meta.training["steps"] == 1 and "version" not in meta.training
+    finally:
+        shutil.rmtree(Path(folder_paths.get_input_directory()) / folder, ignore_errors=True)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {d.preview_steps})")
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default <pack>/.cache/latents)")
     p.add_argument("--resume", action="store_true", help="continue from NAME.resume (saved next to the output)")
+    p.add_argument("--overwrite", action="store_true", help="a fresh run may replace an existing output file (it is "
+                   "overwritten at the first checkpoint); without it, and without --resume, a taken name is refused "
+                   "before any training")
     p.add_argument("--drop-resume-state", action="store_true", help="delete NAME.resume after a finished run "
                    "(saves disk; the run can then no longer be extended)")
     p.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this file")
@@ -108,7 +111,7 @@ def config_from_args(args):
 def preflight(args, config):
     """Everything that can be checked without a model, first; then ComfyUI; then the output's lock, so a second
     run on the same output stops here, before loading models. Returns (scan, base, rank, out_path, lock)."""
-    from .config import check_output_writable
+    from .config import check_output_writable, refuse_taken_output
     from .lock import OutputLock
     from .data import TrainingInputError
     from .distributed import setup_distributed
@@ -128,6 +131,12 @@ def preflight(args, config):
     if rank == 0:
         check_output_writable(out_path)
         lock = OutputLock(out_path).acquire()
+    try:  # after the lock: a run still writing this name is reported as such, not as a taken name
+        refuse_taken_output(out_path, args.resume, args.overwrite, "--overwrite")
+    except TrainingInputError:
+        if lock is not None:
+            lock.release()
+        raise
     return scan, base, rank, out_path, lock
 
 

@@ -136,5 +136,19 @@ def check_output_writable(out_path) -> Path:
     return out_path
 
 
+def refuse_taken_output(out_path, resume: bool, overwrite: bool, switch: str = "overwrite") -> None:
+    """Never replace an existing domain model silently: a fresh (not resumed) run whose output file exists is
+    refused before any work unless `overwrite` is set. `switch` names the setting in the caller's words
+    ('overwrite' on the node, '--overwrite' on the command line)."""
+    out_path = Path(out_path).expanduser()
+    if resume or overwrite or not out_path.exists():
+        return
+    resume_word = "resume" if switch == "overwrite" else "--resume"
+    raise TrainingInputError(
+        f"{out_path.name} already exists and this is a fresh run (not resumed): its first checkpoint would replace "
+        f"that model. Pick another save name, turn on {resume_word} to continue the saved run, or turn on {switch} "
+        "to replace it (the old file and its resume state are overwritten at the first checkpoint).")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("INDOMAIN_LATENT_CACHE", PACK_ROOT / ".cache" / "latents"))

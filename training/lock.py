@@ -137,10 +137,16 @@ class OutputLock:
 
 
 def remove_partials(out_path) -> list[Path]:
-    """Delete temp files a killed writer of this output (or its resume state) left behind."""
+    """Delete temp files a killed writer of this output left behind: of the model and its resume state
+    (`.NAME.XXXXXXXX.partial/`), of the loss curve (`.NAME.loss.png.XXXXXXXX.partial`) and of the previews
+    (`NAME.previews/.*.partial`)."""
     out_path = Path(out_path)
     removed = []
-    for p in out_path.parent.glob(f".{out_path.stem}.????????.partial"):  # mkdtemp adds 8 characters
+    stem = out_path.stem
+    candidates = [*out_path.parent.glob(f".{stem}.????????.partial"),  # mkdtemp / mkstemp add 8 characters
+                  *out_path.parent.glob(f".{stem}.loss.png.????????.partial"),
+                  *(out_path.parent / f"{stem}.previews").glob(".*.png.????????.partial")]
+    for p in candidates:
         try:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)

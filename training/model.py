@@ -30,6 +30,14 @@ class EmptyPrompt:
         return out
 
 
+def trained_calibration(record: dict, prompt: EmptyPrompt) -> dict:
+    """The file's calibration metadata: the run's record, plus the `y` vector every step used (SDXL: the empty
+    prompt's pooled embedding at the training size), which the domain pass feeds when it samples."""
+    from ..guidance.checkpoint import TRAINED_Y_KEY, vector_to_json
+
+    return record if prompt.y is None else dict(record, **{TRAINED_Y_KEY: vector_to_json(prompt.y[:1])})
+
+
 def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]) -> EmptyPrompt:
     """Encode "" with the checkpoint's own text encoder and let the model build its extra inputs."""
     tokens = clip.tokenize("")

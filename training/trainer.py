@@ -29,7 +29,7 @@ from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_wr
 from .data import EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
-from .model import base_meta, empty_prompt
+from .model import base_meta, empty_prompt, trained_calibration
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
 from .outputs import Previewer, Saver
 from .resume import load_resume_state, restore_optimisation, restore_weights
@@ -192,7 +192,7 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
         # SDXL's size conditioning differs per bucket shape (SD1.x's empty prompt does not depend on it)
         run.prompts = {hw: empty_prompt(model_patcher, clip, hw) for hw in data.shapes if hw != tuple(data.size_hw)}
         training_info = _training_info(config, data, world, run.amp_dtype)
-        meta = base_meta(model_patcher, run.record, {}, form=run.form.name)
+        meta = base_meta(model_patcher, trained_calibration(run.record, run.prompt), {}, form=run.form.name)
         saver = Saver(out_path, resume_file, rank, meta, training_info, config, world)
         previewer = Previewer(model_patcher, clip, vae, config, data, out_path, rank, meta, on_preview)
 
