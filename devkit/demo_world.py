@@ -282,6 +282,8 @@ def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = []
+    # Adam's second moments of tiny gradients go subnormal on CPU, where subnormal arithmetic is very slow
+    flush = torch.set_flush_denormal(True)
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(steps):
             cells, colours = random_pictures(batch, "plain", gen)
@@ -302,6 +304,8 @@ def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: 
             if (step + 1) % max(1, steps // 8) == 0 or step == 0 or step + 1 == steps:
                 log(f"    base step {step + 1}/{steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}  "
                     f"{(time.perf_counter() - t0) / (step + 1):.2f} s/step")
+    if flush:
+        torch.set_flush_denormal(False)
     sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     del unet, opt, model
     comfy.model_management.unload_all_models()
