@@ -146,7 +146,8 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     import torch
 
-    # CPU training: Adam's second moments of tiny gradients can go subnormal, and subnormal arithmetic is slow (a guard; its effect here was not measured)
+    # CPU training: Adam's second moments of tiny gradients can go subnormal, and subnormal arithmetic is
+    # slow (a guard; its effect here was not measured)
     torch.set_flush_denormal(True)
     progress = Progress(6)
     out = Path(cfg.out_dir)

@@ -282,7 +282,8 @@ def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = []
-    # Adam's second moments of tiny gradients can go subnormal; subnormal arithmetic is slow on CPU (a guard; not measured here)
+    # Adam's second moments of tiny gradients can go subnormal; subnormal arithmetic is slow on CPU
+    # (a guard; not measured here)
     flush = torch.set_flush_denormal(True)
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(steps):
