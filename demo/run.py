@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..client import ComfyClient, apply_overrides, load_workflow
+from ..devkit import demo_world
 from ..devkit.host import PACK_ROOT
-from ..devkit.images import draw_images
 from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "indomain_2_text_guided.json"
@@ -21,23 +21,30 @@ WORKFLOW = PACK_ROOT / "workflows" / "api" / "indomain_2_text_guided.json"
 @dataclass
 class DemoConfig:
     out_dir: Path = PACK_ROOT / "out" / "demo"
-    images: int = 24                 # built-in domain images
-    image_px: int = 64               # 64 px = 8x8 latents for the tiny SD1.5-layout UNet
-    train_steps: int = 150
+    images: int = 32                 # built-in domain images
+    image_px: int = demo_world.PX    # 64 px = 8x8 latents for the tiny SD1.5-layout UNet
+    base_steps: int = 150            # the tiny base UNet's training on the plain world (cached in .cache/models)
+    base_batch: int = 16
+    base_lr: float = 1e-3
+    train_steps: int = 150           # the domain UNet, trained by the pack's trainer
     train_batch: int = 8
     lr: float = 3e-4                 # toy scale (the paper's 1e-5 is for real SD weights and thousands of steps)
     sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
     cfg: float = CONTROL_WEIGHT_START
     domain_weight: float = DOMAIN_WEIGHT_START
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    prompt: str = "a photo of a house on a hill"
+    prompt: str | None = None        # None: one colour per column ("a red disc", "a green disc", ...)
     base: Path | None = None         # use this checkpoint instead of the built tiny one
     domain_unet: Path | None = None  # use this domain UNet instead of training one
-    fast: bool = False               # smoke mode for tests: few steps everywhere
+    fast: bool = False               # quick mode for tests: fewer steps and seeds, the domain still learned
 
     def shrink(self) -> "DemoConfig":
-        self.images, self.train_steps, self.train_batch, self.sample_steps, self.seeds = 4, 2, 2, 3, [1, 2]
+        self.images, self.train_steps, self.sample_steps, self.seeds = 16, 60, 12, [1, 2]
         return self
+
+    def prompts(self) -> list[str]:
+        colours = list(demo_world.COLOURS)
+        return [self.prompt or demo_world.prompt(colours[i % len(colours)]) for i in range(len(self.seeds))]
 
 
 class Progress:
@@ -57,10 +64,17 @@ class Progress:
 # ----------------------------------------------------------------------------- 1. the built-in domain
 
 
-def draw_domain_images(folder: Path, count: int, px: int, seed: int = 0) -> Path:
-    """'Sunset stripes': horizontal warm bands over a dark violet ground with one teal disc, a style no
-    text prompt of the base model asks for."""
-    return draw_images(folder, count, px, seed, style="sunset")
+def draw_domain_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """'Sunset stripes': warm horizontal bands over a dark violet ground, one coloured disc each (unlabelled),
+    drawn on the 8x8-cell grid the linear VAE maps exactly to latents; a style the base never saw."""
+    return demo_world.draw_domain_pictures(folder, count, seed)
+
+
+def domain_statistic(paths) -> dict:
+    """The stripe score (devkit.demo_world.stripe_score) of some pictures: per picture, mean, min."""
+    scores = demo_world.stripe_score(demo_world.load_pictures(paths))
+    return {"per_image": [round(float(v), 4) for v in scores], "mean": round(float(scores.mean()), 4),
+            "min": round(float(scores.min()), 4)}
 
 
 # ----------------------------------------------------------------------------- 3. training
@@ -115,7 +129,7 @@ def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path,
             with Image.open(p) as im:
                 tile = im.convert("RGB").resize((cell, cell), Image.NEAREST)
             sheet.paste(tile, (label_w + c * (cell + pad) + pad, y))
-    d.text((pad, H - 20), "same seeds, same prompt, same steps in both rows; only the domain weight differs",
+    d.text((pad, H - 20), "each column: the same seed, prompt and steps in both rows; only the domain weight differs",
            fill=(90, 90, 90), font=small)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.stem + ".partial.png")
@@ -130,21 +144,26 @@ def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path,
 def run_demo(cfg: DemoConfig) -> Path:
     from ..devkit.host import ComfyServer
 
+    import torch
+
+    # CPU training: Adam's second moments of tiny gradients can go subnormal, and subnormal arithmetic is
+    # slow (a guard; its effect here was not measured)
+    torch.set_flush_denormal(True)
     progress = Progress(6)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prompts = cfg.prompts()
 
     progress.step(f"drawing {cfg.images} built-in domain images ('sunset stripes', {cfg.image_px} px)")
-    images = draw_domain_images(out / "domain_images", cfg.images, cfg.image_px)
+    images = draw_domain_images(out / "domain_images", cfg.images)
 
     if cfg.base:
         base = Path(cfg.base)
         progress.step(f"base checkpoint: {base}")
     else:
-        progress.step("building the tiny SD1.5-layout base checkpoint (deterministic; cached in .cache/models)")
-        from ..devkit.tiny_models import tiny_checkpoint
-
-        base = tiny_checkpoint(0)
+        progress.step("building the tiny SD1.5-layout base checkpoint: a linear VAE (decoded latents are pictures) "
+                      "and a UNet trained briefly on discs on a cream ground (deterministic; cached in .cache/models)")
+        base = demo_world.demo_checkpoint(cfg.base_steps, cfg.base_batch, cfg.base_lr, log=progress.say)
 
     if cfg.domain_unet:
         domain = Path(cfg.domain_unet)
@@ -161,37 +180,56 @@ def run_demo(cfg: DemoConfig) -> Path:
     server = ComfyServer(server_base, models={"checkpoints": {"demo_base.safetensors": base},
                                               "domain_unets": {"demo_domain.safetensors": domain}})
     server.start()
+    rows, generated = [], {}
     try:
         progress.say(f"    server up at {server.url}")
         client = ComfyClient(server.url)
         progress.step(f"running {WORKFLOW.relative_to(PACK_ROOT)} over HTTP: base CFG vs decoupled, "
                       f"seeds {cfg.seeds}, {cfg.sample_steps} steps")
-        rows = []
-        for label, weight in ((f"base model, CFG\n(cfg {cfg.cfg}, domain weight 0)", 0.0),
-                              (f"decoupled guidance\n(cfg {cfg.cfg}, domain weight {cfg.domain_weight})",
-                               cfg.domain_weight)):
+        for key, label, weight in (("base", f"base model, CFG\n(cfg {cfg.cfg}, domain weight 0)", 0.0),
+                                   ("decoupled", f"decoupled guidance\n(cfg {cfg.cfg}, domain weight "
+                                                 f"{cfg.domain_weight})", cfg.domain_weight)):
             paths = []
-            for seed in cfg.seeds:
+            for seed, text in zip(cfg.seeds, prompts):
                 wf = load_workflow(WORKFLOW)
-                apply_overrides(wf, prompt=cfg.prompt, negative="", seed=seed, steps=cfg.sample_steps, cfg=cfg.cfg,
+                apply_overrides(wf, prompt=text, negative="", seed=seed, steps=cfg.sample_steps, cfg=cfg.cfg,
                                 domain_weight=weight, checkpoint="demo_base.safetensors",
                                 domain_unet="demo_domain.safetensors", width=cfg.image_px, height=cfg.image_px,
                                 batch_size=1, filename_prefix=f"demo_w{weight:g}_s{seed}")
                 result = client.run(wf, out_dir=out / "images", timeout=600)
-                progress.say(f"    domain weight {weight:g}, seed {seed}: {result.images[0].name} "
+                progress.say(f"    domain weight {weight:g}, seed {seed}, \"{text}\": {result.images[0].name} "
                              f"({result.seconds:.1f}s)")
                 paths.extend(result.images[:1])
             rows.append((label, paths))
+            generated[key] = paths
     finally:
         server.stop()
 
-    progress.step("composing the side-by-side image")
-    title = f'InDomain demo: "{cfg.prompt}"  |  {cfg.sample_steps} steps dpmpp_2m karras'
-    refs = sorted(images.glob("*.png"))[:len(cfg.seeds)]
-    rows.append(("the domain\n(training images)", refs))
-    sheet = side_by_side(rows, title, out / "indomain_demo.png", columns=[f"seed {s}" for s in cfg.seeds])
-    (out / "demo.json").write_text(json.dumps({"config": {k: str(v) for k, v in cfg.__dict__.items()},
-                                               "image": str(sheet)}, indent=2))
+    progress.step("measuring the domain statistic and composing the side-by-side image")
+    refs = sorted(images.glob("*.png"))
+    stats = {"domain images": domain_statistic(refs), "base": domain_statistic(generated["base"]),
+             "decoupled": domain_statistic(generated["decoupled"])}
+    progress.say("    domain statistic = stripe score: the built-in domain's 32-px horizontal banding (luminance "
+                 "Fourier amplitude down the columns minus across the rows; a plain disc scores about 0)")
+    for name, st in stats.items():
+        progress.say(f"    {name:>13}: mean {st['mean']:+.3f}  (per image {', '.join(f'{v:+.3f}' for v in st['per_image'][:8])}"
+                     f"{', ...' if len(st['per_image']) > 8 else ''})")
+    gap = stats["decoupled"]["mean"] - stats["base"]["mean"]
+    progress.say(f"    decoupled minus base: {gap:+.3f} (the domain images score {stats['domain images']['mean']:.3f})")
+    title = (f"InDomain demo: {cfg.prompt and repr(cfg.prompt) or 'one prompt per column'}  |  "
+             f"{cfg.sample_steps} steps dpmpp_2m karras")
+    rows.append(("the domain\n(training images)", refs[:len(cfg.seeds)]))
+    labels = [f"{label}\nstripe score {stats[k]['mean']:+.2f}" for (label, _), k in
+              zip(rows, ("base", "decoupled", "domain images"))]
+    rows = [(lab, paths) for lab, (_, paths) in zip(labels, rows)]
+    sheet = side_by_side(rows, title, out / "indomain_demo.png",
+                         columns=[f"seed {s}: {t}" if not cfg.prompt else f"seed {s}" for s, t in zip(cfg.seeds, prompts)])
+    report = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "prompts": prompts, "image": str(sheet),
+              "statistic": "stripe_score (devkit/demo_world.py)", "scores": stats, "decoupled_minus_base": round(gap, 4),
+              "seconds": round(time.monotonic() - progress.t0, 1)}
+    tmp = out / "demo.json.partial"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "demo.json")
     progress.say("done")
     return sheet
 
@@ -203,17 +241,18 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DemoConfig.out_dir, help="output folder (default out/demo)")
     ap.add_argument("--fast", action="store_true", help="smoke mode: a few steps everywhere (for tests)")
-    ap.add_argument("--train-steps", type=int)
+    ap.add_argument("--train-steps", type=int, help="domain UNet training steps")
+    ap.add_argument("--base-steps", type=int, help="the built tiny base UNet's training steps (cached per setting)")
     ap.add_argument("--sample-steps", type=int)
     ap.add_argument("--domain-weight", type=float)
-    ap.add_argument("--prompt")
+    ap.add_argument("--prompt", help="one prompt for every column (default: 'a red disc', 'a green disc', ...)")
     ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
     ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
     args = ap.parse_args(argv)
     cfg = DemoConfig(out_dir=args.out, base=args.base, domain_unet=args.domain_unet, fast=args.fast)
     if args.fast:
         cfg.shrink()
-    for name in ("train_steps", "sample_steps", "domain_weight", "prompt"):
+    for name in ("train_steps", "base_steps", "sample_steps", "domain_weight", "prompt"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for p in (cfg.base, cfg.domain_unet):
