@@ -429,6 +429,7 @@ def main(argv=None) -> dict:
         if "sweep" in payload["results"]:
             plot = write_pareto(payload, args.replot.with_suffix(".pareto.png"))
             if not payload["fast"] and args.docs:
+                args.docs.mkdir(parents=True, exist_ok=True)
                 shutil.copy(plot, args.docs / f"toy_pareto{'' if payload['coverage'] == 'full' else '_partial'}.png")
             print(f"Pareto plot: {plot}")
         print(report(payload))
