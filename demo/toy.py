@@ -28,14 +28,14 @@ def _missing(manifest: Path, coverage: str, fast: bool = False) -> int:
     return NO_CACHE
 
 
-def picture(columns: list[tuple[str, object]], prompts: list[str], path: Path, scale: int = 8) -> Path:
+def picture(columns: list[tuple[str, object]], prompts: list[str], path: Path, scale: int = 14) -> Path:
     """Grid PNG: a header row of column labels, a label column of prompts, one 8x8 latent per cell."""
     from PIL import Image, ImageDraw
 
     from ..bench.toy_plot import _font
 
-    cell, pad, left, top = world.SIZE * scale, 6, 150, 40
-    w = left + len(columns) * (cell + pad) + 150
+    cell, pad, left, top = world.SIZE * scale, 8, 130, 30
+    w = left + len(columns) * (cell + pad) + pad
     h = top + len(prompts) * (cell + pad) + pad
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     prompts = [world.prompt(s, c) for s, c in PROMPTS]
     runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)
     sampler = toy.ToySampler(runner, cfg, m["base"], prompts)
-    points = [("(a) base + CFG", toy.Point("a", args.cfg, seed=args.seed)),
-              ("(b) naive fine-tune", toy.Point("b", args.cfg, seed=args.seed)),
+    points = [("(a) base", toy.Point("a", args.cfg, seed=args.seed)),
+              ("(b) naive", toy.Point("b", args.cfg, seed=args.seed)),
               ("(c) decoupled", toy.Point("c", args.cfg, args.domain_weight, seed=args.seed))]
     columns = [(label, fmt.process_in(sampler.sample(pt, names))) for label, pt in points]
     sampler.release()
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(7)
     real = world.render_list(PROMPTS, gen, "domain")
-    columns.append(("real domain images", real))
+    columns.append(("real domain", real))
     level = float(world.texture_level(real).mean())
     for label, lat in columns[:3]:
         print(f"{label}: domain texture level {float(world.texture_level(lat).mean()) / level:.2f} x real domain images")
