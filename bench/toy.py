@@ -55,6 +55,8 @@ HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
 REMEDY_POINTS = ((2.0, 5.0), (3.0, 5.0))         # (c) points where overshoot is largest
 REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)"}
 EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies")  # run in this order
+EXTRA_EXPERIMENTS = ("diagnose",)  # on request: per step, norms of D - u and B(c) - u and their cosine
+DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
 
 
 @dataclass
@@ -267,12 +269,41 @@ class ToySampler:
         self.models = {k: v for k, v in self.models.items() if k[0] == "remedy"}
         comfy.model_management.unload_all_models()
 
-    def sample(self, pt: Point, names: dict) -> torch.Tensor:
+    def diagnose(self, pt: Point, names: dict) -> list[dict]:
+        """Sample (c) at `pt` and record, per step, |D - u|, |B(c) - u| (x0 space, per-sample L2, batch mean)
+        and their cosine. A pre-CFG hook sees the guider's CFG-equivalent pair (cond = B(c) + (w_d / w_c)(D - u),
+        uncond = u) and evaluates B(c) once more itself, so D - u = (cond - B(c)) w_c / w_d."""
+        import comfy.samplers
+
+        steps = []
+
+        def hook(args):
+            cond_eq, u = args["conds_out"][0], args["conds_out"][1]
+            x, sigma = args["input"], args["sigma"]
+            g = comfy.samplers.calc_cond_batch(args["model"], [args["conds"][0]], x, sigma, args["model_options"])[0]
+            du = ((cond_eq - g) * pt.cfg / pt.wd).flatten(1)
+            gu = (g - u).flatten(1)
+            steps.append({"sigma": float(sigma.reshape(-1)[0]), "norm_d_minus_u": float(du.norm(dim=1).mean()),
+                          "norm_c_minus_u": float(gu.norm(dim=1).mean()), "norm_u": float(u.flatten(1).norm(dim=1).mean()),
+                          "cosine": float(torch.nn.functional.cosine_similarity(du, gu, dim=1).mean())})
+            return args["conds_out"]
+
+        patched = self.base.clone()
+        patched.set_model_sampler_pre_cfg_function(hook)
+        key = ("diagnose", pt.id)
+        self.models[key] = patched
+        try:
+            self.sample(dataclasses.replace(pt, remedy=""), names, base=patched)
+        finally:
+            self.models.pop(key, None)
+        return steps
+
+    def sample(self, pt: Point, names: dict, base=None) -> torch.Tensor:
         c = self.cfg
         seed = 1000 + 100000 * pt.seed
         latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
         if pt.method in ("c", "d"):
-            base = self.model(("remedy", pt.remedy)) if pt.remedy else self.base
+            base = base or (self.model(("remedy", pt.remedy)) if pt.remedy else self.base)
             dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
             out = self.runner.node("InDomainKSampler").execute(
                 model=base, domain_model=dom, seed=seed, steps=c.sample_steps, cfg=pt.cfg, domain_weight=pt.wd,
@@ -417,7 +448,8 @@ def main(argv=None) -> dict:
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                            help=f"override {f.name} (default {f.default}; --fast uses smaller values)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
-                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all); also 'diagnose' "
+                        "(per step: norms of D - u and B(c) - u and their cosine along (c)'s trajectories)")
     p.add_argument("--docs", type=Path, default=common.PACK_ROOT / "docs",
                    help="full runs also write toy_pareto[_partial].png and toy_grid[_partial].png here")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
@@ -435,9 +467,9 @@ def main(argv=None) -> dict:
         print(report(payload))
         return payload
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
-    bad = [e for e in experiments if e not in EXPERIMENTS]
+    bad = [e for e in experiments if e not in EXPERIMENTS + EXTRA_EXPERIMENTS]
     if bad:
-        p.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS)}")
+        p.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS + EXTRA_EXPERIMENTS)}")
     common.enable_stack_dumps()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,11 +564,11 @@ def main(argv=None) -> dict:
     # -- (4) sampling through the product (runner created now, so the node lists see the new model files)
     runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
     sampler = ToySampler(runner, cfg, base_name, prompts)
-    def write_payload(done: list[str]) -> tuple[Path, dict]:
+    def write_payload(done: list[str], diagnosis: dict | None = None) -> tuple[Path, dict]:
         """The JSON so far (written after every experiment; `complete` once all ran)."""
         points_done = {e: points[e] for e in done}
         results = {exp: [pt.id for pt in pts] for exp, pts in points_done.items()}
-        derived = {}
+        derived = {"diagnosis": diagnosis} if diagnosis else {}
         if "sweep" in points_done:
             derived["claim"] = summarise(rows, results["sweep"])
         if "spread" in points_done:
@@ -594,6 +626,16 @@ def main(argv=None) -> dict:
         timings[f"sample_{exp}_cpu_s"] = time.process_time() - tc
         log(f"{exp}: {len(todo)} new points ({len(pts)} in all) in {timings[f'sample_{exp}_s']:.1f}s")
         out, payload = write_payload(done=list(points)[:list(points).index(exp) + 1])
+
+    if "diagnose" in experiments:
+        dpts = [Point("c", c, wd) for wd, c in DIAGNOSE_POINTS]
+        ensure_finetunes(dpts)
+        t = time.perf_counter()
+        diagnosis = {pt.family: sampler.diagnose(pt, {"domain": names[(0, "short", "domain")]}) for pt in dpts}
+        sampler.release()
+        timings["diagnose_s"] = time.perf_counter() - t
+        log(f"diagnose: {len(dpts)} trajectories in {timings['diagnose_s']:.1f}s")
+        out, payload = write_payload(done=[e for e in points], diagnosis=diagnosis)
 
     common.write_json(root / f"latest_{cfg.coverage}{'_fast' if args.fast else ''}.json", {"models_dir": str(models_dir), "base": base_name,
                                                              "names": {f"{k[2]} seed={k[0]} {k[1]}": v for k, v in names.items()},
@@ -684,6 +726,13 @@ def report(payload: dict) -> str:
                                 [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
                                         ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
                                 f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
+    diag = payload["derived"].get("diagnosis")
+    if diag:
+        for fam, steps in diag.items():
+            out.append(common.table(["sigma", "|D - u|", "|B(c) - u|", "|D - u| / |B(c) - u|", "cosine", "|u|"],
+                                    [[d["sigma"], d["norm_d_minus_u"], d["norm_c_minus_u"],
+                                      d["norm_d_minus_u"] / max(d["norm_c_minus_u"], 1e-12), d["cosine"], d["norm_u"]]
+                                     for d in steps], f"diagnosis along ({fam}) trajectories, x0 space, batch means"))
     claim = payload["derived"].get("claim")
     if claim:
         out.append("claim: " + json.dumps(claim, indent=1, default=float))
