@@ -120,14 +120,22 @@ def test_toy_bench_fast(comfy, tmp_path):
 
 
 def test_toy_bench_fast_partial(comfy, tmp_path):
-    """The partial-coverage experiment reports control beyond the domain's content separately."""
+    """The partial-coverage experiment reports control beyond the domain's content separately; the
+    diagnosis records every step."""
     from indomain.bench import toy
 
     out = tmp_path / "toy_partial.json"
-    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies", "--evaluator-steps", "5",
+    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies,diagnose", "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies"]
+    # the diagnosis: one row per sampling step along each (c) trajectory, D - u recovered from the guider's pair
+    diag = data["derived"]["diagnosis"]
+    assert len(diag) == len(toy.DIAGNOSE_POINTS)
+    for steps in diag.values():
+        assert len(steps) == data["config"]["sample_steps"]
+        for d in steps:
+            assert d["norm_d_minus_u"] > 0 and d["norm_c_minus_u"] > 0 and -1.0 <= d["cosine"] <= 1.0
     for pid in data["results"]["remedies"]:
         r = data["points"][pid]
         assert 0.0 <= r["control_beyond_content"] <= 1.0
