@@ -1,31 +1,40 @@
-"""Toy-scale reproduction of the paper's claim, run through the product.
+"""The paper's claim at toy scale, run through the product: sweeps on a Pareto plot.
 
 A procedural world of 4-channel 8x8 latents (devkit/toy_world.py: 4 shapes x 4 colours, plain
-style), a base text-to-image model (the tiny SD15-layout UNet, trained here from scratch on
-every "a <colour> <shape>" prompt with the checkpoint's own CLIP-L embeddings, 15% empty-prompt
-dropout for CFG), and a domain of unlabelled images in a distinctive style (tinted, textured
-background, shifted palette) that holds only 2 shapes x 2 colours. Then, same seeds and steps:
+style); a base text-to-image model (the tiny SD15-layout UNet, trained here from scratch on every
+"a <colour> <shape>" prompt with the checkpoint's own CLIP-L embeddings, 15% empty-prompt dropout
+for CFG); a domain of UNLABELLED images in a distinctive style (tinted, checker-textured
+background, shifted palette). `--coverage full` (default, the paper's setting): the domain images
+hold every shape x colour; `--coverage partial`: only 2 shapes x 2 colours, so most prompts ask
+for content beyond the domain's. Methods, same seeds and steps, every model trained once and cached:
 
   (a) base + CFG                                   core KSampler
   (b) naive fine-tune on the domain, empty prompt  core UNETLoader + KSampler (CFG)
   (c) decoupled guidance, null-text domain UNet    InDomainLoadDomainUNet + InDomainKSampler
+  (d) decoupled guidance, Domain LoRA form         the same nodes, a form "lora" file
 
-(b) and (c) are trained by the pack's trainer (indomain.training.trainer.train_on_latents,
-form "plain" / "full") on the same latents, steps, lr and seed. Sampling runs as API-format
-graphs on the real in-process ComfyUI. Evaluators (a small CNN with shape / colour / style
-heads, trained here on procedural data of both styles) give control accuracy, a domain score
-and the Fréchet distance to held-out domain images in their 64-d feature space.
+(b), (c) and (d) are trained by the pack's trainer (train_on_latents, form "plain" / "full" /
+"lora") on the same latents and steps. Experiments: the weight sweep ((a), (b) over cfg; (c) over
+domain weight x cfg and on half the schedule; (d) at the headline points), the spread over seeds
+(fine-tune and sampling seeds), forgetting at 4x the fine-tuning length, and overshoot remedies
+(core RescaleCFG / APG on the base model). Every point: control accuracy, domain score, Fréchet
+distance (FD) to domain images of the asked content, and the overshoot ratio of the domain's
+known texture level (1.0 = right). Evaluators: a small CNN trained here (shape / colour / style).
 
-    python -m indomain.bench.toy            # full (about 30-40 min on 2 CPU cores the first time; cached after)
-    python -m indomain.bench.toy --fast     # tiny smoke run (figures meaningless)
+    python -m indomain.bench.toy                       # full coverage (writes docs/toy_pareto.png)
+    python -m indomain.bench.toy --coverage partial    # prompts beyond the domain's content
+    python -m indomain.bench.toy --experiments sweep   # the sweep alone (models cached)
+    python -m indomain.bench.toy --fast                # smoke run for the test suite (figures meaningless)
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,42 +44,58 @@ import torch
 
 from . import common
 
-TOY_VERSION = 1
+TOY_VERSION = 2
+
+# the sweep grids (fixed: the JSON holds one row per point)
+CFGS = (1.5, 3.0, 5.0, 7.0)                      # (a), (b)
+DOMAIN_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)       # (c) x C_CFGS
+C_CFGS = (3.0, 5.0)
+HEADLINE = ((2.0, 3.0), (1.0, 5.0))              # (c)/(d) headline points (w_d, cfg): halves, spread, forgetting
+HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
+REMEDY_POINTS = ((2.0, 5.0), (3.0, 5.0))         # (c) points where overshoot is largest
+REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)"}
+EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies")  # run in this order
+EXTRA_EXPERIMENTS = ("diagnose",)  # on request: per step, norms of D - u and B(c) - u and their cosine
+DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
 
 
 @dataclass
 class ToyConfig:
-    base_steps: int = 240
+    coverage: str = "full"
+    base_steps: int = 400
     base_lr: float = 8e-4
     base_batch: int = 16
     p_uncond: float = 0.15
     domain_images: int = 256
     domain_steps: int = 60
+    long_factor: int = 4
     domain_lr: float = 2e-4
-    domain_batch: int = 16
+    domain_batch: int = 8
     ema_decay: float = 0.99
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
     evaluator_steps: int = 200
-    samples_per_prompt: int = 8
-    sample_steps: int = 10
+    prompts: int = 16
+    samples_per_prompt: int = 3
+    sample_steps: int = 8
     sampler: str = "euler"
     scheduler: str = "normal"
-    cfg: float = 3.0
-    domain_weight: float = 2.0
+    seeds: int = 3
     seed: int = 0
 
     @classmethod
     def fast(cls) -> "ToyConfig":
-        return cls(base_steps=3, base_batch=4, domain_images=8, domain_steps=2, domain_batch=4, evaluator_steps=20,
-                   samples_per_prompt=2, sample_steps=3)
+        return cls(base_steps=3, base_batch=4, domain_images=8, domain_steps=2, long_factor=2, domain_batch=4,
+                   evaluator_steps=20, prompts=4, samples_per_prompt=1, sample_steps=2, seeds=2)
 
-    def key(self, *fields_) -> str:
+    def key(self, *fields_, **extra) -> str:
         d = dataclasses.asdict(self)
-        blob = json.dumps({"v": TOY_VERSION, **{f: d[f] for f in fields_}}, sort_keys=True)
+        blob = json.dumps({"v": TOY_VERSION, **{f: d[f] for f in fields_}, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed")
-DOMAIN_FIELDS = BASE_FIELDS + ("domain_images", "domain_steps", "domain_lr", "domain_batch", "ema_decay")
+DOMAIN_FIELDS = BASE_FIELDS + ("coverage", "domain_images", "domain_lr", "domain_batch", "ema_decay")
 
 
 def cache_dir() -> Path:
@@ -133,56 +158,286 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}, losses
 
 
-# ----------------------------------------------------------------------------- graphs
-
-
-def sampler_graph(method: str, cfg: ToyConfig, names: dict, prompts: list[str], seeds: list[int]) -> tuple[dict, list[str]]:
-    """One API-format graph sampling every prompt with one method; returns (graph, sampler node ids)."""
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["base"]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
-                                                             "batch_size": cfg.samples_per_prompt}},
-    }
-    model = ["ckpt", 0]
-    if method.startswith("naive"):
-        g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": names["naive"], "weight_dtype": "default"}}
-        model = ["unet", 0]
-    if method.startswith("decoupled"):
-        g["dom"] = {"class_type": "InDomainLoadDomainUNet", "inputs": {"model": ["ckpt", 0],
-                                                                        "domain_unet_name": names["domain"]}}
-    ids = []
-    for i, (text, seed) in enumerate(zip(prompts, seeds)):
-        pos = ["neg", 0]
-        if text:
-            g[f"p{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}}
-            pos = [f"p{i}", 0]
-        common_inputs = {"seed": seed, "steps": cfg.sample_steps, "sampler_name": cfg.sampler,
-                         "scheduler": cfg.scheduler, "positive": pos, "negative": ["neg", 0],
-                         "latent_image": ["lat", 0], "denoise": 1.0}
-        if method.startswith("decoupled"):
-            g[f"s{i}"] = {"class_type": "InDomainKSampler", "inputs": dict(
-                common_inputs, model=["ckpt", 0], domain_model=["dom", 0],
-                cfg=0.0 if method.endswith("uncond") else cfg.cfg, domain_weight=cfg.domain_weight,
-                domain_on_controlnet=False, domain_start_percent=0.0, domain_end_percent=1.0)}
-        else:
-            # unconditional rows: the model's empty-prompt prediction alone (cfg 1 = no guidance)
-            g[f"s{i}"] = {"class_type": "KSampler", "inputs": dict(
-                common_inputs, model=model, cfg=1.0 if method.endswith("uncond") else cfg.cfg)}
-        ids.append(f"s{i}")
-    return g, ids
-
-
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- points
 
 
 METHODS = {
-    "base_cfg": "(a) base + CFG",
-    "naive_cfg": "(b) naive fine-tune (empty prompt) + CFG",
-    "decoupled": "(c) decoupled: base CFG + null-text domain UNet",
-    "naive_uncond": "(b0) naive fine-tune, empty prompt, no guidance",
-    "decoupled_uncond": "(c0) decoupled, cfg 0 (u + w_d (d - u))",
+    "a": "(a) base + CFG",
+    "b": "(b) naive fine-tune (empty prompt) + CFG",
+    "c": "(c) decoupled, null-text domain UNet (full form)",
+    "d": "(d) decoupled, Domain LoRA form",
 }
+SAMPLED_THROUGH = {"a": "CheckpointLoaderSimple + KSampler", "b": "UNETLoader + KSampler",
+                   "c": "InDomainLoadDomainUNet + InDomainKSampler",
+                   "d": "InDomainLoadDomainUNet (form lora) + InDomainKSampler"}
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str                 # a | b | c | d
+    cfg: float
+    wd: float = 0.0             # domain weight ((c), (d))
+    start: float = 0.0          # domain term's schedule interval
+    end: float = 1.0
+    remedy: str = ""            # "" | a key of REMEDIES
+    seed: int = 0               # seed index: fine-tune seed and sampling seeds
+    length: str = "short"       # fine-tune length: short (domain_steps) | long (x long_factor)
+
+    @property
+    def id(self) -> str:
+        s = f"{self.method} cfg={self.cfg:g}"
+        if self.method in ("c", "d"):
+            s += f" wd={self.wd:g}"
+            if (self.start, self.end) != (0.0, 1.0):
+                s += f" sched={self.start:g}-{self.end:g}"
+        if self.remedy:
+            s += f" +{self.remedy}"
+        if self.length != "short":
+            s += f" {self.length}"
+        return s + f" seed={self.seed}"
+
+    @property
+    def family(self) -> str:
+        """The id without the seed: the spread groups by it."""
+        return self.id.rsplit(" seed=", 1)[0]
+
+
+def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
+    out = {}
+    if "sweep" in experiments:
+        pts = [Point("a", c) for c in CFGS] + [Point("b", c) for c in CFGS]
+        pts += [Point("c", c, wd) for c in C_CFGS for wd in DOMAIN_WEIGHTS]
+        pts += [Point("c", c, wd, s, e) for wd, c in HEADLINE for s, e, _ in HALVES]
+        pts += [Point("d", c, wd) for wd in sorted({w for w, _ in HEADLINE}) for c in C_CFGS]
+        out["sweep"] = pts
+    if "forgetting" in experiments:
+        out["forgetting"] = [Point("b", c, length=ln) for ln in ("short", "long") for c in (3.0, 5.0)] + [
+            Point("c", c, wd, length=ln) for ln in ("short", "long") for wd, c in HEADLINE]
+    if "spread" in experiments:
+        fam = [Point("a", 3.0), Point("a", 5.0), Point("b", 3.0), Point("b", 5.0)]
+        fam += [Point(m, c, wd) for m in ("c", "d") for wd, c in HEADLINE]
+        out["spread"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
+    if "remedies" in experiments:
+        out["remedies"] = [Point("c", c, wd, remedy=r) for wd, c in REMEDY_POINTS for r in ("", *REMEDIES)]
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _first(out):
+    """Output 0 of a node call: a V1 tuple or a V3 NodeOutput."""
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+class ToySampler:
+    """Samples points through the product's nodes, called in-process: core CheckpointLoaderSimple /
+    CLIPTextEncode / UNETLoader / KSampler / RescaleCFG / APG and the pack's InDomainLoadDomainUNet /
+    InDomainKSampler. All prompts go in ONE sampler call per point: the positive conditioning holds
+    the P prompts as a batch, which ComfyUI tiles over the P x n latents (sample k asks prompt k mod P);
+    a graph cannot batch conditionings, and one call per prompt was dominated by per-call overhead."""
+
+    def __init__(self, runner, cfg: ToyConfig, base_name: str, prompts: list[str]):
+        self.runner, self.cfg, self.nodes = runner, cfg, runner.nodes
+        self.base, clip = self.nodes.CheckpointLoaderSimple().load_checkpoint(base_name)[:2]
+        enc = self.nodes.CLIPTextEncode()
+        conds = [enc.encode(clip, t)[0][0] for t in prompts]
+        extra = dict(conds[0][1])
+        extra["pooled_output"] = torch.cat([c[1]["pooled_output"] for c in conds])
+        self.positive = [[torch.cat([c[0] for c in conds]), extra]]
+        self.negative = enc.encode(clip, "")[0]
+        self.n = len(prompts) * cfg.samples_per_prompt
+        self.models = {}
+
+    def model(self, key: tuple):
+        if key not in self.models:
+            kind, arg = key
+            if kind == "naive":
+                m = self.nodes.UNETLoader().load_unet(arg, "default")[0]
+            elif kind == "domain":
+                m = _first(self.runner.node("InDomainLoadDomainUNet").execute(model=self.base, domain_unet_name=arg))
+            elif arg == "rescale":
+                m = self.runner.node("RescaleCFG")().patch(self.base, 0.7)[0]
+            else:
+                m = _first(self.runner.node("APG").execute(model=self.base, eta=0.0, norm_threshold=0.0, momentum=0.0))
+            self.models[key] = m
+        return self.models[key]
+
+    def release(self) -> None:
+        import comfy.model_management
+
+        self.models = {k: v for k, v in self.models.items() if k[0] == "remedy"}
+        comfy.model_management.unload_all_models()
+
+    def diagnose(self, pt: Point, names: dict) -> list[dict]:
+        """Sample (c) at `pt` and record, per step, |D - u|, |B(c) - u| (x0 space, per-sample L2, batch mean)
+        and their cosine. A pre-CFG hook sees the guider's CFG-equivalent pair (cond = B(c) + (w_d / w_c)(D - u),
+        uncond = u) and evaluates B(c) once more itself, so D - u = (cond - B(c)) w_c / w_d."""
+        import comfy.samplers
+
+        steps = []
+
+        def hook(args):
+            cond_eq, u = args["conds_out"][0], args["conds_out"][1]
+            x, sigma = args["input"], args["sigma"]
+            g = comfy.samplers.calc_cond_batch(args["model"], [args["conds"][0]], x, sigma, args["model_options"])[0]
+            du = ((cond_eq - g) * pt.cfg / pt.wd).flatten(1)
+            gu = (g - u).flatten(1)
+            steps.append({"sigma": float(sigma.reshape(-1)[0]), "norm_d_minus_u": float(du.norm(dim=1).mean()),
+                          "norm_c_minus_u": float(gu.norm(dim=1).mean()), "norm_u": float(u.flatten(1).norm(dim=1).mean()),
+                          "cosine": float(torch.nn.functional.cosine_similarity(du, gu, dim=1).mean())})
+            return args["conds_out"]
+
+        patched = self.base.clone()
+        patched.set_model_sampler_pre_cfg_function(hook)
+        key = ("diagnose", pt.id)
+        self.models[key] = patched
+        try:
+            self.sample(dataclasses.replace(pt, remedy=""), names, base=patched)
+        finally:
+            self.models.pop(key, None)
+        return steps
+
+    def sample(self, pt: Point, names: dict, base=None) -> torch.Tensor:
+        c = self.cfg
+        seed = 1000 + 100000 * pt.seed
+        latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
+        if pt.method in ("c", "d"):
+            base = base or (self.model(("remedy", pt.remedy)) if pt.remedy else self.base)
+            dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
+            out = self.runner.node("InDomainKSampler").execute(
+                model=base, domain_model=dom, seed=seed, steps=c.sample_steps, cfg=pt.cfg, domain_weight=pt.wd,
+                sampler_name=c.sampler, scheduler=c.scheduler, positive=self.positive, negative=self.negative,
+                latent_image=latent, denoise=1.0, domain_on_controlnet=False, domain_start_percent=pt.start,
+                domain_end_percent=pt.end)
+            return _first(out)["samples"].float()
+        model = self.model(("naive", names["naive"])) if pt.method == "b" else self.base
+        out = self.nodes.common_ksampler(model, seed, c.sample_steps, pt.cfg, c.sampler, c.scheduler, self.positive,
+                                         self.negative, latent, denoise=1.0)
+        return out[0]["samples"].float()
+
+
+# ----------------------------------------------------------------------------- fine-tunes
+
+
+FORM_OF = {"naive": "plain", "domain": "full", "lora": "lora"}
+FOLDER_OF = {"naive": "diffusion_models", "domain": "domain_unets", "lora": "domain_unets"}
+
+
+def finetune_name(cfg: ToyConfig, which: str, seed: int, steps: int) -> str:
+    extra = {"form": FORM_OF[which], "ft_seed": cfg.seed + seed, "steps": steps}
+    if which == "lora":
+        extra.update(lora_rank=cfg.lora_rank, lora_lr=cfg.lora_lr)
+    return f"toy_{which}_{cfg.key(*DOMAIN_FIELDS, **extra)}.safetensors"
+
+
+def finetune(cfg: ToyConfig, which: str, seed: int, steps: int, base_model, base_clip, latents, root: Path,
+             retrain: bool) -> tuple[str, dict, bool]:
+    """Train (or reuse) one fine-tune; returns (file name, summary, trained now)."""
+    from ..training.trainer import TrainConfig, train_on_latents
+
+    name = finetune_name(cfg, which, seed, steps)
+    path = root / "models" / FOLDER_OF[which] / name
+    record = path.with_suffix(".json")
+    if path.exists() and record.exists() and not retrain:
+        return name, json.loads(record.read_text()), False
+    log(f"training {which} (form {FORM_OF[which]}, seed {cfg.seed + seed}, {steps} steps)")
+    t = time.perf_counter()
+    tc = TrainConfig(steps=steps, lr=cfg.lora_lr if which == "lora" else cfg.domain_lr, batch_size=cfg.domain_batch,
+                     resolution=64, hflip=0.0, seed=cfg.seed + seed, save_every=0, form=FORM_OF[which],
+                     ema_decay=cfg.ema_decay, calibration_images=min(64, cfg.domain_images), keep_resume_state=False,
+                     lora_rank=cfg.lora_rank, cache_dir=str(root / "latent_cache"))
+    res = train_on_latents(base_model, base_clip, latents, tc, out_path=path)
+    summary = {"form": FORM_OF[which], "seed": cfg.seed + seed, "steps": res.steps_done,
+               "first_loss": res.losses[0], "last_loss": res.losses[-1],
+               "mean_loss_last_10": sum(res.losses[-10:]) / len(res.losses[-10:]),
+               "seconds": time.perf_counter() - t}
+    common.write_json(record, summary)
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    return name, summary, True
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Evaluator + the references every point is measured against (same asked content, same count)."""
+
+    def __init__(self, evaluator, combos_asked: list[tuple[str, str]], coverage: str, seed: int):
+        from ..devkit import toy_world as world
+
+        self.world, self.net = world, evaluator
+        self.combos = combos_asked
+        gen = torch.Generator().manual_seed(seed + 200)
+        self.ref = world.render_list(combos_asked, gen, "domain")
+        ref2 = world.render_list(combos_asked, gen, "domain")
+        plain = world.render_list(combos_asked, gen, "plain")
+        self.ask_shape = torch.tensor([world.SHAPES.index(s) for s, _ in combos_asked])
+        self.ask_colour = torch.tensor([world.COLOURS.index(c) for _, c in combos_asked])
+        content = world.coverage_combos(coverage)
+        self.in_content = torch.tensor([c in content for c in combos_asked])
+        with torch.no_grad():
+            self.ref_feat = evaluator.features(self.ref)
+        self.ref_texture = float(world.texture_level(self.ref).mean())
+        self.ref_tint = float(world.tint_level(self.ref).mean())
+        self.references = {"fd_real_domain_vs_real_domain": self.fd(ref2), "fd_real_plain_vs_real_domain": self.fd(plain),
+                           "texture_ratio_real_plain": float(world.texture_level(plain).mean()) / self.ref_texture,
+                           "texture_ratio_real_domain_second_set": float(world.texture_level(ref2).mean()) / self.ref_texture}
+
+    def fd(self, x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return self.world.frechet_distance(self.net.features(x), self.ref_feat)
+
+    def __call__(self, lat: torch.Tensor) -> dict:
+        ev = self.world.evaluate(self.net, lat, self.ask_shape, self.ask_colour)
+        both = ev["shape_ok"] * ev["colour_ok"]
+        row = {"samples": len(lat), "control": float(both.mean()),
+               "shape_acc": float(ev["shape_ok"].mean()), "colour_acc": float(ev["colour_ok"].mean()),
+               "domain_score": float(ev["p_domain"].mean()), "fd": self.fd(lat),
+               "texture_ratio": float(self.world.texture_level(lat).mean()) / self.ref_texture,
+               "tint_ratio": float(self.world.tint_level(lat).mean()) / self.ref_tint}
+        if not bool(self.in_content.all()):
+            row["control_in_content"] = float(both[self.in_content].mean()) if self.in_content.any() else None
+            row["control_beyond_content"] = float(both[~self.in_content].mean())
+        return row
+
+
+def mean_sd(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def dominates(p: dict, q: dict) -> bool:
+    return (p["control"] >= q["control"] and p["domain_score"] >= q["domain_score"]
+            and (p["control"] > q["control"] or p["domain_score"] > q["domain_score"]))
+
+
+def summarise(rows: dict, sweep_ids: list[str]) -> dict:
+    """The claim's questions, answered from the sweep (seed 0)."""
+    sw = {i: rows[i] for i in sweep_ids}
+    by = {m: [r for r in sw.values() if r["method"] == m and r["schedule"] == [0.0, 1.0]] for m in "abcd"}
+    if not by["b"] or not by["c"]:
+        return {}
+    best_a = max(by["a"], key=lambda r: r["control"])
+    per_b = []
+    for rb in by["b"]:
+        dom = [r for r in by["c"] if dominates(r, rb)]
+        reach = [r for r in by["c"] if r["domain_score"] >= rb["domain_score"]]
+        best = max(reach, key=lambda r: r["control"]) if reach else None
+        per_b.append({"b": rb["id"], "dominated_by_c": [r["id"] for r in dom],
+                      "best_c_at_b_domain_score": best and best["id"],
+                      "control_gap_to_best_a": best and best_a["control"] - best["control"],
+                      "c_control_minus_b": best and best["control"] - rb["control"],
+                      "fd_c_over_fd_b": best and best["fd"] / rb["fd"]})
+    c_dominated = [r["id"] for r in by["c"] if any(dominates(rb, r) for rb in by["b"])]
+    return {"best_a": {"id": best_a["id"], "control": best_a["control"], "domain_score": best_a["domain_score"]},
+            "c_pareto_dominates_b": all(x["dominated_by_c"] for x in per_b), "per_b_point": per_b,
+            "c_points_dominated_by_some_b": c_dominated}
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
@@ -192,10 +447,29 @@ def main(argv=None) -> dict:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                            help=f"override {f.name} (default {f.default}; --fast uses smaller values)")
-    p.add_argument("--docs-grid", type=Path, default=common.PACK_ROOT / "docs" / "toy_grid.png",
-                   help="also write the sample grid here (full runs only)")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all); also 'diagnose' "
+                        "(per step: norms of D - u and B(c) - u and their cosine along (c)'s trajectories)")
+    p.add_argument("--docs", type=Path, default=common.PACK_ROOT / "docs",
+                   help="full runs also write toy_pareto[_partial].png and toy_grid[_partial].png here")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only redraw the Pareto plot and print the tables from a JSON this script wrote")
     args = p.parse_args(argv)
+    if args.replot:
+        payload = json.loads(args.replot.read_text())
+        if "sweep" in payload["results"]:
+            plot = write_pareto(payload, args.replot.with_suffix(".pareto.png"))
+            if not payload["fast"] and args.docs:
+                args.docs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(plot, args.docs / f"toy_pareto{'' if payload['coverage'] == 'full' else '_partial'}.png")
+            print(f"Pareto plot: {plot}")
+        print(report(payload))
+        return payload
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    bad = [e for e in experiments if e not in EXPERIMENTS + EXTRA_EXPERIMENTS]
+    if bad:
+        p.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS + EXTRA_EXPERIMENTS)}")
     common.enable_stack_dumps()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,11 +478,18 @@ def main(argv=None) -> dict:
         v = getattr(args, f.name)
         if v is not None:
             setattr(cfg, f.name, v)
-    t_all = time.perf_counter()
+    from ..devkit import toy_world as world
+
+    if cfg.coverage not in world.COVERAGES:
+        p.error(f"--coverage must be one of {', '.join(world.COVERAGES)} (got {cfg.coverage!r})")
+    if not 1 <= cfg.prompts <= 16:
+        p.error(f"--prompts must be 1..16 (got {cfg.prompts})")
+    if args.out == common.PACK_ROOT / "artifacts" / "bench" / "toy.json":
+        args.out = args.out.with_name(f"toy_{cfg.coverage}{'_fast' if args.fast else ''}.json")
+    t_all, t_cpu = time.perf_counter(), time.process_time()
     timings = {}
 
     from ..devkit import host, tiny_models
-    from ..devkit import toy_world as world
     from ..devkit.domain import load_checkpoint
 
     host.import_comfy()
@@ -244,174 +525,222 @@ def main(argv=None) -> dict:
         log(f"base model cached: {base_path.name}")
     base_losses = json.loads(base_record.read_text())["losses"] if base_record.exists() else []
 
-    base_model, base_clip, _ = load_checkpoint(base_path)
-
-    # -- (2) the domain images (model space) and the two fine-tunes by the pack's trainer
-    from ..training.trainer import TrainConfig, train_on_latents
-
+    # -- (2) the unlabelled domain images and the fine-tunes (pack's trainer), each cached by its settings
+    points = experiment_points(cfg, experiments)
     dom_gen = torch.Generator().manual_seed(cfg.seed + 100)
-    domain_train = world.sample_batch(cfg.domain_images, dom_gen, style="domain", combos=world.domain_combos())
+    domain_train = world.sample_batch(cfg.domain_images, dom_gen, style="domain",
+                                      combos=world.coverage_combos(cfg.coverage))
     comfy_latents = latent_format.process_out(domain_train.latents)  # the trainer takes VAE-space latents
-    dom_key = cfg.key(*DOMAIN_FIELDS)
-    names = {"base": base_name, "naive": f"toy_naive_{dom_key}.safetensors", "domain": f"toy_domain_{dom_key}.safetensors"}
-    paths = {"naive": models_dir / "diffusion_models" / names["naive"],
-             "domain": models_dir / "domain_unets" / names["domain"]}
-    train_summaries = {}
-    for which, form in (("naive", "plain"), ("domain", "full")):
-        record = root / f"{paths[which].stem}.json"
-        if paths[which].exists() and record.exists() and not args.retrain:
-            log(f"{which} fine-tune cached: {paths[which].name}")
-            train_summaries[which] = json.loads(record.read_text())
-            continue
-        log(f"training {which} ({'null-text UNet' if form == 'full' else 'unmodified UNet, empty prompt'}, "
-            f"{cfg.domain_steps} steps)")
-        t = time.perf_counter()
-        tc = TrainConfig(steps=cfg.domain_steps, lr=cfg.domain_lr, batch_size=cfg.domain_batch, resolution=64,
-                         hflip=0.0, seed=cfg.seed, save_every=0, form=form, ema_decay=cfg.ema_decay,
-                         calibration_images=min(64, cfg.domain_images), keep_resume_state=False,
-                         cache_dir=str(root / "latent_cache"))
-        res = train_on_latents(base_model, base_clip, comfy_latents, tc, out_path=paths[which])
-        secs = time.perf_counter() - t
-        train_summaries[which] = {"first_loss": res.losses[0], "last_loss": res.losses[-1],
-                                  "mean_loss_last_10": sum(res.losses[-10:]) / len(res.losses[-10:]),
-                                  "steps": res.steps_done, "seconds": secs}
-        timings[f"{which}_training_s"] = secs
-        common.write_json(record, train_summaries[which])
-        comfy.model_management.unload_all_models()
+    names, fine_tunes, trainer_base = {}, {}, {}
 
-    # -- (3) evaluators
+    def ensure_finetunes(pts: list[Point]) -> None:
+        """Train (or find cached) every fine-tune these points sample, before sampling them."""
+        needed = sorted({(pt.seed, pt.length, w) for pt in pts
+                         for w in {"b": ["naive"], "c": ["domain"], "d": ["lora"]}.get(pt.method, [])} - set(names))
+        for seed, length, which in needed:
+            steps = cfg.domain_steps * (cfg.long_factor if length == "long" else 1)
+            if not trainer_base and not (models_dir / FOLDER_OF[which] / finetune_name(cfg, which, seed, steps)).exists():
+                trainer_base["model"], trainer_base["clip"], _ = load_checkpoint(base_path)
+            t = time.perf_counter()
+            name, summary, trained = finetune(cfg, which, seed, steps, trainer_base.get("model"),
+                                              trainer_base.get("clip"), comfy_latents, root, args.retrain)
+            names[(seed, length, which)] = name
+            fine_tunes[f"{which} seed={seed} {length}"] = dict(summary, file=name)
+            if trained:
+                timings[f"train_{which}_seed{seed}_{length}_s"] = time.perf_counter() - t
+
+    # -- (3) evaluator (cheap, retrained every run from its seed) and references
     t = time.perf_counter()
     log(f"training the evaluator ({cfg.evaluator_steps} steps)")
     evaluator, evaluator_acc = world.train_evaluator(cfg.evaluator_steps, cfg.seed + 7)
     timings["evaluator_s"] = time.perf_counter() - t
-
-    # -- (4) sampling through the product (created now, so the node lists see the new model files)
-    # output_dir stays ComfyUI's (no image is saved here): changing it would leak into a test session
-    runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
-    combos = world.all_combos()
+    all_combos = world.all_combos()
+    step = max(1, len(all_combos) // cfg.prompts)
+    combos = all_combos[::step][:cfg.prompts] if cfg.prompts < 16 else all_combos
     prompts = [world.prompt(s, c) for s, c in combos]
-    seeds = [1000 + i for i in range(len(prompts))]
     n = cfg.samples_per_prompt
-    ask_shape = torch.tensor([world.SHAPES.index(s) for s, _ in combos]).repeat_interleave(n)
-    ask_colour = torch.tensor([world.COLOURS.index(c) for _, c in combos]).repeat_interleave(n)
-    in_dom = torch.tensor([world.in_domain(s, c) for s, c in combos]).repeat_interleave(n)
-    samples = {}
-    for method in METHODS:
-        t = time.perf_counter()
-        if method.endswith("uncond"):
-            graph, ids = sampler_graph(method, cfg, names, [""] * 4, [5000 + i for i in range(4)])
-        else:
-            graph, ids = sampler_graph(method, cfg, names, prompts, seeds)
-        result = runner.run(graph, outputs=ids)
-        lat = torch.cat([result.output(i)["samples"] for i in ids]).float()
-        samples[method] = latent_format.process_in(lat)
-        timings[f"sample_{method}_s"] = time.perf_counter() - t
-        log(f"sampled {method}: {tuple(lat.shape)} in {timings[f'sample_{method}_s']:.1f}s")
-        comfy.model_management.unload_all_models()
+    metrics = Metrics(evaluator, combos * n, cfg.coverage, cfg.seed)  # sample k asks prompt k mod P
 
-    # -- (5) metrics
-    ref_gen = torch.Generator().manual_seed(cfg.seed + 200)
-    n_dom = len(world.domain_combos()) * n
-    ref_domain = world.sample_batch(n_dom, ref_gen, style="domain", combos=world.domain_combos())
-    ref_domain2 = world.sample_batch(n_dom, ref_gen, style="domain", combos=world.domain_combos())
-    held_combos = [c for c in combos if not world.in_domain(*c)]
-    ref_held_domain = world.sample_batch(len(held_combos) * n, ref_gen, style="domain", combos=held_combos)
-    ref_plain = world.sample_batch(n_dom, ref_gen, style="plain", combos=world.domain_combos())
-    with torch.no_grad():
-        feat_ref = evaluator.features(ref_domain.latents)
-        feat_ref_held = evaluator.features(ref_held_domain.latents)
+    # -- (4) sampling through the product (runner created now, so the node lists see the new model files)
+    runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
+    sampler = ToySampler(runner, cfg, base_name, prompts)
+    def write_payload(done: list[str], diagnosis: dict | None = None) -> tuple[Path, dict]:
+        """The JSON so far (written after every experiment; `complete` once all ran)."""
+        points_done = {e: points[e] for e in done}
+        results = {exp: [pt.id for pt in pts] for exp, pts in points_done.items()}
+        derived = {"diagnosis": diagnosis} if diagnosis else {}
+        if "sweep" in points_done:
+            derived["claim"] = summarise(rows, results["sweep"])
+        if "spread" in points_done:
+            fams = {}
+            for pid in results["spread"]:
+                fams.setdefault(rows[pid]["family"], []).append(rows[pid])
+            derived["spread"] = {f: {k: mean_sd([r[k] for r in rs]) for k in
+                                     ("control", "domain_score", "fd", "texture_ratio")} for f, rs in fams.items()}
+        if "forgetting" in points_done:
+            derived["forgetting"] = [
+                {"family": rows[pid]["family"].replace(" long", ""), "length": rows[pid]["length"],
+                 "steps": cfg.domain_steps * (cfg.long_factor if rows[pid]["length"] == "long" else 1),
+                 **{k: rows[pid][k] for k in ("control", "domain_score", "fd", "texture_ratio")}}
+                for pid in results["forgetting"]]
 
-    def fd(x, ref):
-        with torch.no_grad():
-            return world.frechet_distance(evaluator.features(x), ref)
-
-    rows = {}
-    for method, lat in samples.items():
-        if method.endswith("uncond"):
-            ev = world.evaluate(evaluator, lat, torch.zeros(len(lat), dtype=torch.long), torch.zeros(len(lat), dtype=torch.long))
-            rows[method] = {"label": METHODS[method], "samples": len(lat),
-                            "domain_score": float(ev["p_domain"].mean()),
-                            "fd_domain": fd(lat[:n_dom], feat_ref)}
-            continue
-        ev = world.evaluate(evaluator, lat, ask_shape, ask_colour)
-        both = ev["shape_ok"] * ev["colour_ok"]
-        rows[method] = {
-            "label": METHODS[method], "samples": len(lat),
-            "control_all": float(both.mean()),
-            "control_domain_prompts": float(both[in_dom].mean()),
-            "control_held_out_prompts": float(both[~in_dom].mean()),
-            "shape_acc": float(ev["shape_ok"].mean()), "colour_acc": float(ev["colour_ok"].mean()),
-            "domain_score_all": float(ev["p_domain"].mean()),
-            "domain_score_held_out_prompts": float(ev["p_domain"][~in_dom].mean()),
-            "fd_domain_prompts": fd(lat[in_dom], feat_ref),
-            "fd_held_out_prompts_vs_domain_style": fd(lat[~in_dom], feat_ref_held),
+        timings["total_s"] = time.perf_counter() - t_all
+        timings["total_cpu_s"] = time.process_time() - t_cpu
+        payload = {
+            "bench": "toy", "version": TOY_VERSION, "fast": args.fast, "coverage": cfg.coverage,
+            "experiments": experiments, "experiments_done": done, "complete": done == list(points), "config": dataclasses.asdict(cfg), "environment": common.environment(),
+            "grids": {"cfgs": CFGS, "domain_weights": DOMAIN_WEIGHTS, "c_cfgs": C_CFGS, "headline": HEADLINE,
+                      "halves": [h[:2] for h in HALVES], "remedy_points": REMEDY_POINTS, "remedies": REMEDIES},
+            "world": {"shapes": world.SHAPES, "colours": world.COLOURS, "coverage_combos": world.coverage_combos(cfg.coverage),
+                      "prompts": prompts, "latent": [4, world.SIZE, world.SIZE]},
+            "models": {"base": base_name, "base_final_loss_mean_last_20": (sum(base_losses[-20:]) / max(1, len(base_losses[-20:]))
+                                                                           if base_losses else None),
+                       "fine_tunes": fine_tunes},
+            "sampled_through": SAMPLED_THROUGH,
+            "points": rows, "results": results, "derived": derived,
+            "references": {**metrics.references, "evaluator_accuracy_on_fresh_real_data": evaluator_acc,
+                           "texture_level_real_domain": metrics.ref_texture},
+            "timings_s": timings,
         }
-    references = {
-        "fd_real_domain_vs_real_domain": fd(ref_domain2.latents, feat_ref),
-        "fd_real_plain_vs_real_domain": fd(ref_plain.latents, feat_ref),
-        "evaluator_accuracy_on_fresh_real_data": evaluator_acc,
-    }
+        return common.write_json(args.out, payload), payload
 
-    # -- (6) output
-    timings["total_s"] = time.perf_counter() - t_all
-    payload = {
-        "bench": "toy", "fast": args.fast, "config": dataclasses.asdict(cfg), "environment": common.environment(),
-        "world": {"shapes": world.SHAPES, "colours": world.COLOURS, "domain_shapes": world.DOMAIN_SHAPES,
-                  "domain_colours": world.DOMAIN_COLOURS, "latent": [4, world.SIZE, world.SIZE]},
-        "models": {"base": names["base"], "naive": names["naive"], "domain": names["domain"],
-                   "base_final_loss_mean_last_20": (sum(base_losses[-20:]) / max(1, len(base_losses[-20:]))
-                                                    if base_losses else None),
-                   "fine_tunes": train_summaries},
-        "sampled_through": {"base_cfg": "CheckpointLoaderSimple + KSampler", "naive_cfg": "UNETLoader + KSampler",
-                            "decoupled": "InDomainLoadDomainUNet + InDomainKSampler",
-                            "naive_uncond": "UNETLoader + KSampler (cfg 1, empty prompt)",
-                            "decoupled_uncond": "InDomainLoadDomainUNet + InDomainKSampler (cfg 0)"},
-        "results": rows, "references": references, "timings_s": timings,
-    }
-    out = common.write_json(args.out, payload)
+    rows, samples = {}, {}
+    for exp, pts in points.items():
+        ensure_finetunes(pts)
+        t, tc = time.perf_counter(), time.process_time()
+        todo = sorted([pt for pt in pts if pt.id not in rows], key=lambda q: (q.seed, q.length))
+        last = None
+        for pt in todo:
+            if (pt.seed, pt.length) != last and last is not None:
+                sampler.release()
+            last = (pt.seed, pt.length)
+            gnames = {w: names.get((pt.seed, pt.length, w)) for w in ("naive", "domain", "lora")}
+            lat = latent_format.process_in(sampler.sample(pt, gnames))
+            samples[pt.id] = lat
+            rows[pt.id] = {"id": pt.id, "family": pt.family, "method": pt.method, "label": METHODS[pt.method],
+                           "cfg": pt.cfg, "domain_weight": pt.wd if pt.method in "cd" else None,
+                           "schedule": [pt.start, pt.end], "remedy": pt.remedy, "seed": pt.seed,
+                           "length": pt.length, **metrics(lat)}
+        sampler.release()
+        timings[f"sample_{exp}_s"] = time.perf_counter() - t
+        timings[f"sample_{exp}_cpu_s"] = time.process_time() - tc
+        log(f"{exp}: {len(todo)} new points ({len(pts)} in all) in {timings[f'sample_{exp}_s']:.1f}s")
+        out, payload = write_payload(done=list(points)[:list(points).index(exp) + 1])
 
-    # grid: a real domain row, then (a)/(b)/(c) on 8 prompts (first seed each): 2 in-domain, 6 held-out
-    show = [world.prompt(*c) for c in [("square", "red"), ("ring", "blue"), ("square", "green"), ("ring", "yellow"),
-                                        ("cross", "red"), ("triangle", "blue"), ("cross", "green"), ("triangle", "yellow")]]
-    pick = torch.tensor([prompts.index(s) * n for s in show])
-    grid_rows = [("real domain images", ref_domain.latents[:8])]
-    grid_rows += [(METHODS[m], samples[m][pick]) for m in ("base_cfg", "naive_cfg", "decoupled")]
-    grid_rows += [(METHODS[m], samples[m][:8]) for m in ("naive_uncond", "decoupled_uncond")]
+    if "diagnose" in experiments:
+        dpts = [Point("c", c, wd) for wd, c in DIAGNOSE_POINTS]
+        ensure_finetunes(dpts)
+        t = time.perf_counter()
+        diagnosis = {pt.family: sampler.diagnose(pt, {"domain": names[(0, "short", "domain")]}) for pt in dpts}
+        sampler.release()
+        timings["diagnose_s"] = time.perf_counter() - t
+        log(f"diagnose: {len(dpts)} trajectories in {timings['diagnose_s']:.1f}s")
+        out, payload = write_payload(done=[e for e in points], diagnosis=diagnosis)
+
+    common.write_json(root / f"latest_{cfg.coverage}{'_fast' if args.fast else ''}.json", {"models_dir": str(models_dir), "base": base_name,
+                                                             "names": {f"{k[2]} seed={k[0]} {k[1]}": v for k, v in names.items()},
+                                                             "config": dataclasses.asdict(cfg), "json": str(out)})
+
+    # -- (6) pictures: the Pareto plot and a sample grid
+    suffix = "" if cfg.coverage == "full" else "_partial"
+    plot = out.with_suffix(".pareto.png")
+    if "sweep" in points:
+        write_pareto(payload, plot)
     grid = out.with_suffix(".png")
-    world.grid_png(grid_rows, grid)
-    caption = {"rows": [r[0] for r in grid_rows], "columns": show, "note": "row 1: random real domain images; "
-               "uncond rows: 8 unconditional samples"}
-    out.with_suffix(".grid.json").write_text(json.dumps(caption, indent=2))
-    if not args.fast and args.docs_grid:
-        args.docs_grid.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(grid, args.docs_grid)
-
+    write_grid(payload, samples, metrics, prompts, n, grid)
+    if not args.fast and args.docs and "sweep" in points:
+        args.docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(plot, args.docs / f"toy_pareto{suffix}.png")
+        shutil.copy(grid, args.docs / f"toy_grid{suffix}.png")
     print(report(payload))
-    print(f"\nJSON: {out}\ngrid: {grid}")
+    print(f"\nJSON: {out}\nPareto plot: {plot}\ngrid: {grid}")
     return payload
 
 
+def sweep_series(payload: dict) -> list[dict]:
+    rows = payload["points"]
+    sweep = [rows[i] for i in payload["results"]["sweep"]]
+
+    def pts(sel, tag):
+        return [{"x": r["domain_score"], "y": r["control"], "fd": r["fd"], "tag": tag(r)} for r in sel]
+
+    full = [r for r in sweep if r["schedule"] == [0.0, 1.0]]
+    series = [{"label": "(a) base + CFG, cfg " + "/".join(f"{c:g}" for c in CFGS), "line": True,
+               "points": pts([r for r in full if r["method"] == "a"], lambda r: f"{r['cfg']:g}")},
+              {"label": "(b) naive fine-tune + CFG, cfg " + "/".join(f"{c:g}" for c in CFGS), "line": True,
+               "points": pts([r for r in full if r["method"] == "b"], lambda r: f"{r['cfg']:g}")}]
+    for c in C_CFGS:
+        series.append({"label": f"(c) decoupled, cfg {c:g}, w_d " + "/".join(f"{w:g}" for w in DOMAIN_WEIGHTS),
+                       "line": True, "points": pts([r for r in full if r["method"] == "c" and r["cfg"] == c],
+                                                   lambda r: f"{r['domain_weight']:g}")})
+    series.append({"label": "(c) domain term on half the schedule (1st / 2nd)", "line": False,
+                   "points": pts([r for r in sweep if r["method"] == "c" and r["schedule"] != [0.0, 1.0]],
+                                 lambda r: f"{'1st' if r['schedule'][0] == 0 else '2nd'} {r['domain_weight']:g}/{r['cfg']:g}")})
+    series.append({"label": "(d) Domain LoRA (w_d/cfg)", "line": False,
+                   "points": pts([r for r in full if r["method"] == "d"],
+                                 lambda r: f"{r['domain_weight']:g}/{r['cfg']:g}")})
+    return series
+
+
+def write_pareto(payload: dict, path: Path) -> Path:
+    from .toy_plot import pareto_png
+
+    title = (f"Toy world, {payload['coverage']} coverage: control vs domain score (left), FD to the domain (right); "
+             f"{payload['config']['samples_per_prompt']} samples x {len(payload['world']['prompts'])} prompts per point")
+    return pareto_png(sweep_series(payload), path, title, payload["references"]["fd_real_domain_vs_real_domain"])
+
+
+def write_grid(payload: dict, samples: dict, metrics: Metrics, prompts: list[str], n: int, path: Path) -> None:
+    """Rows: real domain images of the asked content, then one row per method at a headline point."""
+    from ..devkit import toy_world as world
+
+    pick = torch.arange(min(8, len(prompts)))  # the first sample of the first 8 prompts
+    rows = [("real domain images", metrics.ref[pick])]
+    (wd, c), labels = HEADLINE[0], []
+    for pid in (f"a cfg={c:g} seed=0", f"b cfg={c:g} seed=0", f"c cfg={c:g} wd={wd:g} seed=0",
+                f"d cfg={c:g} wd={wd:g} seed=0"):
+        if pid in samples:
+            rows.append((pid, samples[pid][pick]))
+            labels.append(pid)
+    world.grid_png(rows, path)
+    path.with_suffix(".grid.json").write_text(json.dumps(
+        {"rows": [r[0] for r in rows], "columns": prompts[:len(pick)], "note": "first sample of each prompt"}, indent=2))
+
+
 def report(payload: dict) -> str:
-    r = payload["results"]
+    rows = payload["points"]
+    head = ["point", "control", "domain score", "FD", "texture ratio"]
+    if payload["coverage"] == "partial":
+        head += ["control, domain content", "control, beyond the content"]
+    out = []
+    for exp, ids in payload["results"].items():
+        table_rows = []
+        for pid in ids:
+            r = rows[pid]
+            extra = [r.get("control_in_content"), r.get("control_beyond_content")] if payload["coverage"] == "partial" else []
+            table_rows.append([pid, r["control"], r["domain_score"], r["fd"], r["texture_ratio"], *extra])
+        out.append(common.table(head, table_rows, f"{exp} ({payload['coverage']} coverage)"))
+    sp = payload["derived"].get("spread")
+    if sp:
+        out.append(common.table(["point", "control", "domain score", "FD", "texture ratio"],
+                                [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
+                                        ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
+                                f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
+    diag = payload["derived"].get("diagnosis")
+    if diag:
+        for fam, steps in diag.items():
+            out.append(common.table(["sigma", "|D - u|", "|B(c) - u|", "|D - u| / |B(c) - u|", "cosine", "|u|"],
+                                    [[d["sigma"], d["norm_d_minus_u"], d["norm_c_minus_u"],
+                                      d["norm_d_minus_u"] / max(d["norm_c_minus_u"], 1e-12), d["cosine"], d["norm_u"]]
+                                     for d in steps], f"diagnosis along ({fam}) trajectories, x0 space, batch means"))
+    claim = payload["derived"].get("claim")
+    if claim:
+        out.append("claim: " + json.dumps(claim, indent=1, default=float))
     ref = payload["references"]
-    head = ["method", "control (all)", "control (domain prompts)", "control (held-out prompts)", "domain score",
-            "domain score (held-out)", "FD domain prompts", "FD held-out in domain style"]
-    rows = []
-    for m in ("base_cfg", "naive_cfg", "decoupled"):
-        x = r[m]
-        rows.append([x["label"], x["control_all"], x["control_domain_prompts"], x["control_held_out_prompts"],
-                     x["domain_score_all"], x["domain_score_held_out_prompts"], x["fd_domain_prompts"],
-                     x["fd_held_out_prompts_vs_domain_style"]])
-    t1 = common.table(head, rows, "Toy world: control vs domain fidelity (same seeds, same steps)")
-    rows2 = [[r[m]["label"], r[m]["domain_score"], r[m]["fd_domain"]] for m in ("naive_uncond", "decoupled_uncond")]
-    t2 = common.table(["unconditional", "domain score", "FD to domain"], rows2)
-    base_fd = r["base_cfg"]["fd_domain_prompts"]
-    notes = [f"FD floor (real domain vs real domain, same count): {ref['fd_real_domain_vs_real_domain']:.3g}; "
-             f"plain vs domain: {ref['fd_real_plain_vs_real_domain']:.3g}",
-             f"FD ratio to (a): naive {r['naive_cfg']['fd_domain_prompts'] / base_fd:.3g}, "
-             f"decoupled {r['decoupled']['fd_domain_prompts'] / base_fd:.3g}",
-             f"evaluator accuracy on fresh real data: {ref['evaluator_accuracy_on_fresh_real_data']}"]
-    return "\n\n".join([t1, t2, "\n".join(notes)])
+    out.append(f"FD floor (real domain vs real domain, same count): {ref['fd_real_domain_vs_real_domain']:.3g}; "
+               f"plain vs domain: {ref['fd_real_plain_vs_real_domain']:.3g}; evaluator accuracy "
+               f"{ref['evaluator_accuracy_on_fresh_real_data']}; timings {json.dumps(payload['timings_s'], default=float)}")
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,39 @@ def in_domain(shape: str, colour: str) -> bool:
     return shape in DOMAIN_SHAPES and colour in DOMAIN_COLOURS
 
 
+COVERAGES = ("full", "partial")
+
+
+def coverage_combos(coverage: str) -> list[tuple[str, str]]:
+    """The content of the domain's training images: "full" every shape x colour (the paper's
+    setting: the domain holds what the prompts ask for, unlabelled), "partial" 2 shapes x 2 colours
+    (prompts beyond the domain's content)."""
+    if coverage == "full":
+        return all_combos()
+    if coverage == "partial":
+        return domain_combos()
+    raise ValueError(f"coverage must be one of {', '.join(COVERAGES)} (got {coverage!r})")
+
+
+def _checker() -> torch.Tensor:
+    ii, jj = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    return ((ii + jj) % 2).float() * 2 - 1
+
+
+def texture_level(latents: torch.Tensor) -> torch.Tensor:
+    """Per image, the domain's known statistic: the checkerboard amplitude of channel 3
+    (mean of channel 3 times the +-1 checker). Real domain images: about 0.7 x the background
+    fraction; plain images: about 0. A sample's level over real domain images' level is the
+    overshoot ratio (1.0 = right, above 1 = exaggerated)."""
+    return (latents[:, 3] * _checker()).mean(dim=(1, 2))
+
+
+def tint_level(latents: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean of channels 0-2 along the domain tint direction (a second known statistic)."""
+    d = DOMAIN_TINT / DOMAIN_TINT.norm()
+    return (latents[:, :3].mean(dim=(2, 3)) * d).sum(1)
+
+
 def render(shape: str, colour: str, style: str, dx: int, dy: int, gen: torch.Generator, noise: float = 0.04) -> torch.Tensor:
     """One 4x8x8 latent (model space)."""
     mask = torch.zeros(SIZE, SIZE)
@@ -228,3 +261,9 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], path, scale: int = 6, pad: in
             y0, x0 = pad + r * (cell + pad), pad + c * (cell + pad)
             img[y0:y0 + cell, x0:x0 + cell] = tile
     Image.fromarray(img).save(path, optimize=True)
+
+
+def render_list(combos: list[tuple[str, str]], gen: torch.Generator, style: str) -> torch.Tensor:
+    """One image per (shape, colour) in order, at random positions: references matching a sample set."""
+    offs = torch.randint(0, MAX_OFFSET + 1, (len(combos), 2), generator=gen)
+    return torch.stack([render(s, c, style, int(offs[i, 0]), int(offs[i, 1]), gen) for i, (s, c) in enumerate(combos)])

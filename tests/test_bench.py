@@ -70,22 +70,108 @@ def test_training_bench_fast(comfy, tmp_path):
     assert _finite_positive(data["time_ratio"])
 
 
+METRICS = ("control", "domain_score", "fd", "texture_ratio", "tint_ratio")
+
+
+def _check_point(r: dict, samples: int) -> None:
+    assert r["samples"] == samples
+    assert 0.0 <= r["control"] <= 1.0 and 0.0 <= r["domain_score"] <= 1.0
+    assert math.isfinite(r["fd"]) and r["fd"] >= 0
+    assert math.isfinite(r["texture_ratio"]) and math.isfinite(r["tint_ratio"])
+
+
 def test_toy_bench_fast(comfy, tmp_path):
+    """Every experiment of the full-coverage benchmark runs and every sweep point is in the JSON."""
     from indomain.bench import toy
 
     out = tmp_path / "toy.json"
-    toy.main(["--fast", "--samples-per-prompt", "1", "--sample-steps", "2", "--evaluator-steps", "5",
+    toy.main(["--fast", "--evaluator-steps", "5", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["bench"] == "toy" and data["fast"] is True and data["coverage"] == "full"
+    assert data["complete"] is True and data["experiments_done"] == list(toy.EXPERIMENTS)
+    cfg = data["config"]
+    samples = cfg["prompts"] * cfg["samples_per_prompt"]
+    pts = data["points"]
+    for pid in {i for ids in data["results"].values() for i in ids}:
+        _check_point(pts[pid], samples)
+        assert "control_beyond_content" not in pts[pid]  # full coverage: every prompt is inside the domain's content
+    sweep = {(r["method"], r["cfg"], r["domain_weight"], tuple(r["schedule"])) for r in map(pts.get, data["results"]["sweep"])}
+    expected = {(m, c, None, (0.0, 1.0)) for m in "ab" for c in toy.CFGS}
+    expected |= {("c", c, w, (0.0, 1.0)) for c in toy.C_CFGS for w in toy.DOMAIN_WEIGHTS}
+    expected |= {("c", c, w, (s, e)) for w, c in toy.HEADLINE for s, e, _ in toy.HALVES}
+    expected |= {("d", c, w, (0.0, 1.0)) for w, _ in toy.HEADLINE for c in toy.C_CFGS}
+    assert sweep == expected
+    # the claim's questions are answered from the sweep
+    claim = data["derived"]["claim"]
+    assert isinstance(claim["c_pareto_dominates_b"], bool) and len(claim["per_b_point"]) == len(toy.CFGS)
+    # spread: every headline family over every seed, with mean and sd
+    spread = data["derived"]["spread"]
+    assert len(spread) == 8 and all(v["control"]["n"] == cfg["seeds"] for v in spread.values())
+    assert {pts[i]["seed"] for i in data["results"]["spread"]} == set(range(cfg["seeds"]))
+    # forgetting: (b) and (c) at both fine-tuning lengths, the long one long_factor x the steps
+    forget = data["derived"]["forgetting"]
+    assert {(f["family"].split()[0], f["length"]) for f in forget} == {(m, ln) for m in "bc" for ln in ("short", "long")}
+    ft = data["models"]["fine_tunes"]
+    assert ft["naive seed=0 long"]["steps"] == cfg["domain_steps"] * cfg["long_factor"]
+    assert ft["domain seed=0 short"]["steps"] == cfg["domain_steps"] and ft["lora seed=0 short"]["form"] == "lora"
+    assert {pts[i]["remedy"] for i in data["results"]["remedies"]} == {"", *toy.REMEDIES}
+    assert data["sampled_through"]["c"].startswith("InDomainLoadDomainUNet")
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pareto.png").stat().st_size > 0
+
+
+def test_toy_bench_fast_partial(comfy, tmp_path):
+    """The partial-coverage experiment reports control beyond the domain's content separately; the
+    diagnosis records every step."""
+    from indomain.bench import toy
+
+    out = tmp_path / "toy_partial.json"
+    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies,diagnose", "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["bench"] == "toy" and data["fast"] is True
-    assert set(data["results"]) == set(toy.METHODS)
-    n_prompts = 16
-    for m in ("base_cfg", "naive_cfg", "decoupled"):
-        r = data["results"][m]
-        assert r["samples"] == n_prompts
-        for k in ("control_all", "control_domain_prompts", "control_held_out_prompts", "domain_score_all"):
-            assert 0.0 <= r[k] <= 1.0
-        assert math.isfinite(r["fd_domain_prompts"]) and r["fd_domain_prompts"] >= 0
-    assert data["sampled_through"]["decoupled"].startswith("InDomainLoadDomainUNet")
-    assert data["models"]["fine_tunes"]["domain"]["steps"] == data["config"]["domain_steps"]
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies"]
+    # the diagnosis: one row per sampling step along each (c) trajectory, D - u recovered from the guider's pair
+    diag = data["derived"]["diagnosis"]
+    assert len(diag) == len(toy.DIAGNOSE_POINTS)
+    for steps in diag.values():
+        assert len(steps) == data["config"]["sample_steps"]
+        for d in steps:
+            assert d["norm_d_minus_u"] > 0 and d["norm_c_minus_u"] > 0 and -1.0 <= d["cosine"] <= 1.0
+    for pid in data["results"]["remedies"]:
+        r = data["points"][pid]
+        assert 0.0 <= r["control_beyond_content"] <= 1.0
+        assert r["control_in_content"] is None or 0.0 <= r["control_in_content"] <= 1.0
+
+
+def test_toy_texture_statistic():
+    """The overshoot statistic: real domain images sit at their own level, plain images near 0."""
+    import torch
+
+    from indomain.devkit import toy_world as world
+
+    gen = torch.Generator().manual_seed(0)
+    dom = world.sample_batch(256, gen, style="domain").latents
+    dom2 = world.sample_batch(256, gen, style="domain").latents
+    plain = world.sample_batch(256, gen, style="plain").latents
+    level = world.texture_level(dom).mean()
+    assert abs(float(world.texture_level(dom2).mean() / level) - 1.0) < 0.05
+    assert abs(float(world.texture_level(plain).mean() / level)) < 0.1
+    assert float(world.texture_level(1.5 * dom).mean() / level) > 1.4  # exaggeration reads above 1
+
+
+def test_toy_demo_picture(comfy, tmp_path, monkeypatch):
+    """`demo.sh --toy` renders the toy world from the benchmark's cached models; with none it exits 2
+    naming the command that builds them."""
+    from indomain.bench import toy
+    from indomain.demo import toy as demo_toy
+
+    with monkeypatch.context() as m:
+        m.setenv("INDOMAIN_CACHE", str(tmp_path / "empty"))
+        assert demo_toy.main(["--fast", "--out", str(tmp_path / "none.png")]) == demo_toy.NO_CACHE
+    if not (toy.cache_dir() / "latest_full_fast.json").is_file():
+        toy.main(["--fast", "--experiments", "remedies", "--evaluator-steps", "5", "--out", str(tmp_path / "t.json")])
+    out = tmp_path / "toy_world.png"
+    assert demo_toy.main(["--fast", "--out", str(out)]) == 0
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert h > len(demo_toy.PROMPTS) * 8 * 8 and w > 4 * 8 * 8  # a row per prompt, four columns
