@@ -296,11 +296,29 @@ def test_ctrl_c_interrupts_the_running_prompt_and_removes_the_pending_one(server
     """A long training prompt A runs; the CLI submits B (pending behind A) and gets SIGINT: B leaves the queue and
     never runs. A second CLI run of A's kind gets SIGINT while training: the server interrupts exactly that prompt."""
     client = ComfyClient(server.url)
+    ids, clis = [], []
+    try:
+        _ctrl_c_scenario(server, tmp_path, client, ids, clis)
+    finally:  # a failure here must not leave a 100000-step training prompt wedging the shared server
+        for cli in clis:
+            if cli.proc.poll() is None:
+                cli.proc.kill()
+        for prompt_id in ids:
+            try:
+                client.cancel(prompt_id)
+            except Exception:  # noqa: BLE001 (best effort clean-up)
+                pass
+
+
+def _ctrl_c_scenario(server, tmp_path, client, ids, clis):
     long_a = _train_workflow(server, f"images_a_{tmp_path.name}", steps=100000, save_name=f"client_cancel_a_{tmp_path.name}")
     path_a = tmp_path / "a.json"
     path_a.write_text(json.dumps(long_a))
     cli_a = _Cli(path_a, server, tmp_path)
-    id_a = _prompt_id(cli_a.wait_for("step 1/100000"))  # A is training
+    clis.append(cli_a)
+    id_a = _prompt_id(cli_a.wait_for("submitted prompt"))
+    ids.append(id_a)
+    cli_a.wait_for("step 1/100000")  # A is training
 
     b = load_workflow(TEXT)
     apply_overrides(b, seed=1, steps=2, width=64, height=64, checkpoint="tiny_sd15.safetensors",
@@ -308,7 +326,9 @@ def test_ctrl_c_interrupts_the_running_prompt_and_removes_the_pending_one(server
     path_b = tmp_path / "b.json"
     path_b.write_text(json.dumps(b))
     cli_b = _Cli(path_b, server, tmp_path)
+    clis.append(cli_b)
     id_b = _prompt_id(cli_b.wait_for("submitted prompt"))
+    ids.append(id_b)
     running, pending = _queue_ids(client)
     assert id_a in running and id_b in pending
     err_b = cli_b.interrupt_and_wait()
