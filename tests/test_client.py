@@ -242,13 +242,21 @@ def test_progress_falls_back_to_polling_without_websocket(server, tmp_path):
     assert not any("step " in l for l in lines)
 
 
+def _default_sigint():
+    """An ignored SIGINT is inherited across exec, and Python then installs no KeyboardInterrupt handler. Something
+    earlier in a full test session (seen after the bench and browser tests) leaves SIGINT ignored in the pytest
+    process, and the CLI then never saw the test's Ctrl-C. Give the child the default disposition, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Cli:
     """The CLI as a subprocess; a thread collects its stderr lines so waiting for one can time out."""
 
     def __init__(self, path, server, tmp_path):
         self.proc = subprocess.Popen([sys.executable, "-m", "indomain.client", str(path), "--server", server.url,
                                       "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, cwd=str(host_mod.PACK_ROOT))
+                                     stderr=subprocess.PIPE, text=True, cwd=str(host_mod.PACK_ROOT),
+                                     preexec_fn=_default_sigint)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
