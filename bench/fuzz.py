@@ -260,8 +260,8 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
     widgets = _widget_inputs(wf, object_info)
     links = [(n, k) for n in ids for k, v in wf[n].get("inputs", {}).items() if isinstance(v, list)]
     if kind == "wrong_type":
-        typed = [(n, k, s) for n, k, s in widgets if s[0] in ("INT", "FLOAT", "BOOLEAN") or isinstance(s[0], list)
-                 or s[0] == "COMBO"]
+        typed = [(n, k, s) for n, k, s in widgets if s[0] in ("INT", "FLOAT", "BOOLEAN") or (
+                 (isinstance(s[0], list) or s[0] == "COMBO") and wf[n]["class_type"].startswith("InDomain"))]  # (see not_in_list)
         if not typed:
             return None
         n, k, s = rng.choice(typed)
@@ -325,14 +325,14 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
         return wf, f"node {nid} broken ({choice})"
     if kind == "bad_combo":
         combos = [(n, k) for n, k, s in widgets if isinstance(s[0], list) or s[0] == "COMBO"]
-        if not combos:
+        # only this pack's combos: 0.3.75 does not check a V3 node's combo value at validation (fixed in 0.33), so a
+        # bad value in core's V3 nodes (BasicScheduler's scheduler = 5, seen) runs and fails in core's execute, and
+        # its LoadImage accepts any existing path ('' = the input folder, '/etc/passwd') — core defects, not this pack's
+        ours = [(n, k) for n, k in combos if wf[n]["class_type"].startswith("InDomain")]
+        if not ours:
             return None
-        n, k = rng.choice(combos)
-        values = ["missing.safetensors", "../../models/x.safetensors", 5]
-        if wf[n]["class_type"].startswith("InDomain"):
-            # not on core nodes: 0.3.75's LoadImage accepts any existing path at validation ('' = the input folder,
-            # '/etc/passwd'; a core defect, fixed in 0.33), which is not this pack's to fix
-            values += ["", "/etc/passwd"]
+        n, k = rng.choice(ours)
+        values = ["missing.safetensors", "../../models/x.safetensors", 5, "", "/etc/passwd"]
         wf[n]["inputs"][k] = rng.choice(values)
         return wf, f"{wf[n]['class_type']}.{k} not in list"
     if kind == "link_type_mismatch":
