@@ -86,3 +86,18 @@ def one_guider_step(guider, shape=(1, 4, 8, 8), seed: int = 5) -> dict:
     guider.sample(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), torch.zeros(*shape),
                   comfy.samplers.KSAMPLER(one_call), torch.tensor([1.0, 0.0]), seed=seed)
     return seen
+
+
+def x0_at_one_step(guider, noise, sigmas):
+    """The guider's denoised prediction at the first sigma, for a fixed noise (one sampler call): (x, out)."""
+    import comfy.samplers
+
+    seen = {}
+
+    def one_call(model_k, x, sig, extra_args=None, callback=None, disable=None):
+        seen["x"] = x.clone()
+        seen["out"] = model_k(x, sig[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+        return seen["out"]
+
+    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(one_call), sigmas, seed=3)
+    return seen["x"], seen["out"].float()

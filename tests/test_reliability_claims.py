@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from indomain.devkit.domain import x0_at_one_step
+
 from indomain.devkit.images import make_image_folder
 from indomain.training.optim import ema_decay_at
 from indomain.training.resume import read_resume_state
@@ -65,22 +67,6 @@ def _encode(clip, text):
     return [[cond, {"pooled_output": pooled}]]
 
 
-def _x0_at_one_step(guider, noise, sigmas):
-    """The guider's denoised prediction at the first sigma, for a fixed noise (one sampler call)."""
-    import comfy.samplers as samplers
-
-    seen = {}
-
-    def one_call(model_k, x, sig, extra_args=None, callback=None, disable=None):
-        s = sig[0] * x.new_ones([x.shape[0]])
-        seen["x"] = x.clone()
-        seen["out"] = model_k(x, s, **(extra_args or {}))
-        return seen["out"]
-
-    guider.sample(noise, torch.zeros_like(noise), samplers.KSAMPLER(one_call), sigmas, seed=3)
-    return seen["x"], seen["out"].float()
-
-
 @pytest.mark.parametrize("domain_on_control", [False, True])
 def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, base, domain_file, tiny_files,
                                                                        domain_on_control):
@@ -108,7 +94,7 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
     calls = []
     hook = domain.model.diffusion_model.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
-        x, out = _x0_at_one_step(guider, noise, sigmas)
+        x, out = x0_at_one_step(guider, noise, sigmas)
     finally:
         hook.remove()
     assert len(calls) == 1  # the active path ran: one domain pass
@@ -117,7 +103,7 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
         g = samplers.CFGGuider(m)
         g.set_conds(conds, conds)
         g.set_cfg(1.0)
-        x_here, o = _x0_at_one_step(g, noise, sigmas)
+        x_here, o = x0_at_one_step(g, noise, sigmas)
         assert torch.equal(x_here, x)
         return o
 

@@ -15,28 +15,13 @@ import importlib
 import pytest
 import torch
 
-from indomain.devkit.domain import make_domain_unet
-
+from indomain.devkit.domain import make_domain_unet, x0_at_one_step
 
 
 def _encode(clip, text):
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     return [[cond, {"pooled_output": pooled}]]
-
-
-def _x0_at_one_step(guider, noise, sigmas):
-    """The guider's denoised prediction at the first sigma, for a fixed noise (one sampler call)."""
-    samplers = importlib.import_module("comfy.samplers")
-    seen = {}
-
-    def one_call(model_k, x, sig, extra_args=None, callback=None, disable=None):
-        seen["x"] = x.clone()
-        seen["out"] = model_k(x, sig[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
-        return seen["out"]
-
-    guider.sample(noise, torch.zeros_like(noise), samplers.KSAMPLER(one_call), sigmas, seed=3)
-    return seen["x"], seen["out"].float()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +59,7 @@ def test_two_apply_domain_guidance_nodes_in_a_row_add_both_terms(comfy, base, tw
     hooks = [d.model.diffusion_model.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
              for k, d in ((1, d1_model), (2, d2_model))]
     try:
-        x, out = _x0_at_one_step(guider, noise, sigmas)
+        x, out = x0_at_one_step(guider, noise, sigmas)
     finally:
         for h in hooks:
             h.remove()
@@ -84,7 +69,7 @@ def test_two_apply_domain_guidance_nodes_in_a_row_add_both_terms(comfy, base, tw
         g = samplers.CFGGuider(m)
         g.set_conds(conds, conds)
         g.set_cfg(1.0)
-        x_here, o = _x0_at_one_step(g, noise, sigmas)
+        x_here, o = x0_at_one_step(g, noise, sigmas)
         assert torch.equal(x_here, x)
         return o
 
