@@ -250,6 +250,20 @@ def _range_violation(spec: list, rng: random.Random):
     return None
 
 
+def _is_combo(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] == "COMBO"
+
+
+def _pack_combos(wf: dict, widgets: list) -> list[tuple[str, str]]:
+    """The combo inputs of this pack's nodes: the only combos a wrong value may go into.
+
+    ComfyUI 0.3.75 does not check a V3 node's combo value at validation (fixed in 0.33), so a bad value in one of
+    core's V3 nodes runs and fails in core's execute (BasicScheduler's scheduler = 5 and = a 100000-char string,
+    both seen in full CI sessions), and its LoadImage accepts any existing path ('' = the input folder,
+    '/etc/passwd'): core defects, not this pack's."""
+    return [(n, k) for n, k, s in widgets if _is_combo(s) and wf[n]["class_type"].startswith("InDomain")]
+
+
 def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) -> tuple[dict, str] | None:
     """A copy of wf made invalid by one mutation of `kind`, or None when the workflow offers no target."""
     wf = copy.deepcopy(wf)
@@ -261,12 +275,15 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
     links = [(n, k) for n in ids for k, v in wf[n].get("inputs", {}).items() if isinstance(v, list)]
     if kind == "wrong_type":
         typed = [(n, k, s) for n, k, s in widgets if s[0] in ("INT", "FLOAT", "BOOLEAN") or (
-                 (isinstance(s[0], list) or s[0] == "COMBO") and wf[n]["class_type"].startswith("InDomain"))]  # (see not_in_list)
+                 _is_combo(s) and wf[n]["class_type"].startswith("InDomain"))]  # (see _pack_combos)
         if not typed:
             return None
         n, k, s = rng.choice(typed)
-        bad = rng.choice(["abc", "", None, {"a": 1}, "1e999x", [], "NaN"]) if s[0] != "BOOLEAN" else rng.choice(
-            [{"a": 1}, [1, 2, 3], None])
+        # only values every host refuses at validation: it coerces a BOOLEAN with bool() (a dict or null is a valid
+        # True/False there) and a FLOAT "NaN" passes its min/max checks (this pack's nodes refuse NaN when they run,
+        # tests/test_reliability_fuzz.py::test_a_nan_weight_is_refused_by_name; core's do not)
+        bad = rng.choice(["abc", "", None, {"a": 1}, "1e999x", []]) if s[0] != "BOOLEAN" else rng.choice(
+            [[1, 2, 3], [], ["x"]])
         if s[0] in ("INT", "FLOAT") and bad == []:
             bad = "[]"
         wf[n]["inputs"][k] = bad
@@ -301,7 +318,7 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
         del wf[n]["inputs"][k]
         return wf, f"{wf[n]['class_type']}.{k} removed"
     if kind == "huge_string":
-        combos = [(n, k) for n, k, s in widgets if isinstance(s[0], list) or s[0] == "COMBO"]
+        combos = _pack_combos(wf, widgets)  # (see _pack_combos)
         size = rng.choice([10 ** 4, 10 ** 5, 10 ** 6])
         if combos and rng.random() < 0.6:
             n, k = rng.choice(combos)
@@ -324,11 +341,7 @@ def mutate_workflow(wf: dict, object_info: dict, kind: str, rng: random.Random) 
             wf[nid] = {"inputs": {}}
         return wf, f"node {nid} broken ({choice})"
     if kind == "bad_combo":
-        combos = [(n, k) for n, k, s in widgets if isinstance(s[0], list) or s[0] == "COMBO"]
-        # only this pack's combos: 0.3.75 does not check a V3 node's combo value at validation (fixed in 0.33), so a
-        # bad value in core's V3 nodes (BasicScheduler's scheduler = 5, seen) runs and fails in core's execute, and
-        # its LoadImage accepts any existing path ('' = the input folder, '/etc/passwd') — core defects, not this pack's
-        ours = [(n, k) for n, k in combos if wf[n]["class_type"].startswith("InDomain")]
+        ours = _pack_combos(wf, widgets)
         if not ours:
             return None
         n, k = rng.choice(ours)

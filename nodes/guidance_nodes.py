@@ -7,7 +7,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
-from .validation import check_interval, combo_problem, first_problem
+from .validation import check_finite, check_interval, combo_problem, first_problem
 from .domain_model import ensure_base_model
 from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
 from .patch import patch_model_for_domain_guidance
@@ -83,6 +83,8 @@ class DomainKSampler(io.ComfyNode):
     def execute(cls, model, domain_model, seed, steps, cfg, domain_weight, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, domain_on_controlnet=False, domain_start_percent=0.0, domain_end_percent=1.0,
                 extra_terms=None) -> io.NodeOutput:
+        check_finite("Domain KSampler", cfg=cfg, denoise=denoise, domain_weight=domain_weight, domain_start_percent=domain_start_percent,
+                     domain_end_percent=domain_end_percent)
         check_interval("Domain KSampler", domain_start_percent, domain_end_percent)
         guider = domain_guider(model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet,
                                domain_start_percent, domain_end_percent, extra_terms)
@@ -113,6 +115,8 @@ class DomainGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
                 domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None) -> io.NodeOutput:
+        check_finite("Domain Guider", cfg=cfg, domain_weight=domain_weight, domain_start_percent=domain_start_percent,
+                     domain_end_percent=domain_end_percent)
         check_interval("Domain Guider", domain_start_percent, domain_end_percent)
         return io.NodeOutput(domain_guider(model, domain_model, positive, negative, cfg, domain_weight,
                                            domain_on_controlnet, domain_start_percent, domain_end_percent, extra_terms))
@@ -139,6 +143,8 @@ class ApplyDomainGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
                 domain_end_percent=1.0) -> io.NodeOutput:
+        check_finite("Apply Domain Guidance", domain_weight=domain_weight, domain_start_percent=domain_start_percent,
+                     domain_end_percent=domain_end_percent)
         check_interval("Apply Domain Guidance", domain_start_percent, domain_end_percent)
         return io.NodeOutput(patch_model_for_domain_guidance(model, domain_model, domain_weight, domain_on_controlnet,
                                                              domain_start_percent, domain_end_percent))
@@ -172,6 +178,7 @@ class GuidanceTerm(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, weight, start_percent, end_percent, previous=None) -> io.NodeOutput:
+        check_finite("Guidance Term", weight=weight, start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise ValueError(f"Guidance Term: start_percent ({start_percent}) is after end_percent ({end_percent}); swap them.")
         label = f"term {len(previous or []) + 1}"

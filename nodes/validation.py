@@ -6,6 +6,8 @@ combo reaches `execute` with any string; 0.33 checks it). Nodes call `combo_prob
 """
 from __future__ import annotations
 
+import math
+
 
 def combo_problem(name: str, value, options) -> str | None:
     """None if value is one of options (or not given: a linked input is checked when it runs), else why not."""
@@ -31,3 +33,12 @@ def check_interval(node: str, start: float, end: float, start_name: str = "domai
         raise ValueError(f"{node}: {start_name} ({start}) is after {end_name} ({end}), which would switch the domain "
                          f"term off for the whole run; swap them (start is the earlier part of the schedule, 0 = first "
                          f"step).")
+
+
+def check_finite(node: str, **values: float) -> None:
+    """ComfyUI turns the widget text "NaN" into float('nan'), which passes every min/max check; a NaN weight would
+    make every sample NaN (a black picture, no error), so refuse it by name."""
+    bad = [name for name, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{node}: {', '.join(f'{n} = {values[n]}' for n in bad)} is not a finite number; set "
+                         f"{'it' if len(bad) == 1 else 'them'} to a number (the widget's default is a safe start).")

@@ -104,3 +104,21 @@ def test_domain_start_after_end_is_refused(comfy, node):
         call = lambda: cls.execute(None, None, 2.0, False, **args)
     with pytest.raises(ValueError, match="domain_start_percent \\(0.8\\) is after domain_end_percent \\(0.2\\).*swap"):
         call()
+
+
+@pytest.mark.parametrize("node", ["InDomainKSampler", "InDomainGuider", "InDomainApplyGuidance", "InDomainGuidanceTerm"])
+def test_a_nan_weight_is_refused_by_name(comfy, node):
+    """ComfyUI turns the widget text "NaN" into float('nan'), which passes its min/max checks (the fuzz found it): the
+    sample would be NaN everywhere with no error. The nodes refuse it before touching a model."""
+    cls = comfy.node(node)
+    nan = float("nan")
+    if node == "InDomainKSampler":
+        call = lambda: cls.execute(None, None, 0, 1, 1.0, nan, "euler", "normal", None, None, None, 1.0, False)
+    elif node == "InDomainGuider":
+        call = lambda: cls.execute(None, None, None, None, 1.0, nan, False)
+    elif node == "InDomainApplyGuidance":
+        call = lambda: cls.execute(None, None, nan, False)
+    else:
+        call = lambda: cls.execute(None, None, nan, 0.0, 1.0)
+    with pytest.raises(ValueError, match="weight = nan is not a finite number"):
+        call()
