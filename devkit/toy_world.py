@@ -11,7 +11,9 @@ mask into channel 3. Two styles:
   combination looks like in the domain style.
 
 Also the evaluators trained inside the benchmark: a small CNN with shape / colour / style
-heads whose penultimate layer is the feature space of the Fréchet distance.
+heads whose penultimate layer is the feature space of the Fréchet distance; and, for spatial
+control, a fixed rule that reads a latent's shape mask (`detect_mask`), the IoU of two masks and
+the ControlNet hint image of a mask (`hint_image`).
 """
 from __future__ import annotations
 
@@ -106,10 +108,16 @@ def tint_level(latents: torch.Tensor) -> torch.Tensor:
     return (latents[:, :3].mean(dim=(2, 3)) * d).sum(1)
 
 
-def render(shape: str, colour: str, style: str, dx: int, dy: int, gen: torch.Generator, noise: float = 0.04) -> torch.Tensor:
-    """One 4x8x8 latent (model space)."""
+def shape_mask(shape: str, dx: int, dy: int) -> torch.Tensor:
+    """The 8x8 {0, 1} mask of `shape` with its top-left corner at column dx, row dy."""
     mask = torch.zeros(SIZE, SIZE)
     mask[dy:dy + SHAPE_SIZE, dx:dx + SHAPE_SIZE] = MASKS[shape]
+    return mask
+
+
+def render(shape: str, colour: str, style: str, dx: int, dy: int, gen: torch.Generator, noise: float = 0.04) -> torch.Tensor:
+    """One 4x8x8 latent (model space)."""
+    mask = shape_mask(shape, dx, dy)
     col = torch.tensor(COLOUR_VECTORS[colour])
     x = torch.zeros(4, SIZE, SIZE)
     if style == "plain":
@@ -133,6 +141,7 @@ class Batch:
     shape: torch.Tensor     # (N,) index into SHAPES
     colour: torch.Tensor    # (N,) index into COLOURS
     style: torch.Tensor     # (N,) 0 plain, 1 domain
+    masks: torch.Tensor | None = None  # (N, 8, 8) {0, 1}: where the shape is
 
 
 def sample_batch(n: int, gen: torch.Generator, style: str | None = None,
@@ -143,13 +152,49 @@ def sample_batch(n: int, gen: torch.Generator, style: str | None = None,
     offs = torch.randint(0, MAX_OFFSET + 1, (n, 2), generator=gen)
     styles = (torch.randint(0, 2, (n,), generator=gen) if style is None
               else torch.full((n,), 1 if style == "domain" else 0))
-    xs, sh, co = [], [], []
+    xs, sh, co, ms = [], [], [], []
     for i in range(n):
         s, c = combos[int(idx[i])]
         xs.append(render(s, c, "domain" if styles[i] else "plain", int(offs[i, 0]), int(offs[i, 1]), gen))
         sh.append(SHAPES.index(s))
         co.append(COLOURS.index(c))
-    return Batch(torch.stack(xs), torch.tensor(sh), torch.tensor(co), styles.long())
+        ms.append(shape_mask(s, int(offs[i, 0]), int(offs[i, 1])))
+    return Batch(torch.stack(xs), torch.tensor(sh), torch.tensor(co), styles.long(), torch.stack(ms))
+
+
+# ----------------------------------------------------------------------------- spatial control
+
+# A pixel shows the shape when its colour (channels 0-2) lies farther than this from every background
+# colour and its channel 3 is above 0. Background colours lie on the segment from 0 (plain) to
+# DOMAIN_TINT (domain) - a partly tinted background is still background; every palette colour, plain or
+# domain, lies 0.74 or more from that segment. Channel 3 is 0.8 on the shape in both styles and -0.8
+# (plain) or +-0.7 (domain checker) around it, so it only rules out the plain background a second time.
+MASK_COLOUR_THRESHOLD = 0.4
+HINT_SCALE = 8  # ControlNet hints are pixel images: 8x the latent's size (ComfyUI's SD1.5 compression)
+
+
+def detect_mask(latents: torch.Tensor) -> torch.Tensor:
+    """(N, 8, 8) bool: the pixels of each latent that show the shape (a fixed rule, see above)."""
+    rgb = latents[:, :3].permute(0, 2, 3, 1).float()                        # (N, H, W, 3)
+    t = DOMAIN_TINT
+    along = ((rgb @ t) / (t @ t)).clamp(0.0, 1.0)                           # nearest point of the segment
+    dist = (rgb - along[..., None] * t).norm(dim=-1)
+    return (dist > MASK_COLOUR_THRESHOLD) & (latents[:, 3] > 0)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) intersection over union of two mask batches (0 where both are empty)."""
+    a, b = a.bool().flatten(1), b.bool().flatten(1)
+    inter = (a & b).sum(1).float()
+    union = (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def hint_image(masks: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (N, 64, 64, 3) in [0, 1] of mask batches: white shape on black, each latent pixel
+    an 8x8 block (what a user's hint image at 8x the latent size looks like)."""
+    m = masks.float().repeat_interleave(HINT_SCALE, 1).repeat_interleave(HINT_SCALE, 2)
+    return m[..., None].expand(-1, -1, -1, 3).contiguous()
 
 
 # ----------------------------------------------------------------------------- evaluators
