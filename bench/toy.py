@@ -13,6 +13,12 @@ for content beyond the domain's. Methods, same seeds and steps, every model trai
   (c) decoupled guidance, null-text domain UNet    InDomainLoadDomainUNet + InDomainKSampler
   (d) decoupled guidance, Domain LoRA form         the same nodes, a form "lora" file
 
+Spatial control (`--experiments controlnet`): a tiny ControlNet of the base's layout, trained here
+on the base's plain world (base frozen) with the shape's mask as its hint, loaded by core's
+ControlNetLoader and applied by ControlNetApplyAdvanced to the positive conditioning (the control
+term); (a), (b) and (c) with it ((c) with `domain_on_controlnet` off and on), scored by the IoU of
+the generated shape's mask with the hint.
+
 (b), (c) and (d) are trained by the pack's trainer (train_on_latents, form "plain" / "full" /
 "lora") on the same latents and steps. Experiments: the weight sweep ((a), (b) over cfg; (c) over
 domain weight x cfg and on half the schedule; (d) at the headline points), the spread over seeds
@@ -54,9 +60,15 @@ HEADLINE = ((2.0, 3.0), (1.0, 5.0))              # (c)/(d) headline points (w_d,
 HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
 REMEDY_POINTS = ((2.0, 5.0), (3.0, 5.0))         # (c) points where overshoot is largest
 REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)"}
-EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies")  # run in this order
+EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies", "controlnet")  # run in this order
 EXTRA_EXPERIMENTS = ("diagnose",)  # on request: per step, norms of D - u and B(c) - u and their cosine
 DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
+# the ControlNet experiment (x seeds): (a) without the ControlNet at cfg 3 (spatial agreement by chance), then
+# (a), (b) at cfg 3 and 5 and (c) at the HEADLINE points, all with the ControlNet on the positive conditioning;
+# (c) with domain_on_controlnet off ("cn") and on ("cn+domain")
+CNET_CFGS = (3.0, 5.0)
+CNET_MODES = {"": "no ControlNet", "cn": "ControlNet on the control term",
+              "cn+domain": "ControlNet on the control term and on the domain term (domain_on_controlnet)"}
 
 
 @dataclass
@@ -74,6 +86,10 @@ class ToyConfig:
     ema_decay: float = 0.99
     lora_rank: int = 8
     lora_lr: float = 1e-3
+    cnet_steps: int = 300
+    cnet_lr: float = 3e-4
+    cnet_batch: int = 16
+    cnet_p_uncond: float = 0.5
     evaluator_steps: int = 200
     prompts: int = 16
     samples_per_prompt: int = 3
@@ -86,7 +102,7 @@ class ToyConfig:
     @classmethod
     def fast(cls) -> "ToyConfig":
         return cls(base_steps=3, base_batch=4, domain_images=8, domain_steps=2, long_factor=2, domain_batch=4,
-                   evaluator_steps=20, prompts=4, samples_per_prompt=1, sample_steps=2, seeds=2)
+                   evaluator_steps=20, prompts=4, samples_per_prompt=1, sample_steps=2, seeds=2, cnet_steps=2, cnet_batch=4)
 
     def key(self, *fields_, **extra) -> str:
         d = dataclasses.asdict(self)
@@ -96,6 +112,7 @@ class ToyConfig:
 
 BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed")
 DOMAIN_FIELDS = BASE_FIELDS + ("coverage", "domain_images", "domain_lr", "domain_batch", "ema_decay")
+CNET_FIELDS = BASE_FIELDS + ("cnet_steps", "cnet_lr", "cnet_batch", "cnet_p_uncond")
 
 
 def cache_dir() -> Path:
@@ -158,6 +175,75 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}, losses
 
 
+def controlnet_init(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """core's ControlNet of the tiny UNet's layout, initialised the ControlNet way: its encoder a copy of the
+    base's (time embedding, input blocks), every zero conv and the hint encoder's last conv at zero, so it
+    starts as "no control"; the rest (hint encoder, its middle block, which the tiny base lacks) from `seed`."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    from ..devkit import tiny_models
+
+    conf = {k: v for k, v in tiny_models.SD15_TINY_UNET.items() if k != "out_channels"}
+    cn = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **conf)
+    tiny_models.init_weights_(cn, seed)
+    base_sd, own = unet.state_dict(), cn.state_dict()
+    copied = {k: v for k, v in base_sd.items() if k in own and own[k].shape == v.shape}
+    cn.load_state_dict(copied, strict=False)
+    with torch.no_grad():
+        for m in [*cn.zero_convs, cn.middle_block_out, cn.input_hint_block[-1]]:
+            for prm in m.parameters():
+                prm.zero_()
+    return cn.float()
+
+
+def train_controlnet(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
+    """Train a ControlNet on the base's plain world, the base frozen: the hint is the shape's mask as a ComfyUI
+    hint image; the frozen base's diffusion model takes the ControlNet's output as `control=`; MSE on the
+    noise; only the ControlNet is optimised. Returns (state dict without prefix, losses)."""
+    from ..devkit import toy_world as world
+    from ..training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+
+    ms = model_patcher.get_model_object("model_sampling")
+    contexts = torch.cat([encode(clip, world.prompt(s, c)) for s, c in world.all_combos()])
+    empty = encode(clip, "")
+    unet = detached_unet_copy(model_patcher)
+    unet.eval()
+    for prm in unet.parameters():
+        prm.requires_grad_(False)
+    seed = cfg.seed + 20
+    cn = controlnet_init(unet, seed)
+    cn.train()
+    opt = torch.optim.AdamW(cn.parameters(), lr=cfg.cnet_lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    losses = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        for step in range(cfg.cnet_steps):
+            b = world.sample_batch(cfg.cnet_batch, gen, style="plain")
+            hint = world.hint_image(b.masks).movedim(-1, 1)  # (B, 3, 64, 64): what core's ControlNet feeds its model
+            ctx = contexts[b.shape * len(world.COLOURS) + b.colour]
+            ctx[torch.rand(cfg.cnet_batch, generator=gen) < cfg.cnet_p_uncond] = empty
+            sigma = sample_sigmas(ms, cfg.cnet_batch, gen)
+            noise = torch.randn(b.latents.shape, generator=gen)
+            xc, t, x_noisy = noisy_inputs(ms, b.latents, sigma, noise)
+            for g in opt.param_groups:
+                g["lr"] = cfg.cnet_lr * min(1.0, (step + 1) / 20)
+            control = cn(x=xc, hint=hint, timesteps=t, context=ctx)
+            pred = unet(xc, t, context=ctx, control=control)
+            loss = torch.nn.functional.mse_loss(pred, native_target(ms, sigma, b.latents, noise, x_noisy))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 20 == 0 or step == cfg.cnet_steps - 1:
+                log(f"controlnet step {step + 1}/{cfg.cnet_steps} loss {losses[-1]:.4f} "
+                    f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
+    return {k: v.detach().clone() for k, v in cn.state_dict().items()}, losses
+
+
 # ----------------------------------------------------------------------------- points
 
 
@@ -169,7 +255,9 @@ METHODS = {
 }
 SAMPLED_THROUGH = {"a": "CheckpointLoaderSimple + KSampler", "b": "UNETLoader + KSampler",
                    "c": "InDomainLoadDomainUNet + InDomainKSampler",
-                   "d": "InDomainLoadDomainUNet (form lora) + InDomainKSampler"}
+                   "d": "InDomainLoadDomainUNet (form lora) + InDomainKSampler",
+                   "controlnet": "ControlNetLoader + ControlNetApplyAdvanced (strength 1) on the positive conditioning, "
+                                 "the negative hint-free; (c) with InDomainKSampler domain_on_controlnet False / True"}
 
 
 @dataclass(frozen=True)
@@ -182,6 +270,7 @@ class Point:
     remedy: str = ""            # "" | a key of REMEDIES
     seed: int = 0               # seed index: fine-tune seed and sampling seeds
     length: str = "short"       # fine-tune length: short (domain_steps) | long (x long_factor)
+    cnet: str = ""              # a key of CNET_MODES: "" | "cn" | "cn+domain"
 
     @property
     def id(self) -> str:
@@ -194,6 +283,8 @@ class Point:
             s += f" +{self.remedy}"
         if self.length != "short":
             s += f" {self.length}"
+        if self.cnet:
+            s += f" +{self.cnet}"
         return s + f" seed={self.seed}"
 
     @property
@@ -219,6 +310,10 @@ def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
         out["spread"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
     if "remedies" in experiments:
         out["remedies"] = [Point("c", c, wd, remedy=r) for wd, c in REMEDY_POINTS for r in ("", *REMEDIES)]
+    if "controlnet" in experiments:
+        fam = [Point("a", 3.0)] + [Point(m, c, cnet="cn") for m in "ab" for c in CNET_CFGS]
+        fam += [Point("c", c, wd, cnet=mode) for wd, c in HEADLINE for mode in ("cn", "cn+domain")]
+        out["controlnet"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
     return out
 
 
@@ -235,9 +330,12 @@ class ToySampler:
     CLIPTextEncode / UNETLoader / KSampler / RescaleCFG / APG and the pack's InDomainLoadDomainUNet /
     InDomainKSampler. All prompts go in ONE sampler call per point: the positive conditioning holds
     the P prompts as a batch, which ComfyUI tiles over the P x n latents (sample k asks prompt k mod P);
-    a graph cannot batch conditionings, and one call per prompt was dominated by per-call overhead."""
+    a graph cannot batch conditionings, and one call per prompt was dominated by per-call overhead.
+    ControlNet points: core ControlNetLoader + ControlNetApplyAdvanced (strength 1, the whole schedule) on
+    the positive conditioning with `hint` (one hint image per sample, a ComfyUI IMAGE batch); the negative
+    stays hint-free, so u = B(x, empty) and the hint rides on the control term."""
 
-    def __init__(self, runner, cfg: ToyConfig, base_name: str, prompts: list[str]):
+    def __init__(self, runner, cfg: ToyConfig, base_name: str, prompts: list[str], hint: torch.Tensor | None = None):
         self.runner, self.cfg, self.nodes = runner, cfg, runner.nodes
         self.base, clip = self.nodes.CheckpointLoaderSimple().load_checkpoint(base_name)[:2]
         enc = self.nodes.CLIPTextEncode()
@@ -248,6 +346,16 @@ class ToySampler:
         self.negative = enc.encode(clip, "")[0]
         self.n = len(prompts) * cfg.samples_per_prompt
         self.models = {}
+        self.hint, self.controlled = hint, {}
+
+    def controlled_positive(self, controlnet_name: str):
+        """The positive conditioning with the ControlNet applied (core nodes), made once per ControlNet file."""
+        if controlnet_name not in self.controlled:
+            cn = self.nodes.ControlNetLoader().load_controlnet(controlnet_name)[0]
+            pos, _neg = self.nodes.ControlNetApplyAdvanced().apply_controlnet(self.positive, self.negative, cn,
+                                                                             self.hint, 1.0, 0.0, 1.0)
+            self.controlled[controlnet_name] = pos
+        return self.controlled[controlnet_name]
 
     def model(self, key: tuple):
         if key not in self.models:
@@ -302,17 +410,18 @@ class ToySampler:
         c = self.cfg
         seed = 1000 + 100000 * pt.seed
         latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
+        positive = self.controlled_positive(names["controlnet"]) if pt.cnet else self.positive
         if pt.method in ("c", "d"):
             base = base or (self.model(("remedy", pt.remedy)) if pt.remedy else self.base)
             dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
             out = self.runner.node("InDomainKSampler").execute(
                 model=base, domain_model=dom, seed=seed, steps=c.sample_steps, cfg=pt.cfg, domain_weight=pt.wd,
-                sampler_name=c.sampler, scheduler=c.scheduler, positive=self.positive, negative=self.negative,
-                latent_image=latent, denoise=1.0, domain_on_controlnet=False, domain_start_percent=pt.start,
+                sampler_name=c.sampler, scheduler=c.scheduler, positive=positive, negative=self.negative,
+                latent_image=latent, denoise=1.0, domain_on_controlnet=pt.cnet == "cn+domain", domain_start_percent=pt.start,
                 domain_end_percent=pt.end)
             return _first(out)["samples"].float()
         model = self.model(("naive", names["naive"])) if pt.method == "b" else self.base
-        out = self.nodes.common_ksampler(model, seed, c.sample_steps, pt.cfg, c.sampler, c.scheduler, self.positive,
+        out = self.nodes.common_ksampler(model, seed, c.sample_steps, pt.cfg, c.sampler, c.scheduler, positive,
                                          self.negative, latent, denoise=1.0)
         return out[0]["samples"].float()
 
@@ -365,7 +474,8 @@ def finetune(cfg: ToyConfig, which: str, seed: int, steps: int, base_model, base
 class Metrics:
     """Evaluator + the references every point is measured against (same asked content, same count)."""
 
-    def __init__(self, evaluator, combos_asked: list[tuple[str, str]], coverage: str, seed: int):
+    def __init__(self, evaluator, combos_asked: list[tuple[str, str]], coverage: str, seed: int,
+                 hint_offsets: torch.Tensor | None = None):
         from ..devkit import toy_world as world
 
         self.world, self.net = world, evaluator
@@ -385,6 +495,28 @@ class Metrics:
         self.references = {"fd_real_domain_vs_real_domain": self.fd(ref2), "fd_real_plain_vs_real_domain": self.fd(plain),
                            "texture_ratio_real_plain": float(world.texture_level(plain).mean()) / self.ref_texture,
                            "texture_ratio_real_domain_second_set": float(world.texture_level(ref2).mean()) / self.ref_texture}
+        self.hint_masks = None
+        if hint_offsets is not None:
+            # the ControlNet experiment's hints: sample k's hint is the asked shape's mask at hint_offsets[k]
+            at = [(s, c, int(o[0]), int(o[1])) for (s, c), o in zip(combos_asked, hint_offsets)]
+            self.hint_masks = torch.stack([world.shape_mask(s, dx, dy) for s, _, dx, dy in at])
+            real = {style: torch.stack([world.render(s, c, style, dx, dy, gen) for s, c, dx, dy in at])
+                    for style in ("plain", "domain")}
+            # agreement by chance: the asked shape at independent random positions (mean of 32 draws)
+            rnd = torch.randint(0, world.MAX_OFFSET + 1, (32, len(at), 2), generator=gen)
+            chance = [float(world.iou(torch.stack([world.shape_mask(s, int(o[0]), int(o[1]))
+                                                   for (s, _c), o in zip(combos_asked, offs)]), self.hint_masks).mean())
+                      for offs in rnd]
+            self.references.update({
+                "iou_real_plain_at_hint": float(world.iou(world.detect_mask(real["plain"]), self.hint_masks).mean()),
+                "iou_real_domain_at_hint": float(world.iou(world.detect_mask(real["domain"]), self.hint_masks).mean()),
+                "iou_asked_shape_random_position": statistics.fmean(chance)})
+
+    def spatial(self, lat: torch.Tensor) -> dict:
+        """Agreement of each sample's shape mask (toy_world.detect_mask) with its hint: mean IoU, and the
+        fraction of samples with IoU >= 0.5."""
+        v = self.world.iou(self.world.detect_mask(lat), self.hint_masks)
+        return {"iou": float(v.mean()), "iou_ge_half": float((v >= 0.5).float().mean())}
 
     def fd(self, x: torch.Tensor) -> float:
         with torch.no_grad():
@@ -495,7 +627,7 @@ def main(argv=None) -> dict:
     host.import_comfy()
     root = cache_dir()
     models_dir = root / "models"
-    for kind in ("checkpoints", "diffusion_models", "domain_unets"):
+    for kind in ("checkpoints", "diffusion_models", "domain_unets", "controlnet"):
         (models_dir / kind).mkdir(parents=True, exist_ok=True)
     import comfy.latent_formats
     import comfy.model_management
@@ -524,6 +656,37 @@ def main(argv=None) -> dict:
     else:
         log(f"base model cached: {base_path.name}")
     base_losses = json.loads(base_record.read_text())["losses"] if base_record.exists() else []
+
+    # -- (1b) the ControlNet (only for the experiment that uses it), trained on the base world, cached by its settings
+    cnet_name, cnet_summary = None, None
+    if "controlnet" in experiments:
+        cnet_key = cfg.key(*CNET_FIELDS)
+        cnet_name = f"toy_controlnet_{cnet_key}.safetensors"
+        cnet_path = models_dir / "controlnet" / cnet_name
+        cnet_record = root / f"toy_controlnet_{cnet_key}.json"
+        if args.retrain:
+            for stale in [cnet_path, cnet_record]:
+                stale.unlink(missing_ok=True)
+        if not (cnet_path.exists() and cnet_record.exists()):
+            t = time.perf_counter()
+            log(f"training the ControlNet ({cfg.cnet_steps} steps, batch {cfg.cnet_batch}, base frozen)")
+            cn_model, cn_clip, _ = load_checkpoint(base_path)
+            sd, losses = train_controlnet(cfg, cn_model, cn_clip)
+            del cn_model, cn_clip
+            comfy.model_management.unload_all_models()
+            from ..guidance.checkpoint import save_safetensors_atomic
+
+            save_safetensors_atomic({"control_model." + k: v.float().contiguous() for k, v in sd.items()}, cnet_path,
+                                    metadata={"indomain.toy": "controlnet", "hint": "shape mask, white on black"})
+            common.write_json(cnet_record, {"losses": losses, "config": dataclasses.asdict(cfg),
+                                            "seconds": time.perf_counter() - t})
+            timings["controlnet_training_s"] = time.perf_counter() - t
+        else:
+            log(f"ControlNet cached: {cnet_name}")
+        cn_losses = json.loads(cnet_record.read_text())["losses"]
+        tail = cn_losses[-20:]
+        cnet_summary = {"file": cnet_name, "steps": len(cn_losses), "first_loss": cn_losses[0] if cn_losses else None,
+                        "mean_loss_last_20": sum(tail) / len(tail) if tail else None}
 
     # -- (2) the unlabelled domain images and the fine-tunes (pack's trainer), each cached by its settings
     points = experiment_points(cfg, experiments)
@@ -559,11 +722,15 @@ def main(argv=None) -> dict:
     combos = all_combos[::step][:cfg.prompts] if cfg.prompts < 16 else all_combos
     prompts = [world.prompt(s, c) for s, c in combos]
     n = cfg.samples_per_prompt
-    metrics = Metrics(evaluator, combos * n, cfg.coverage, cfg.seed)  # sample k asks prompt k mod P
+    # the ControlNet experiment's hints: sample k asks prompt k mod P; its hint is that shape at a random position
+    hint_offsets = torch.randint(0, world.MAX_OFFSET + 1, (len(combos) * n, 2), generator=torch.Generator().manual_seed(cfg.seed + 300))
+    metrics = Metrics(evaluator, combos * n, cfg.coverage, cfg.seed,
+                      hint_offsets=hint_offsets if "controlnet" in points else None)
 
     # -- (4) sampling through the product (runner created now, so the node lists see the new model files)
     runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
-    sampler = ToySampler(runner, cfg, base_name, prompts)
+    hint = world.hint_image(metrics.hint_masks) if metrics.hint_masks is not None else None
+    sampler = ToySampler(runner, cfg, base_name, prompts, hint=hint)
     def write_payload(done: list[str], diagnosis: dict | None = None) -> tuple[Path, dict]:
         """The JSON so far (written after every experiment; `complete` once all ran)."""
         points_done = {e: points[e] for e in done}
@@ -583,6 +750,13 @@ def main(argv=None) -> dict:
                  "steps": cfg.domain_steps * (cfg.long_factor if rows[pid]["length"] == "long" else 1),
                  **{k: rows[pid][k] for k in ("control", "domain_score", "fd", "texture_ratio")}}
                 for pid in results["forgetting"]]
+        if "controlnet" in points_done:
+            fams = {}
+            for pid in results["controlnet"]:
+                fams.setdefault(rows[pid]["family"], []).append(rows[pid])
+            derived["controlnet"] = {f: {k: mean_sd([r[k] for r in rs]) for k in
+                                         ("iou", "iou_ge_half", "control", "domain_score", "fd", "texture_ratio")}
+                                     for f, rs in fams.items()}
 
         timings["total_s"] = time.perf_counter() - t_all
         timings["total_cpu_s"] = time.process_time() - t_cpu
@@ -590,12 +764,13 @@ def main(argv=None) -> dict:
             "bench": "toy", "version": TOY_VERSION, "fast": args.fast, "coverage": cfg.coverage,
             "experiments": experiments, "experiments_done": done, "complete": done == list(points), "config": dataclasses.asdict(cfg), "environment": common.environment(),
             "grids": {"cfgs": CFGS, "domain_weights": DOMAIN_WEIGHTS, "c_cfgs": C_CFGS, "headline": HEADLINE,
-                      "halves": [h[:2] for h in HALVES], "remedy_points": REMEDY_POINTS, "remedies": REMEDIES},
+                      "halves": [h[:2] for h in HALVES], "remedy_points": REMEDY_POINTS, "remedies": REMEDIES,
+                      "controlnet_cfgs": CNET_CFGS, "controlnet_modes": CNET_MODES},
             "world": {"shapes": world.SHAPES, "colours": world.COLOURS, "coverage_combos": world.coverage_combos(cfg.coverage),
                       "prompts": prompts, "latent": [4, world.SIZE, world.SIZE]},
             "models": {"base": base_name, "base_final_loss_mean_last_20": (sum(base_losses[-20:]) / max(1, len(base_losses[-20:]))
                                                                            if base_losses else None),
-                       "fine_tunes": fine_tunes},
+                       "fine_tunes": fine_tunes, "controlnet": cnet_summary},
             "sampled_through": SAMPLED_THROUGH,
             "points": rows, "results": results, "derived": derived,
             "references": {**metrics.references, "evaluator_accuracy_on_fresh_real_data": evaluator_acc,
@@ -615,12 +790,16 @@ def main(argv=None) -> dict:
                 sampler.release()
             last = (pt.seed, pt.length)
             gnames = {w: names.get((pt.seed, pt.length, w)) for w in ("naive", "domain", "lora")}
+            gnames["controlnet"] = cnet_name
             lat = latent_format.process_in(sampler.sample(pt, gnames))
             samples[pt.id] = lat
             rows[pt.id] = {"id": pt.id, "family": pt.family, "method": pt.method, "label": METHODS[pt.method],
                            "cfg": pt.cfg, "domain_weight": pt.wd if pt.method in "cd" else None,
                            "schedule": [pt.start, pt.end], "remedy": pt.remedy, "seed": pt.seed,
-                           "length": pt.length, **metrics(lat)}
+                           "length": pt.length, "controlnet": pt.cnet, **metrics(lat)}
+        if exp == "controlnet":  # IoU with the hints, also for a point another experiment sampled (no ControlNet)
+            for pt in pts:
+                rows[pt.id].update(metrics.spatial(samples[pt.id]))
         sampler.release()
         timings[f"sample_{exp}_s"] = time.perf_counter() - t
         timings[f"sample_{exp}_cpu_s"] = time.process_time() - tc
@@ -715,17 +894,30 @@ def report(payload: dict) -> str:
     out = []
     for exp, ids in payload["results"].items():
         table_rows = []
+        spatial = exp == "controlnet"
         for pid in ids:
             r = rows[pid]
             extra = [r.get("control_in_content"), r.get("control_beyond_content")] if payload["coverage"] == "partial" else []
+            extra += [r["iou"], r["iou_ge_half"]] if spatial else []
             table_rows.append([pid, r["control"], r["domain_score"], r["fd"], r["texture_ratio"], *extra])
-        out.append(common.table(head, table_rows, f"{exp} ({payload['coverage']} coverage)"))
+        out.append(common.table(head + (["IoU with hint", "IoU >= 0.5"] if spatial else []), table_rows,
+                                f"{exp} ({payload['coverage']} coverage)"))
     sp = payload["derived"].get("spread")
     if sp:
         out.append(common.table(["point", "control", "domain score", "FD", "texture ratio"],
                                 [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
                                         ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
                                 f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
+    cn = payload["derived"].get("controlnet")
+    if cn:
+        keys = ("iou", "iou_ge_half", "control", "domain_score", "fd")
+        out.append(common.table(["point", "IoU with hint", "IoU >= 0.5", "control", "domain score", "FD"],
+                                [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in keys] for f, v in cn.items()],
+                                f"ControlNet experiment over {payload['config']['seeds']} seeds (mean ± sd)"))
+        ref = payload["references"]
+        out.append(f"IoU references: real plain / domain images at the hint: {ref['iou_real_plain_at_hint']:.3g} / "
+                   f"{ref['iou_real_domain_at_hint']:.3g}; the asked shape at a random position (chance): "
+                   f"{ref['iou_asked_shape_random_position']:.3g}")
     diag = payload["derived"].get("diagnosis")
     if diag:
         for fam, steps in diag.items():

@@ -116,7 +116,43 @@ def test_toy_bench_fast(comfy, tmp_path):
     assert ft["domain seed=0 short"]["steps"] == cfg["domain_steps"] and ft["lora seed=0 short"]["form"] == "lora"
     assert {pts[i]["remedy"] for i in data["results"]["remedies"]} == {"", *toy.REMEDIES}
     assert data["sampled_through"]["c"].startswith("InDomainLoadDomainUNet")
+    _check_controlnet(data, toy)
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pareto.png").stat().st_size > 0
+
+
+def _check_controlnet(data: dict, toy) -> None:
+    """The ControlNet experiment: every point over every seed, each with its IoU; the spread per family."""
+    cfg, pts = data["config"], data["points"]
+    got = {(r["method"], r["cfg"], r["domain_weight"], r["controlnet"], r["seed"])
+           for r in map(pts.get, data["results"]["controlnet"])}
+    fam = {("a", 3.0, None, "")} | {(m, c, None, "cn") for m in "ab" for c in toy.CNET_CFGS}
+    fam |= {("c", c, w, mode) for w, c in toy.HEADLINE for mode in ("cn", "cn+domain")}
+    assert got == {(*f, k) for f in fam for k in range(cfg["seeds"])}
+    for pid in data["results"]["controlnet"]:
+        assert 0.0 <= pts[pid]["iou"] <= 1.0 and 0.0 <= pts[pid]["iou_ge_half"] <= 1.0
+    spread = data["derived"]["controlnet"]
+    assert len(spread) == len(fam) and all(v["iou"]["n"] == cfg["seeds"] for v in spread.values())
+    ref = data["references"]
+    assert ref["iou_real_plain_at_hint"] == 1.0 and ref["iou_real_domain_at_hint"] > 0.9  # the mask rule reads real images
+    assert 0.0 < ref["iou_asked_shape_random_position"] < 0.6
+    cn = data["models"]["controlnet"]
+    assert cn["steps"] == cfg["cnet_steps"] and cn["file"].startswith("toy_controlnet_")
+    assert "ControlNetApplyAdvanced" in data["sampled_through"]["controlnet"]
+
+
+def test_toy_bench_fast_controlnet(comfy, tmp_path):
+    """The ControlNet experiment alone: its ControlNet is trained (or cached) and loaded by core's loader, and
+    every point over every seed lands in the JSON."""
+    from indomain.bench import toy
+
+    out = tmp_path / "toy_cn.json"
+    toy.main(["--fast", "--experiments", "controlnet", "--evaluator-steps", "5", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is True and data["experiments_done"] == ["controlnet"]
+    samples = data["config"]["prompts"] * data["config"]["samples_per_prompt"]
+    for pid in data["results"]["controlnet"]:
+        _check_point(data["points"][pid], samples)
+    _check_controlnet(data, toy)
 
 
 def test_toy_bench_fast_partial(comfy, tmp_path):
@@ -156,6 +192,27 @@ def test_toy_texture_statistic():
     assert abs(float(world.texture_level(dom2).mean() / level) - 1.0) < 0.05
     assert abs(float(world.texture_level(plain).mean() / level)) < 0.1
     assert float(world.texture_level(1.5 * dom).mean() / level) > 1.4  # exaggeration reads above 1
+
+
+def test_toy_mask_rule_and_hint():
+    """Spatial control's reading: the mask rule finds the shape of real images of both styles (IoU 1 with
+    the mask they were drawn with), IoU is 1 for equal masks and 0 for disjoint ones, and a hint image is the
+    mask at 8x the latent's size."""
+    import torch
+
+    from indomain.devkit import toy_world as world
+
+    gen = torch.Generator().manual_seed(0)
+    for style in ("plain", "domain"):
+        b = world.sample_batch(256, gen, style=style)
+        assert b.masks.shape == (256, world.SIZE, world.SIZE)
+        assert float(world.iou(world.detect_mask(b.latents), b.masks).min()) == 1.0
+    a = world.shape_mask("square", 0, 0)[None]
+    assert float(world.iou(a, a)[0]) == 1.0
+    assert float(world.iou(a, 1 - a)[0]) == 0.0
+    img = world.hint_image(b.masks[:2])
+    assert img.shape == (2, world.SIZE * world.HINT_SCALE, world.SIZE * world.HINT_SCALE, 3)
+    assert torch.equal(img[:, ::world.HINT_SCALE, ::world.HINT_SCALE, 0], b.masks[:2])
 
 
 def test_toy_demo_picture(comfy, tmp_path, monkeypatch):
