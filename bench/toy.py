@@ -513,10 +513,14 @@ class Metrics:
                 "iou_asked_shape_random_position": statistics.fmean(chance)})
 
     def spatial(self, lat: torch.Tensor) -> dict:
-        """Agreement of each sample's shape mask (toy_world.detect_mask) with its hint: mean IoU, and the
-        fraction of samples with IoU >= 0.5."""
-        v = self.world.iou(self.world.detect_mask(lat), self.hint_masks)
-        return {"iou": float(v.mean()), "iou_ge_half": float((v >= 0.5).float().mean())}
+        """Agreement of each sample's shape mask (toy_world.detect_mask) with its hint: mean IoU, the fraction
+        of samples with IoU >= 0.5, and the detected area over the hint's (below 1: shapes missing or small;
+        above 1: background read as shape)."""
+        found = self.world.detect_mask(lat)
+        v = self.world.iou(found, self.hint_masks)
+        area = found.flatten(1).sum(1).float() / self.hint_masks.flatten(1).sum(1)
+        return {"iou": float(v.mean()), "iou_ge_half": float((v >= 0.5).float().mean()),
+                "mask_area_ratio": float(area.mean())}
 
     def fd(self, x: torch.Tensor) -> float:
         with torch.no_grad():
@@ -755,7 +759,8 @@ def main(argv=None) -> dict:
             for pid in results["controlnet"]:
                 fams.setdefault(rows[pid]["family"], []).append(rows[pid])
             derived["controlnet"] = {f: {k: mean_sd([r[k] for r in rs]) for k in
-                                         ("iou", "iou_ge_half", "control", "domain_score", "fd", "texture_ratio")}
+                                         ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score", "fd",
+                                          "texture_ratio", "tint_ratio")}
                                      for f, rs in fams.items()}
 
         timings["total_s"] = time.perf_counter() - t_all
@@ -827,6 +832,8 @@ def main(argv=None) -> dict:
         write_pareto(payload, plot)
     grid = out.with_suffix(".png")
     write_grid(payload, samples, metrics, prompts, n, grid)
+    if "controlnet" in points:
+        write_controlnet_grid(samples, metrics, prompts, out.with_suffix(".controlnet.png"))
     if not args.fast and args.docs and "sweep" in points:
         args.docs.mkdir(parents=True, exist_ok=True)
         shutil.copy(plot, args.docs / f"toy_pareto{suffix}.png")
@@ -886,6 +893,26 @@ def write_grid(payload: dict, samples: dict, metrics: Metrics, prompts: list[str
         {"rows": [r[0] for r in rows], "columns": prompts[:len(pick)], "note": "first sample of each prompt"}, indent=2))
 
 
+def write_controlnet_grid(samples: dict, metrics: Metrics, prompts: list[str], path: Path) -> None:
+    """The ControlNet experiment, seed 0, the first sample of the first 8 prompts: the hint, then per point its
+    samples and, below them, the masks the IoU reads from them (white = shape)."""
+    from ..devkit import toy_world as world
+
+    def as_latent(masks):  # a mask drawn as a latent: white on black under to_rgb
+        m = masks.float()[:, None] * 2.4 - 1.2
+        return torch.cat([m, m, m, torch.zeros_like(m)], 1)
+
+    pick = torch.arange(min(8, len(prompts)))
+    rows, labels = [("hint", as_latent(metrics.hint_masks[pick]))], ["hint"]
+    for pid in [f"a cfg={CNET_CFGS[0]:g} seed=0"] + [pid for pid in samples if pid.endswith(" seed=0") and " +cn" in pid]:
+        if pid in samples:
+            rows += [(pid, samples[pid][pick]), (pid + " mask", as_latent(world.detect_mask(samples[pid][pick])))]
+            labels += [pid, pid + " (mask read)"]
+    world.grid_png(rows, path)
+    path.with_suffix(".grid.json").write_text(json.dumps(
+        {"rows": labels, "columns": prompts[:len(pick)], "note": "first sample of each prompt"}, indent=2))
+
+
 def report(payload: dict) -> str:
     rows = payload["points"]
     head = ["point", "control", "domain score", "FD", "texture ratio"]
@@ -910,8 +937,9 @@ def report(payload: dict) -> str:
                                 f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
     cn = payload["derived"].get("controlnet")
     if cn:
-        keys = ("iou", "iou_ge_half", "control", "domain_score", "fd")
-        out.append(common.table(["point", "IoU with hint", "IoU >= 0.5", "control", "domain score", "FD"],
+        keys = ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score", "fd", "tint_ratio")
+        out.append(common.table(["point", "IoU with hint", "IoU >= 0.5", "mask area / hint's", "control",
+                                 "domain score", "FD", "tint ratio"],
                                 [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in keys] for f, v in cn.items()],
                                 f"ControlNet experiment over {payload['config']['seeds']} seeds (mean ± sd)"))
         ref = payload["references"]

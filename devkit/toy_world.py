@@ -164,21 +164,22 @@ def sample_batch(n: int, gen: torch.Generator, style: str | None = None,
 
 # ----------------------------------------------------------------------------- spatial control
 
-# A pixel shows the shape when its colour (channels 0-2) lies farther than this from every background
-# colour and its channel 3 is above 0. Background colours lie on the segment from 0 (plain) to
-# DOMAIN_TINT (domain) - a partly tinted background is still background; every palette colour, plain or
-# domain, lies 0.74 or more from that segment. Channel 3 is 0.8 on the shape in both styles and -0.8
-# (plain) or +-0.7 (domain checker) around it, so it only rules out the plain background a second time.
+# A pixel shows the shape when its colour (channels 0-2) lies farther than MASK_COLOUR_THRESHOLD from the
+# image's background colour and its channel 3 (the world's mask channel: 0.8 on the shape in both styles)
+# is above 0. The background colour is the image's per-channel median: the shape covers at most 25 of the
+# 64 pixels, so the median is a background pixel's colour whatever its level - plain (0), domain (the
+# tint), or a sample's exaggerated tint (a fixed background colour misreads those). Every palette colour,
+# plain or domain, lies 0.83 or more from its style's background. Channel 3 rules out the domain
+# checker's dark cells and the plain background (-0.8) a second time.
 MASK_COLOUR_THRESHOLD = 0.4
 HINT_SCALE = 8  # ControlNet hints are pixel images: 8x the latent's size (ComfyUI's SD1.5 compression)
 
 
 def detect_mask(latents: torch.Tensor) -> torch.Tensor:
     """(N, 8, 8) bool: the pixels of each latent that show the shape (a fixed rule, see above)."""
-    rgb = latents[:, :3].permute(0, 2, 3, 1).float()                        # (N, H, W, 3)
-    t = DOMAIN_TINT
-    along = ((rgb @ t) / (t @ t)).clamp(0.0, 1.0)                           # nearest point of the segment
-    dist = (rgb - along[..., None] * t).norm(dim=-1)
+    rgb = latents[:, :3].float()                                            # (N, 3, H, W)
+    background = rgb.flatten(2).median(dim=2).values[..., None, None]       # (N, 3, 1, 1)
+    dist = (rgb - background).norm(dim=1)
     return (dist > MASK_COLOUR_THRESHOLD) & (latents[:, 3] > 0)
 
 

@@ -129,7 +129,7 @@ def _check_controlnet(data: dict, toy) -> None:
     fam |= {("c", c, w, mode) for w, c in toy.HEADLINE for mode in ("cn", "cn+domain")}
     assert got == {(*f, k) for f in fam for k in range(cfg["seeds"])}
     for pid in data["results"]["controlnet"]:
-        assert 0.0 <= pts[pid]["iou"] <= 1.0 and 0.0 <= pts[pid]["iou_ge_half"] <= 1.0
+        assert 0.0 <= pts[pid]["iou"] <= 1.0 and 0.0 <= pts[pid]["iou_ge_half"] <= 1.0 and pts[pid]["mask_area_ratio"] >= 0
     spread = data["derived"]["controlnet"]
     assert len(spread) == len(fam) and all(v["iou"]["n"] == cfg["seeds"] for v in spread.values())
     ref = data["references"]
@@ -207,6 +207,10 @@ def test_toy_mask_rule_and_hint():
         b = world.sample_batch(256, gen, style=style)
         assert b.masks.shape == (256, world.SIZE, world.SIZE)
         assert float(world.iou(world.detect_mask(b.latents), b.masks).min()) == 1.0
+    # a sample's exaggerated background (tint doubled) is still background: the rule takes the image's own level
+    x = b.latents.clone()
+    x[:, :3] += world.DOMAIN_TINT.view(1, 3, 1, 1) * (1 - b.masks)[:, None]
+    assert float(world.iou(world.detect_mask(x), b.masks).mean()) > 0.95
     a = world.shape_mask("square", 0, 0)[None]
     assert float(world.iou(a, a)[0]) == 1.0
     assert float(world.iou(a, 1 - a)[0]) == 0.0
