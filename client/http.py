@@ -163,20 +163,31 @@ class ComfyClient:
             time.sleep(wait_step)
             wait_step = min(2.0, wait_step * 1.25)  # long runs (training) need no fast polling
 
-    def cancel(self, prompt_id: str) -> str:
+    def cancel(self, prompt_id: str, wait: float = 60.0) -> str:
         """Stop THIS prompt on the server: delete it from the queue when pending, interrupt it when running
-        (POST /interrupt with its prompt_id, which ComfyUI 0.3.75 and 0.33 honour only for that prompt).
-        Returns what happened: "removed from the queue", "interrupted" or "already finished"."""
+        (POST /interrupt with its prompt_id, which ComfyUI 0.3.75 and 0.33 honour only for that prompt), and
+        wait up to `wait` seconds until it has left the queue. Returns what happened: "removed from the queue",
+        "interrupted", "already finished" or "interrupt sent, still running after ...s".
+
+        The interrupt is sent again until the prompt stops: ComfyUI clears the interrupt flag when a prompt
+        starts executing, so one sent just as the prompt moved from pending to running is lost (seen in a full
+        CI run: a weight grid the client had "interrupted" ran its 25 steps and held the queue for minutes)."""
         state = self._queue_state(prompt_id)
         if state == "pending":
             self._post_json("/queue", {"delete": [prompt_id]})
             state = self._queue_state(prompt_id)  # it may have started between the two calls
             if state is None:
                 return "removed from the queue"
-        if state == "running":
+        if state != "running":
+            return "already finished"
+        deadline = time.monotonic() + wait
+        while state == "running":
             self._post_json("/interrupt", {"prompt_id": prompt_id})
-            return "interrupted"
-        return "already finished"
+            if time.monotonic() > deadline:
+                return f"interrupt sent, still running after {wait:.0f}s"
+            time.sleep(0.5)
+            state = self._queue_state(prompt_id)
+        return "interrupted"
 
     def _post_json(self, path: str, payload: dict) -> bytes:
         try:

@@ -318,6 +318,26 @@ def test_ctrl_c_interrupts_the_running_prompt_and_removes_the_pending_one(server
                 pass
 
 
+def test_cancel_as_the_prompt_starts_stops_it_before_returning(server, tmp_path):
+    """ComfyUI clears its interrupt flag when a prompt starts executing, so an interrupt sent just as the prompt
+    moved from pending to running was lost and the prompt ran on (a full CI run: a partly valid weight grid the
+    client had cancelled ran 25 full-size steps and held the shared queue). cancel() now returns only when the
+    prompt has left the queue, sending the interrupt again until it does."""
+    client = ComfyClient(server.url)
+    wf = _train_workflow(server, f"images_race_{tmp_path.name}", steps=100000, save_name=f"client_race_{tmp_path.name}")
+    prompt_id = client.submit(wf)
+    try:
+        deadline = time.monotonic() + 600
+        while client._queue_state(prompt_id) != "running":  # the moment it starts: the window the flag is cleared in
+            assert time.monotonic() < deadline, "the prompt never started"
+            time.sleep(0.01)
+        assert client.cancel(prompt_id) == "interrupted"
+        running, pending = _queue_ids(client)
+        assert prompt_id not in running | pending
+    finally:
+        client.cancel(prompt_id, wait=300)  # whatever happened above, do not leave it training on the shared server
+
+
 def _ctrl_c_scenario(server, tmp_path, client, ids, clis):
     long_a = _train_workflow(server, f"images_a_{tmp_path.name}", steps=100000, save_name=f"client_cancel_a_{tmp_path.name}")
     path_a = tmp_path / "a.json"
