@@ -5,7 +5,8 @@
 2. builds the tiny SD1.5-layout base checkpoint (devkit/demo_world.py; deterministic, cached in .cache/models):
    a *linear* VAE (each 8x8 pixel block <-> one latent cell, so decoded latents are pictures) and a UNet
    trained briefly on a plain world (a "red / green / blue / yellow disc" on a cream ground, text-conditioned),
-3. trains a text-free domain UNet on the domain pictures with the pack's trainer,
+3. trains a text-free domain model on the domain pictures with the pack's trainer (LoRA form by default: a
+   rank-8 adapter on the base's own weights; `--form full` trains a null-text UNet copy),
 4. starts a real ComfyUI server headless with the pack installed,
 5. runs the text-guided workflow (workflows/api/indomain_2_text_guided.json) through the HTTP API
    with the headless client, twice with the same seeds and prompts: domain_weight 0 (= plain CFG on the

@@ -26,9 +26,12 @@ class DemoConfig:
     base_steps: int = 150            # the tiny base UNet's training on the plain world (cached in .cache/models)
     base_batch: int = 16
     base_lr: float = 1e-3
-    train_steps: int = 150           # the domain UNet, trained by the pack's trainer
+    train_steps: int = 150           # the domain model, trained by the pack's trainer
     train_batch: int = 8
-    lr: float = 3e-4                 # toy scale (the paper's 1e-5 is for real SD weights and thousands of steps)
+    form: str = "lora"               # "lora" (adapter on the base's weights; matched the full form in the toy
+                                     # benchmark's spread) or "full" (a null-text UNet copy)
+    lora_rank: int = 8
+    lr: float | None = None          # None: the form's toy-scale rate, see learning_rate()
     sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
     cfg: float = CONTROL_WEIGHT_START
     domain_weight: float = DOMAIN_WEIGHT_START
@@ -41,6 +44,12 @@ class DemoConfig:
     def shrink(self) -> "DemoConfig":
         self.images, self.train_steps, self.sample_steps, self.seeds = 16, 60, 12, [1, 2]
         return self
+
+    def learning_rate(self) -> float:
+        # toy scale (the paper's 1e-5 is for real SD weights and thousands of steps); an adapter starts at zero
+        # and needs a larger step (the toy benchmark: LoRA 1e-3, full 2e-4; the demo's --fast: LoRA 1e-3 gave a
+        # stripe score of +0.13, 2e-3 +0.20, the full form at 3e-4 +0.24)
+        return self.lr if self.lr is not None else {"lora": 2e-3}.get(self.form, 3e-4)
 
     def prompts(self) -> list[str]:
         colours = list(demo_world.COLOURS)
@@ -91,7 +100,8 @@ def train_domain_unet(base_ckpt: Path, images: Path, out_path: Path, cfg: DemoCo
         if step == 1 or step % every == 0 or step == total:
             progress.say(f"    train step {step}/{total}  loss {loss:.4f}  {images_per_s:.1f} img/s")
 
-    config = TrainConfig(steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.train_batch, resolution=cfg.image_px,
+    config = TrainConfig(steps=cfg.train_steps, lr=cfg.learning_rate(), batch_size=cfg.train_batch,
+                         resolution=cfg.image_px, form=cfg.form, lora_rank=cfg.lora_rank,
                          save_every=0, ema_decay=0.999, calibration_images=min(16, cfg.images),
                          keep_resume_state=False, cache_dir=str(cfg.out_dir / "latent_cache"))
     result = train(model, clip, vae, images, config, out_path, progress=on_step)
@@ -169,9 +179,11 @@ def run_demo(cfg: DemoConfig) -> Path:
         domain = Path(cfg.domain_unet)
         progress.step(f"domain UNet: {domain} (not retrained)")
     else:
-        progress.step(f"training the domain UNet: {cfg.train_steps} steps, batch {cfg.train_batch}, lr {cfg.lr}")
+        what = f"LoRA form, rank {cfg.lora_rank}" if cfg.form == "lora" else f"{cfg.form} form"
+        progress.step(f"training the domain model ({what}): {cfg.train_steps} steps, batch {cfg.train_batch}, "
+                      f"lr {cfg.learning_rate():g}")
         domain = train_domain_unet(base, images, out / "models" / "demo_domain.safetensors", cfg, progress)
-    progress.say(f"    domain UNet file: {domain}")
+    progress.say(f"    domain model file: {domain} ({domain.stat().st_size / 2**20:.1f} MiB)")
 
     progress.step("starting ComfyUI headless (real server, 127.0.0.1)")
     server_base = out / "server"
@@ -248,8 +260,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", help="one prompt for every column (default: 'a red disc', 'a green disc', ...)")
     ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
     ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
+    ap.add_argument("--form", choices=("lora", "full"), default="lora",
+                    help="domain model form to train (default lora: a rank-8 adapter on the base's own weights)")
+    ap.add_argument("--lr", type=float, help="training learning rate (default: 2e-3 for lora, 3e-4 for full)")
     args = ap.parse_args(argv)
-    cfg = DemoConfig(out_dir=args.out, base=args.base, domain_unet=args.domain_unet, fast=args.fast)
+    cfg = DemoConfig(out_dir=args.out, base=args.base, domain_unet=args.domain_unet, fast=args.fast, form=args.form,
+                     lr=args.lr)
     if args.fast:
         cfg.shrink()
     for name in ("train_steps", "base_steps", "sample_steps", "domain_weight", "prompt"):
