@@ -88,6 +88,17 @@ def one_guider_step(guider, shape=(1, 4, 8, 8), seed: int = 5) -> dict:
     return seen
 
 
+def core_x0(model, conds, noise, sigmas):
+    """One model, one condition, through core's CFGGuider at cfg 1 (which evaluates the positive only): (x, out)
+    at the first sigma, for checking a decoupled step against separate core passes."""
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(conds, conds)
+    g.set_cfg(1.0)
+    return x0_at_one_step(g, noise, sigmas)
+
+
 def x0_at_one_step(guider, noise, sigmas):
     """The guider's denoised prediction at the first sigma, for a fixed noise (one sampler call): (x, out)."""
     import comfy.samplers

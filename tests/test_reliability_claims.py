@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indomain.devkit.domain import x0_at_one_step
+from indomain.devkit.domain import core_x0, x0_at_one_step
 
 from indomain.devkit.images import make_image_folder
 from indomain.training.optim import ema_decay_at
@@ -100,10 +100,7 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
     assert len(calls) == 1  # the active path ran: one domain pass
 
     def alone(m, conds):  # one model, one condition, through core (cfg 1 evaluates the positive only)
-        g = samplers.CFGGuider(m)
-        g.set_conds(conds, conds)
-        g.set_cfg(1.0)
-        x_here, o = x0_at_one_step(g, noise, sigmas)
+        x_here, o = core_x0(m, conds, noise, sigmas)
         assert torch.equal(x_here, x)
         return o
 

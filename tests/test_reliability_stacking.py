@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from indomain.devkit.domain import make_domain_unet, x0_at_one_step
+from indomain.devkit.domain import core_x0, make_domain_unet, x0_at_one_step
 
 
 def _encode(clip, text):
@@ -66,10 +66,7 @@ def test_two_apply_domain_guidance_nodes_in_a_row_add_both_terms(comfy, base, tw
     assert calls == {1: 1, 2: 1}
 
     def alone(m, conds):
-        g = samplers.CFGGuider(m)
-        g.set_conds(conds, conds)
-        g.set_cfg(1.0)
-        x_here, o = x0_at_one_step(g, noise, sigmas)
+        x_here, o = core_x0(m, conds, noise, sigmas)
         assert torch.equal(x_here, x)
         return o
 
