@@ -23,9 +23,10 @@ the generated shape's mask with the hint.
 "lora") on the same latents and steps. Experiments: the weight sweep ((a), (b) over cfg; (c) over
 domain weight x cfg and on half the schedule; (d) at the headline points), the spread over seeds
 (fine-tune and sampling seeds), forgetting at 4x the fine-tuning length, and overshoot remedies
-(core RescaleCFG / APG on the base model). Every point: control accuracy, domain score, Fréchet
-distance (FD) to domain images of the asked content, and the overshoot ratio of the domain's
-known texture level (1.0 = right). Evaluators: a small CNN trained here (shape / colour / style).
+(core RescaleCFG / APG on the base model; the guider's bound on the domain update relative to the
+text update). Every point: control accuracy, domain score, Fréchet distance (FD) to domain images
+of the asked content, and the overshoot ratio of the domain's known texture level (1.0 = right).
+Evaluators: a small CNN trained here (shape / colour / style).
 
     python -m indomain.bench.toy                       # full coverage (writes docs/toy_pareto.png)
     python -m indomain.bench.toy --coverage partial    # prompts beyond the domain's content
@@ -58,10 +59,15 @@ DOMAIN_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)       # (c) x C_CFGS
 C_CFGS = (3.0, 5.0)
 HEADLINE = ((2.0, 3.0), (1.0, 5.0))              # (c)/(d) headline points (w_d, cfg): halves, spread, forgetting
 HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
-REMEDY_POINTS = ((2.0, 5.0), (3.0, 5.0))         # (c) points where overshoot is largest
-REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)"}
+REMEDY_POINTS = ((2.0, 3.0), (2.0, 5.0), (3.0, 5.0))  # (c): the headline loss of control, and the largest overshoot
+REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)",
+            "bound1": "domain update bounded per sample to 1x the text update's norm (Domain Guider domain_max_ratio 1)",
+            "bound0.5": "domain update bounded per sample to 0.5x the text update's norm (domain_max_ratio 0.5)"}
+BOUNDS = {"bound1": 1.0, "bound0.5": 0.5}        # the remedies that are the guider's own bound, not a core model patch
 EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies", "controlnet")  # run in this order
-EXTRA_EXPERIMENTS = ("diagnose",)  # on request: per step, norms of D - u and B(c) - u and their cosine
+# on request: "diagnose" (per step, norms of D - u and B(c) - u and their cosine); "constants" (per noise level, the
+# untrained null-text UNet's error against u with one constant per layer and with per-level constants: toy_constants)
+EXTRA_EXPERIMENTS = ("diagnose", "constants")
 DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
 # the ControlNet experiment (x seeds): (a) without the ControlNet at cfg 3 (spatial agreement by chance), then
 # (a), (b) at cfg 3 and 5 and (c) at the HEADLINE points, all with the ControlNet on the positive conditioning;
@@ -412,8 +418,16 @@ class ToySampler:
         latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
         positive = self.controlled_positive(names["controlnet"]) if pt.cnet else self.positive
         if pt.method in ("c", "d"):
-            base = base or (self.model(("remedy", pt.remedy)) if pt.remedy else self.base)
             dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
+            if pt.remedy in BOUNDS:  # the pack's guider with its bound set: what InDomainKSampler runs, plus the bound
+                from ..nodes.guider import domain_guider, sample_with_guider
+
+                guider = domain_guider(self.base, dom, positive, self.negative, pt.cfg, pt.wd, pt.cnet == "cn+domain",
+                                       pt.start, pt.end)
+                guider.domain_max_ratio = BOUNDS[pt.remedy]
+                return sample_with_guider(guider, self.base, seed, c.sample_steps, c.sampler, c.scheduler, latent,
+                                          1.0)["samples"].float()
+            base = base or (self.model(("remedy", pt.remedy)) if pt.remedy else self.base)
             out = self.runner.node("InDomainKSampler").execute(
                 model=base, domain_model=dom, seed=seed, steps=c.sample_steps, cfg=pt.cfg, domain_weight=pt.wd,
                 sampler_name=c.sampler, scheduler=c.scheduler, positive=positive, negative=self.negative,
@@ -585,7 +599,9 @@ def main(argv=None) -> dict:
                            help=f"override {f.name} (default {f.default}; --fast uses smaller values)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                    help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all); also 'diagnose' "
-                        "(per step: norms of D - u and B(c) - u and their cosine along (c)'s trajectories)")
+                        "(per step: norms of D - u and B(c) - u and their cosine along (c)'s trajectories) and "
+                        "'constants' (per noise level: the untrained null-text UNet against u, one constant per "
+                        "layer vs per-level constants)")
     p.add_argument("--docs", type=Path, default=common.PACK_ROOT / "docs",
                    help="full runs also write toy_pareto[_partial].png and toy_grid[_partial].png here")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
@@ -735,11 +751,13 @@ def main(argv=None) -> dict:
     runner = host.InProcessComfy(models_dir=models_dir, default_dirs=False)  # don't redirect a test session's writes
     hint = world.hint_image(metrics.hint_masks) if metrics.hint_masks is not None else None
     sampler = ToySampler(runner, cfg, base_name, prompts, hint=hint)
-    def write_payload(done: list[str], diagnosis: dict | None = None) -> tuple[Path, dict]:
+    extra_derived = {}  # the extra experiments' results ("diagnosis", "constants")
+
+    def write_payload(done: list[str]) -> tuple[Path, dict]:
         """The JSON so far (written after every experiment; `complete` once all ran)."""
         points_done = {e: points[e] for e in done}
         results = {exp: [pt.id for pt in pts] for exp, pts in points_done.items()}
-        derived = {"diagnosis": diagnosis} if diagnosis else {}
+        derived = dict(extra_derived)
         if "sweep" in points_done:
             derived["claim"] = summarise(rows, results["sweep"])
         if "spread" in points_done:
@@ -815,11 +833,33 @@ def main(argv=None) -> dict:
         dpts = [Point("c", c, wd) for wd, c in DIAGNOSE_POINTS]
         ensure_finetunes(dpts)
         t = time.perf_counter()
-        diagnosis = {pt.family: sampler.diagnose(pt, {"domain": names[(0, "short", "domain")]}) for pt in dpts}
+        extra_derived["diagnosis"] = {pt.family: sampler.diagnose(pt, {"domain": names[(0, "short", "domain")]})
+                                      for pt in dpts}
         sampler.release()
         timings["diagnose_s"] = time.perf_counter() - t
         log(f"diagnose: {len(dpts)} trajectories in {timings['diagnose_s']:.1f}s")
-        out, payload = write_payload(done=[e for e in points], diagnosis=diagnosis)
+        out, payload = write_payload(done=[e for e in points])
+
+    if "constants" in experiments:
+        import comfy.samplers
+
+        from .toy_constants import stand_in_error
+
+        t = time.perf_counter()
+        c_model, c_clip, _ = load_checkpoint(base_path)
+        held = world.sample_batch(32, torch.Generator().manual_seed(cfg.seed + 400), style="domain",
+                                  combos=world.coverage_combos(cfg.coverage))
+        held_prompts = [world.prompt(world.SHAPES[i], world.COLOURS[j]) for i, j in zip(held.shape.tolist(),
+                                                                                        held.colour.tolist())]
+        sigmas = comfy.samplers.calculate_sigmas(c_model.get_model_object("model_sampling"), cfg.scheduler,
+                                                 cfg.sample_steps)[:-1].tolist()  # the sampling schedule's levels
+        extra_derived["constants"] = stand_in_error(c_model, c_clip, held.latents, held_prompts, sigmas,
+                                                    domain_train.latents[:min(64, cfg.domain_images)], cfg.seed)
+        del c_model, c_clip
+        comfy.model_management.unload_all_models()
+        timings["constants_s"] = time.perf_counter() - t
+        log(f"constants: {len(sigmas)} noise levels in {timings['constants_s']:.1f}s")
+        out, payload = write_payload(done=[e for e in points])
 
     common.write_json(root / f"latest_{cfg.coverage}{'_fast' if args.fast else ''}.json", {"models_dir": str(models_dir), "base": base_name,
                                                              "names": {f"{k[2]} seed={k[0]} {k[1]}": v for k, v in names.items()},
@@ -953,6 +993,14 @@ def report(payload: dict) -> str:
                                     [[d["sigma"], d["norm_d_minus_u"], d["norm_c_minus_u"],
                                       d["norm_d_minus_u"] / max(d["norm_c_minus_u"], 1e-12), d["cosine"], d["norm_u"]]
                                      for d in steps], f"diagnosis along ({fam}) trajectories, x0 space, batch means"))
+    consts = payload["derived"].get("constants")
+    if consts:
+        out.append(common.table(["sigma", "|B(c) - u| / |u|", "one constant: |D0 - u| / |u|", "/ |B(c) - u|",
+                                 "per-level constants: |D0 - u| / |u|", "/ |B(c) - u|"],
+                                [[r["sigma"], r["norm_c_minus_u"] / max(r["norm_u"], 1e-12), r["single_err_over_u"],
+                                  r["single_err_over_c_minus_u"], r["per_level_err_over_u"],
+                                  r["per_level_err_over_c_minus_u"]] for r in consts],
+                                "the untrained null-text UNet D0 against the base's u, per noise level (batch means)"))
     claim = payload["derived"].get("claim")
     if claim:
         out.append("claim: " + json.dumps(claim, indent=1, default=float))

@@ -61,6 +61,23 @@ def cfg_equivalent(uncond: torch.Tensor, primary: Optional[torch.Tensor], primar
     return uncond + delta, total
 
 
+def bound_update(update: torch.Tensor, reference: torch.Tensor, max_ratio: float) -> torch.Tensor:
+    """`update` scaled down, per sample, so its L2 norm is at most ``max_ratio`` times `reference`'s
+    (samples already inside the bound are unchanged; the direction is kept).
+
+    Used as a bound on the domain update w_d (D - u) relative to the text/control update
+    w_c (B(c) - u): the toy benchmark's diagnosis found |D - u| 3-10x |B(c) - u|, so the domain
+    term can drown the text term. The ratio is per sample, over all channels and pixels.
+    """
+    if max_ratio <= 0:
+        raise ValueError(f"max_ratio must be > 0 (got {max_ratio})")
+    dims = tuple(range(1, update.ndim))
+    norm = torch.linalg.vector_norm(update, dim=dims, keepdim=True)
+    limit = max_ratio * torch.linalg.vector_norm(reference, dim=dims, keepdim=True)
+    factor = torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+    return update * factor
+
+
 def term_active(sigma: float, sigma_start: float, sigma_end: float) -> bool:
     """Whether a term whose interval runs from sigma_start (high noise) down to sigma_end is on.
 

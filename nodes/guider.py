@@ -14,7 +14,7 @@ import comfy.model_management
 import comfy.samplers
 
 from ..forms import SeparateModelPass, domain_info
-from ..guidance.combine import cfg_equivalent, term_active
+from ..guidance.combine import bound_update, cfg_equivalent, term_active
 from ..guidance.checkpoint import trained_y
 from .conditioning import domain_conditioning, fill_text_free, first_control, with_control, with_trained_y
 from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu, refuse_patched_model
@@ -102,6 +102,10 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         self.model_calls = 0  # evaluations of passes other than the base (for tests and benchmarks)
         # a LoRA-form domain pass runs in the same batched forward as u and the base terms (False: its own call)
         self.one_forward = True
+        # > 0: each domain-model term's update w (D - u) is scaled down, per sample, to at most this many times the
+        # text/control update's norm (guidance.combine.bound_update). Off (0) by default; the toy benchmark's
+        # "bound" remedies set it (not a node input: it did not prove better there, see README)
+        self.domain_max_ratio = 0.0
 
     def _group_for(self, t: Term, base) -> _PassGroup | None:
         """The pass group of a term, or None for a term on the base model itself."""
@@ -234,9 +238,13 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             preds.update({id(st): g_out[i] for i, st in enumerate(g_terms)})
 
         uncond = out[1]
+        terms = [(self.weight(st), preds[id(st)]) for st in others]
+        if self.domain_max_ratio > 0 and primary is not None:
+            reference = self.cfg * (out[0] - uncond)
+            terms = [(w, uncond + bound_update(w * (e - uncond), reference, self.domain_max_ratio) / w)
+                     if id(st) in grouped else (w, e) for (w, e), st in zip(terms, others)]
         cond, scale = cfg_equivalent(uncond, out[0] if primary is not None else None,
-                                     self.cfg if primary is not None else 0.0,
-                                     [(self.weight(st), preds[id(st)]) for st in others])
+                                     self.cfg if primary is not None else 0.0, terms)
         conds_out = [cond, uncond]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             args = {"conds": conds[:2], "conds_out": conds_out, "cond_scale": scale, "timestep": timestep,

@@ -161,7 +161,7 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
     from indomain.bench import toy
 
     out = tmp_path / "toy_partial.json"
-    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies,diagnose", "--evaluator-steps", "5",
+    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies,diagnose,constants", "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies"]
@@ -172,6 +172,13 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
         assert len(steps) == data["config"]["sample_steps"]
         for d in steps:
             assert d["norm_d_minus_u"] > 0 and d["norm_c_minus_u"] > 0 and -1.0 <= d["cosine"] <= 1.0
+    # the stand-in check: one row per noise level of the schedule, both constant variants measured
+    consts = data["derived"]["constants"]
+    assert len(consts) == data["config"]["sample_steps"]
+    assert [r["sigma"] for r in consts] == sorted((r["sigma"] for r in consts), reverse=True)
+    for r in consts:
+        assert r["norm_u"] > 0 and r["norm_c_minus_u"] > 0
+        assert r["single_err_over_u"] >= 0 and r["per_level_err_over_u"] >= 0
     for pid in data["results"]["remedies"]:
         r = data["points"][pid]
         assert 0.0 <= r["control_beyond_content"] <= 1.0

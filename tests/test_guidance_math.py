@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from indomain.guidance.combine import cfg_equivalent, combine, term_active
+from indomain.guidance.combine import bound_update, cfg_equivalent, combine, term_active
 
 
 def _preds(n, seed=0, shape=(2, 4, 8, 8)):
@@ -48,3 +48,21 @@ def test_term_active_uses_comfy_interval_convention():
     assert term_active(10.0, 10.0, 1.0) and term_active(1.0, 10.0, 1.0)
     assert not term_active(10.5, 10.0, 1.0)
     assert not term_active(0.5, 10.0, 1.0)
+
+
+def test_bound_update_scales_each_sample_down_to_the_ratio_and_keeps_the_rest():
+    g = torch.Generator().manual_seed(3)
+    update = torch.randn(3, 4, 8, 8, generator=g)
+    reference = torch.randn(3, 4, 8, 8, generator=g)
+    reference[1] *= 10  # sample 1 is already inside the bound; samples 0 and 2 are not
+    out = bound_update(update, reference, 0.5)
+    for i in range(3):
+        n_u, n_r = float(update[i].pow(2).sum().sqrt()), float(reference[i].pow(2).sum().sqrt())
+        if n_u <= 0.5 * n_r:
+            assert torch.equal(out[i], update[i])
+        else:  # independent computation: the same direction, the norm exactly at the bound
+            torch.testing.assert_close(out[i], update[i] * (0.5 * n_r / n_u), rtol=1e-6, atol=1e-7)
+    assert torch.equal(out[1], update[1]) and not torch.equal(out[0], update[0]) and not torch.equal(out[2], update[2])
+    assert bound_update(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), 1.0).abs().max() == 0  # no 0/0
+    with pytest.raises(ValueError, match="max_ratio"):
+        bound_update(update, reference, 0.0)

@@ -115,3 +115,40 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
     # and the hint really reached the domain pass only when asked
     d_other = alone(domain, neg_plain if domain_on_control else neg)
     assert (d_other - d).abs().max() > 1e-4
+
+
+def test_the_domain_bound_on_the_active_path_equals_the_formula_from_separate_passes(comfy, base, domain_file):
+    """Domain Guider with domain_max_ratio set: w_d (D - u) is scaled per sample to at most ratio x |w_c (B(c) - u)|;
+    checked against separate core passes and the bound computed here, at a ratio that binds one sample only."""
+    from indomain.nodes.domain_model import load_domain_model
+    from indomain.nodes.guider import domain_guider
+
+    model, clip, _ = base
+    domain = load_domain_model(model, domain_file)
+    pos, neg = _encode(clip, "a blue square"), _encode(clip, "")
+    w_c, w_d = 2.5, 2.0
+    sigmas = torch.tensor([1.0, 0.0])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def alone(m, conds):
+        return core_x0(m, conds, noise, sigmas)[1]
+
+    u, g, d = alone(model, neg), alone(model, pos), alone(domain, neg)
+    text, dom = w_c * (g - u), w_d * (d - u)
+    ratios = [float(dom[i].norm() / text[i].norm()) for i in range(2)]
+    ratio = (ratios[0] + ratios[1]) / 2  # between the two: the bound binds one sample, not the other
+    assert abs(ratios[0] - ratios[1]) > 0.01 * ratio, ratios
+    guider = domain_guider(model, domain, pos, neg, w_c, w_d)
+    guider.domain_max_ratio = ratio
+    _x, out = x0_at_one_step(guider, noise, sigmas)
+    expected = []
+    for i in range(2):
+        scale = min(1.0, ratio * float(text[i].norm()) / float(dom[i].norm()))
+        expected.append(u[i] + scale * dom[i] + text[i])
+    torch.testing.assert_close(out, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    unbounded = x0_at_one_step(domain_guider(model, domain, pos, neg, w_c, w_d), noise, sigmas)[1]
+    torch.testing.assert_close(unbounded, u + dom + text, rtol=1e-5, atol=1e-5)
+    bound_hit = 0 if ratios[0] > ratio else 1
+    assert (out[bound_hit] - unbounded[bound_hit]).abs().max() > 1e-3   # the bound acted on that sample
+    assert torch.equal(out[1 - bound_hit], unbounded[1 - bound_hit]) or \
+        (out[1 - bound_hit] - unbounded[1 - bound_hit]).abs().max() < 1e-6  # and left the other alone
