@@ -103,8 +103,8 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         # a LoRA-form domain pass runs in the same batched forward as u and the base terms (False: its own call)
         self.one_forward = True
         # > 0: each domain-model term's update w (D - u) is scaled down, per sample, to at most this many times the
-        # text/control update's norm (guidance.combine.bound_update). Off (0) by default; the toy benchmark's
-        # "bound" remedies set it (not a node input: it did not prove better there, see README)
+        # text/control update's norm (guidance.combine.bound_update). Off (0) by default and not a node input:
+        # the toy benchmark's "bound" remedies try it (README, overshoot remedies)
         self.domain_max_ratio = 0.0
 
     def _group_for(self, t: Term, base) -> _PassGroup | None:
