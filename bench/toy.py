@@ -861,9 +861,21 @@ def main(argv=None) -> dict:
         log(f"constants: {len(sigmas)} noise levels in {timings['constants_s']:.1f}s")
         out, payload = write_payload(done=[e for e in points])
 
-    common.write_json(root / f"latest_{cfg.coverage}{'_fast' if args.fast else ''}.json", {"models_dir": str(models_dir), "base": base_name,
-                                                             "names": {f"{k[2]} seed={k[0]} {k[1]}": v for k, v in names.items()},
-                                                             "config": dataclasses.asdict(cfg), "json": str(out)})
+    # the record of the cached models (demo --toy reads it); a run of a few experiments keeps the names an earlier
+    # run of the same base and settings recorded
+    latest = root / f"latest_{cfg.coverage}{'_fast' if args.fast else ''}.json"
+    known = {}
+    if latest.is_file():
+        try:
+            before = json.loads(latest.read_text())
+            if (before.get("base"), before.get("config"), before.get("models_dir")) == (
+                    base_name, dataclasses.asdict(cfg), str(models_dir)):
+                known = before.get("names", {})
+        except (OSError, ValueError):
+            pass  # unreadable: rewritten below
+    known.update({f"{k[2]} seed={k[0]} {k[1]}": v for k, v in names.items()})
+    common.write_json(latest, {"models_dir": str(models_dir), "base": base_name, "names": known,
+                               "config": dataclasses.asdict(cfg), "json": str(out)})
 
     # -- (6) pictures: the Pareto plot and a sample grid
     suffix = "" if cfg.coverage == "full" else "_partial"

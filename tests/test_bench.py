@@ -115,6 +115,8 @@ def test_toy_bench_fast(comfy, tmp_path):
     assert ft["naive seed=0 long"]["steps"] == cfg["domain_steps"] * cfg["long_factor"]
     assert ft["domain seed=0 short"]["steps"] == cfg["domain_steps"] and ft["lora seed=0 short"]["form"] == "lora"
     assert {pts[i]["remedy"] for i in data["results"]["remedies"]} == {"", *toy.REMEDIES}
+    assert {(pts[i]["domain_weight"], pts[i]["cfg"], pts[i]["remedy"]) for i in data["results"]["remedies"]} == {
+        (w, c, r) for w, c in toy.REMEDY_POINTS for r in ("", *toy.REMEDIES)}  # every remedy at every point
     assert data["sampled_through"]["c"].startswith("InDomainLoadDomainUNet")
     _check_controlnet(data, toy)
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pareto.png").stat().st_size > 0
