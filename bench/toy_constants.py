@@ -29,8 +29,8 @@ def stand_in_error(model_patcher, clip, latents: torch.Tensor, prompts: list[str
                    calib_latents: torch.Tensor, seed: int = 0) -> list[dict]:
     """Per sigma: batch means of the ratios above. `latents` (model space) and their `prompts` are the held-out
     images; `calib_latents` the domain images the calibration uses (as the trainer does)."""
-    from ..guidance.nulltext import calibrate_constants, convert_to_null_text, null_text_blocks
-    from ..training.model import (calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs)
+    from ..guidance.nulltext import convert_to_null_text, null_text_blocks
+    from ..training.model import calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs
 
     ms = cpu_model_sampling(model_patcher)
     prompt = empty_prompt(model_patcher, clip, tuple(latents.shape[-2:]))
@@ -58,16 +58,7 @@ def stand_in_error(model_patcher, clip, latents: torch.Tensor, prompts: list[str
             block.attn2.constant.copy_(single[name])
         d_single = null(xc, t, **empty)
 
-        # the per-level variant: constants from calibration inputs at this sigma only
-        def run(batch, sigma=sigma):
-            x0, nz = batch
-            xc_, t_, _ = noisy_inputs(ms, x0, torch.full((x0.shape[0],), float(sigma)), nz)
-            unet(xc_, t_, **prompt.expand(x0.shape[0], "cpu", torch.float32))
-
-        cgen = torch.Generator().manual_seed(seed + 2)
-        batches = [(calib_latents[i:i + 8].float(), torch.randn(calib_latents[i:i + 8].shape, generator=cgen))
-                   for i in range(0, calib_latents.shape[0], 8)]
-        per_level = calibrate_constants(unet, run, batches)
+        per_level = calibrate(unet, ms, prompt, calib_latents.float(), seed, sigmas=[sigma])  # this level only
         for name, block in blocks.items():
             block.attn2.constant.copy_(per_level[name])
         d_level = null(xc, t, **empty)

@@ -116,12 +116,15 @@ def sample_sigmas(model_sampling, batch: int, generator: torch.Generator) -> tor
 
 @torch.no_grad()
 def calibrate(unet: torch.nn.Module, model_sampling, prompt: EmptyPrompt, latents: torch.Tensor, seed: int,
-              batch_size: int = 8, percents=CALIBRATION_SIGMA_PERCENTS) -> dict[str, torch.Tensor]:
-    """Mean cross-attention output of every layer of `unet` (the base) on noisy domain latents."""
+              batch_size: int = 8, percents=CALIBRATION_SIGMA_PERCENTS, sigmas=None) -> dict[str, torch.Tensor]:
+    """Mean cross-attention output of every layer of `unet` (the base) on noisy domain latents, noised to the
+    given schedule `percents` (or to explicit `sigmas`, which take precedence)."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
-    for p in percents:
-        sigma = float(model_sampling.percent_to_sigma(p))
+    if sigmas is None:
+        sigmas = [float(model_sampling.percent_to_sigma(p)) for p in percents]
+    for sigma in sigmas:
+        sigma = float(sigma)
         for i in range(0, latents.shape[0], batch_size):
             x0 = latents[i:i + batch_size]
             noise = torch.randn(x0.shape, generator=gen)
