@@ -45,8 +45,9 @@ def import_comfy(cpu: bool | None = None) -> Path:
     """Make the real ComfyUI importable in this process (idempotent). Returns its root.
 
     Order matters: CPU mode must be set before comfy.model_management is imported, and
-    utils.extra_config before nodes (nodes.py puts comfy/ on sys.path, after which
-    `utils` would resolve to comfy/utils.py).
+    utils.extra_config before anything imports ComfyUI's nodes.py (it puts comfy/ on sys.path, after
+    which `utils` would resolve to comfy/utils.py). ComfyUI's nodes.py itself is left to the caller
+    that needs it (the in-process host does): nothing here depends on it.
     """
     global _IMPORTED
     root = comfyui_dir()
@@ -68,7 +69,6 @@ def import_comfy(cpu: bool | None = None) -> Path:
     import comfy.model_management  # noqa: F401
     import utils.extra_config  # noqa: F401
     import folder_paths  # noqa: F401
-    import nodes  # noqa: F401
 
     _IMPORTED = True
     return root

@@ -55,7 +55,7 @@ def write_json(path: Path, payload: dict) -> Path:
 
 
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
-    """A GitHub-markdown table (pasteable into the README)."""
+    """A GitHub-markdown table (pasteable into docs/)."""
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"

@@ -178,7 +178,7 @@ def fuzz_checkpoints(count: int, seed: int, work: Path, base_model, real_domain:
                      deep_every: int = 10) -> dict:
     """Run `count` corrupted files through the loader; returns outcome counts and any uncaught failures."""
     from indomain.guidance.checkpoint import DomainCheckpointError, read_domain_checkpoint
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ Figures (each from this one run):
 - per-step sampling time of core CFG, the full form, and the LoRA form in its one-forward variant
   (u, the text term and the domain rows in one batched forward) and two-call variant.
 
-    python -m indomain.bench.lora            # the run the README quotes (about 5 minutes on 2 CPU cores)
+    python -m indomain.bench.lora            # the run docs/performance.md quotes (about 5 minutes on 2 CPU cores)
     python -m indomain.bench.lora --fast     # tiny model, smoke run for the test suite
 """
 from __future__ import annotations
@@ -125,9 +125,9 @@ def sampling_child(args) -> dict:
     from indomain.devkit.domain import random_domain_lora
     from indomain.guidance.checkpoint import write_domain_checkpoint
     from indomain.guidance.lora import merge_into
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
-    from indomain.training.model import base_meta, make_null_text_unet
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
+    from indomain.forms.model import base_meta, make_null_text_unet
 
     model, clip = build_base(args.fast)
     params = sum(p.numel() for p in model.model.diffusion_model.parameters())
@@ -370,7 +370,7 @@ def parameter_counts(rank: int) -> dict:
 
 
 def memory_table(payload: dict) -> str:
-    """README table: GPU memory of each form for SD1.5 and SDXL, computed from this run's measured bytes per
+    """docs/performance.md table: GPU memory of each form for SD1.5 and SDXL, computed from this run's measured bytes per
     parameter (training: peak RSS per UNet parameter at tiny latents, where weights and optimiser state dominate;
     sampling: resident parameter bytes over the base's, applied to fp16 weights). Activations are not included."""
     t, s = payload["training"], payload["sampling"]

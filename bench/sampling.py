@@ -45,7 +45,7 @@ def tiny_models(work: Path):
     """Tiny checkpoint (real CLIP) + a calibrated null-text domain UNet loaded as the product does."""
     from ..devkit import tiny_models as tm
     from ..devkit.domain import load_checkpoint, make_domain_unet
-    from ..nodes.domain_model import load_domain_model
+    from ..sampling.domain_model import load_domain_model
 
     model, clip, _vae = load_checkpoint(tm.tiny_checkpoint(0))
     path = make_domain_unet(model, clip, work / "bench_domain.safetensors", seed=0, perturb=0.02)
@@ -66,8 +66,8 @@ def full_models(dtype, hw):
 
     from ..devkit import tiny_models as tm
     from ..guidance.nulltext import convert_to_null_text
-    from ..nodes.domain_model import build_domain_model
-    from ..training.model import EmptyPrompt, base_meta, calibrate, detached_unet_copy
+    from ..sampling.domain_model import build_domain_model
+    from ..forms.model import EmptyPrompt, base_meta, calibrate, detached_unet_copy
 
     sd = {k: v.to(dtype) for k, v in tm.tiny_unet_state_dict(0, config=SD15_FULL_UNET).items()}
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
@@ -170,7 +170,7 @@ def sampling_cases(model, domain, pos, neg, args) -> dict:
     """case -> (label, make guider)."""
     import comfy.samplers
 
-    from ..nodes.guider import domain_guider
+    from ..sampling.guider import domain_guider
 
     def cfg_guider():
         g = comfy.samplers.CFGGuider(model)

@@ -140,7 +140,7 @@ def encode(clip, text: str) -> torch.Tensor:
 def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
     """Train the tiny UNet from its deterministic init on the plain world, text-conditioned."""
     from ..devkit import toy_world as world
-    from ..training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+    from ..forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
 
     ms = model_patcher.get_model_object("model_sampling")
     combos = world.all_combos()
@@ -208,7 +208,7 @@ def train_controlnet(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[fl
     hint image; the frozen base's diffusion model takes the ControlNet's output as `control=`; MSE on the
     noise; only the ControlNet is optimised. Returns (state dict without prefix, losses)."""
     from ..devkit import toy_world as world
-    from ..training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+    from ..forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
 
     ms = model_patcher.get_model_object("model_sampling")
     contexts = torch.cat([encode(clip, world.prompt(s, c)) for s, c in world.all_combos()])
@@ -420,7 +420,7 @@ class ToySampler:
         if pt.method in ("c", "d"):
             dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
             if pt.remedy in BOUNDS:  # the pack's guider with its bound set: what InDomainKSampler runs, plus the bound
-                from ..nodes.guider import domain_guider, sample_with_guider
+                from ..sampling.guider import domain_guider, sample_with_guider
 
                 guider = domain_guider(self.base, dom, positive, self.negative, pt.cfg, pt.wd, pt.cnet == "cn+domain",
                                        pt.start, pt.end)

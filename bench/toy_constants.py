@@ -30,7 +30,7 @@ def stand_in_error(model_patcher, clip, latents: torch.Tensor, prompts: list[str
     """Per sigma: batch means of the ratios above. `latents` (model space) and their `prompts` are the held-out
     images; `calib_latents` the domain images the calibration uses (as the trainer does)."""
     from ..guidance.nulltext import convert_to_null_text, null_text_blocks
-    from ..training.model import calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs
+    from ..forms.model import calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs
 
     ms = cpu_model_sampling(model_patcher)
     prompt = empty_prompt(model_patcher, clip, tuple(latents.shape[-2:]))

@@ -119,7 +119,7 @@ class FrontendSession:
             if (bar && (bar.innerText || '').includes('Introducing') && b.className.includes('absolute')) b.click();
           }
           await app.extensionManager.command.execute('Comfy.Canvas.FitView');
-          // draw node titles and widgets even when zoomed out (README screenshots must be readable)
+          // draw node titles and widgets even when zoomed out (the docs screenshots must be readable)
           const c = app.canvas;
           if ('low_quality_zoom_threshold' in c) c.low_quality_zoom_threshold = 0.05;
           try { await app.extensionManager.setting.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05); } catch (e) {}

@@ -264,7 +264,7 @@ def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: 
     import comfy.model_management
     import comfy.sd
 
-    from ..training.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+    from ..forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
 
     model = comfy.sd.load_diffusion_model_state_dict(tiny_unet_state_dict(seed), model_options={"dtype": torch.float32})
     clip = comfy.sd.CLIP(model.model.model_config.clip_target(), model_options={"dtype": torch.float32})

@@ -20,7 +20,7 @@ def make_domain_unet(model, clip, out_path: Path, seed: int = 0, perturb: float 
     """Null-text UNet calibrated on random latents, weights nudged by `perturb` relative noise so it
     differs from the base (as a trained one would)."""
     from indomain.guidance.checkpoint import write_domain_checkpoint
-    from indomain.training.model import base_meta, make_null_text_unet
+    from indomain.forms.model import base_meta, make_null_text_unet
 
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(8, 4, *latent_hw, generator=gen)
@@ -59,7 +59,7 @@ def make_domain_lora_pair(model, clip, lora_path: Path, full_path: Path, seed: i
 
     from indomain.guidance.checkpoint import write_domain_checkpoint
     from indomain.guidance.lora import merge_into
-    from indomain.training.model import base_meta, make_null_text_unet
+    from indomain.forms.model import base_meta, make_null_text_unet
 
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(8, 4, *latent_hw, generator=gen)

@@ -40,7 +40,7 @@ def domain_info(model_patcher) -> DomainRecord | None:
 @dataclass
 class Trainable:
     module: torch.nn.Module          # what the loop trains (float32, on `device` or the CPU)
-    prompt: object                   # training.model.EmptyPrompt: the conditioning of every forward pass
+    prompt: object                   # forms.model.EmptyPrompt: the conditioning of every forward pass
     record: dict                     # saved as the file's calibration metadata (and in the resume state)
 
 

@@ -13,13 +13,13 @@ class FullForm(DomainModelForm):
     description = "null-text UNet (full copy of the base UNet, cross-attention replaced by calibrated constants)"
 
     def build_trainable(self, base_patcher, clip, calib_latents, seed, device) -> Trainable:
-        from ..training.model import make_null_text_unet
+        from .model import make_null_text_unet
 
         unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device)
         return Trainable(unet, prompt, record)
 
     def restore_trainable(self, base_patcher, clip, latent_hw, record) -> Trainable:
-        from ..training.model import detached_unet_copy, empty_prompt
+        from .model import detached_unet_copy, empty_prompt
 
         unet = convert_to_null_text(detached_unet_copy(base_patcher))  # zero constants: the state holds the values
         return Trainable(unet, empty_prompt(base_patcher, clip, latent_hw), record)

@@ -127,14 +127,14 @@ class LoRAForm(DomainModelForm):
 
     # -- training
     def build_trainable(self, base_patcher, clip, calib_latents, seed, device) -> Trainable:
-        from ..training.model import make_null_text_unet
+        from .model import make_null_text_unet
 
         unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device)
         add_lora_layers(unet, self.rank, self.alpha, seed)
         return Trainable(unet, prompt, dict(record, lora={"rank": self.rank, "alpha": self.alpha}))
 
     def restore_trainable(self, base_patcher, clip, latent_hw, record) -> Trainable:
-        from ..training.model import detached_unet_copy, empty_prompt
+        from .model import detached_unet_copy, empty_prompt
 
         lora = record.get("lora") or {}
         if lora.get("rank") not in (None, self.rank) or lora.get("alpha") not in (None, self.alpha):

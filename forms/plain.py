@@ -19,7 +19,7 @@ class PlainFineTuneForm(DomainModelForm):
         return self.restore_trainable(base_patcher, clip, tuple(calib_latents.shape[-2:]), dict(RECORD))
 
     def restore_trainable(self, base_patcher, clip, latent_hw, record) -> Trainable:
-        from ..training.model import detached_unet_copy, empty_prompt
+        from .model import detached_unet_copy, empty_prompt
 
         return Trainable(detached_unet_copy(base_patcher), empty_prompt(base_patcher, clip, latent_hw), record)
 

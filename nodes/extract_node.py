@@ -7,7 +7,7 @@ import json
 import folder_paths
 from comfy_api.latest import io
 
-from . import DOMAIN_UNET_FOLDER
+from ..pack import DOMAIN_UNET_FOLDER
 from .search import search_aliases
 
 

@@ -1,5 +1,5 @@
 """Decoupled-guidance nodes: Domain KSampler, Domain Guider, Apply Domain Guidance, Guidance Term,
-Multi-Term Guider. Wiring only: the guider is nodes/guider.py, the KSampler patch nodes/patch.py,
+Multi-Term Guider. Wiring only: the guider is sampling/guider.py, the KSampler patch nodes/patch.py,
 the maths guidance/combine.py."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
 from .validation import check_finite, check_interval, combo_problem, first_problem
-from .domain_model import ensure_base_model
-from .guider import DecoupledGuider, Term, domain_guider, sample_with_guider
+from ..sampling.domain_model import ensure_base_model
+from ..sampling.guider import DecoupledGuider, Term, domain_guider, sample_with_guider
 from .patch import patch_model_for_domain_guidance
 from .search import search_aliases
 

@@ -5,7 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
-from .domain_model import load_domain_model
+from ..sampling.domain_model import load_domain_model
 from .search import search_aliases
 from .validation import combo_problem
 

@@ -13,9 +13,9 @@ import comfy.patcher_extension
 from ..forms import domain_info
 from ..guidance.combine import cfg_equivalent, combine, term_active
 from ..guidance.checkpoint import trained_y
-from .conditioning import domain_conditioning, with_trained_y
-from .domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
-from .guider import ADDITIONAL_MODELS_KEY
+from ..sampling.conditioning import domain_conditioning, with_trained_y
+from ..sampling.domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
+from ..sampling.guider import ADDITIONAL_MODELS_KEY
 
 PASS_ATTACHMENT = PATCH_ATTACHMENT   # the patched model's DomainPatch (its terms; each pass's `calls`)
 

@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pack import DOMAIN_UNET_FOLDER
-from .domain_model import build_domain_model, ensure_base_model
+from ..sampling.domain_model import build_domain_model, ensure_base_model
 from .search import search_aliases
 from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, input_subfolders, resolve_image_folder
 from .validation import combo_problem, first_problem

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .guidance_nodes import TIP_BASE, TIP_CFG, TIP_DOMAIN, TIP_DOMAIN_WEIGHT
-from .guider import domain_guider, sample_with_guider
+from ..sampling.guider import domain_guider, sample_with_guider
 from .search import search_aliases
 from .validation import combo_problem, first_problem
 

@@ -25,8 +25,8 @@ def _conditioning(family, seed):
 def _domain_for(base_patcher, neg):
     """Calibrate + convert the forced base (random 'empty prompt'), perturb, wrap as a domain MODEL."""
     from indomain.guidance.nulltext import calibrate_constants, convert_to_null_text
-    from indomain.nodes.domain_model import build_domain_model
-    from indomain.training.model import base_meta, noisy_inputs
+    from indomain.sampling.domain_model import build_domain_model
+    from indomain.forms.model import base_meta, noisy_inputs
 
     base = base_patcher.model
     ms = base.model_sampling
@@ -62,7 +62,7 @@ def _domain_for(base_patcher, neg):
 def test_family_parity_formula_and_effect(comfy, family):
     import comfy.samplers as samplers
 
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     model = tiny_models.forced_model(family, seed=1)
     pos, neg = _conditioning(family, 1), _conditioning(family, 2)
@@ -96,7 +96,7 @@ def test_family_parity_formula_and_effect(comfy, family):
 def test_sdxl_domain_file_rejected_for_sd15_base(comfy, base, tmp_path):
     from indomain.guidance.checkpoint import DomainCheckpointError, write_domain_checkpoint
     from indomain.forms import domain_info
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     xl = tiny_models.forced_model("sdxl", seed=1)
     domain = _domain_for(xl, _conditioning("sdxl", 2))
@@ -118,10 +118,10 @@ def test_sdxl_domain_pass_gets_the_y_it_was_trained_with(comfy, tmp_path):
     from indomain.forms import domain_info
     from indomain.guidance.checkpoint import (DomainCheckpointError, read_domain_checkpoint, trained_y,
                                               write_domain_checkpoint)
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
     from indomain.nodes.patch import patch_model_for_domain_guidance
-    from indomain.training.model import EmptyPrompt, trained_calibration
+    from indomain.forms.model import EmptyPrompt, trained_calibration
 
     model = tiny_models.forced_model("sdxl", seed=1)
     empty, pos, neg = _conditioning("sdxl", 3), _conditioning("sdxl", 1), _conditioning("sdxl", 2)  # neg: non-empty

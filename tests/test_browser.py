@@ -110,7 +110,7 @@ def test_workflow_loads_in_real_frontend(name, ui_path, api_path, ui, artifacts_
     exported = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
     assert exported == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()}
     assert shot.stat().st_size > 10_000
-    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh the README's copies and the thumbnails
+    if os.environ.get("INDOMAIN_UPDATE_SCREENSHOTS") == "1":  # refresh docs/screenshots/ and the thumbnails
         _copy_to_docs(shot, name)
         specs.write_thumbnail(shot, name)
 

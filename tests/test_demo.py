@@ -16,7 +16,7 @@ from indomain.devkit import demo_world
 from indomain.devkit import host as host_mod
 
 # the decoupled row's mean stripe score must beat the base row's by this much (the domain images score
-# about 0.24, plain discs about 0.00; see README "Try it: the demo" for measured values)
+# about 0.24, plain discs about 0.00; see docs/performance.md "The demo" for measured values)
 MARGIN = 0.08
 
 

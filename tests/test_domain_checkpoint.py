@@ -53,7 +53,7 @@ def _expect_error(fn, *needles):
 
 
 def test_bad_files_give_clear_errors_and_write_nothing(comfy, base, domain_file, tmp_path):
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model = base[0]
     folder = tmp_path / "domain_unets"
@@ -102,7 +102,7 @@ def test_unwritable_output_folder_is_a_clear_error(domain_file, tmp_path):
 
 def test_wrong_architecture_pairing_is_rejected(comfy, base, domain_file, tmp_path):
     from indomain.devkit import tiny_models
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     sd2 = tiny_models.forced_model("sd2v")
     _expect_error(lambda: load_domain_model(sd2, domain_file), "SD15", "SD20", "connect")
@@ -114,7 +114,7 @@ def test_wrong_architecture_pairing_is_rejected(comfy, base, domain_file, tmp_pa
 
 
 def test_domain_model_as_base_is_rejected(comfy, base, domain_file):
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     domain = load_domain_model(base[0], domain_file)
     with pytest.raises(ValueError, match="is a domain UNet"):
@@ -126,7 +126,7 @@ def test_form_field_is_written_and_files_without_it_load_as_the_full_form(comfy,
     from safetensors import safe_open
 
     from indomain.forms import domain_info
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     sd, meta = read_domain_checkpoint(domain_file)
     with safe_open(str(domain_file), framework="pt") as f:

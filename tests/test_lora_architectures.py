@@ -35,8 +35,8 @@ def _lora_and_merged(base_patcher, neg):
     the LoRA form (adapter injected into the base's own UNet) and the adapter merged into a full-form UNet."""
     from indomain.guidance.lora import merge_into
     from indomain.guidance.nulltext import calibrate_constants, convert_to_null_text
-    from indomain.nodes.domain_model import build_domain_model
-    from indomain.training.model import base_meta, noisy_inputs
+    from indomain.sampling.domain_model import build_domain_model
+    from indomain.forms.model import base_meta, noisy_inputs
 
     base = base_patcher.model
     ms = base.model_sampling
@@ -76,7 +76,7 @@ def family_case(comfy, request):
 
 def test_lora_form_step_equals_merged_full_form_and_the_formula(family_case):
     from indomain.forms import domain_info
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.guider import domain_guider
 
     family, model, pos, neg, lora_model, full = family_case
     assert domain_info(lora_model).form.name == "lora" and domain_info(full).form.name == "full"
@@ -103,7 +103,7 @@ def test_lora_form_step_equals_merged_full_form_and_the_formula(family_case):
 def test_lora_form_weight_zero_is_exactly_core(family_case):
     import comfy.samplers as samplers
 
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     family, model, pos, neg, lora_model, _ = family_case
     latent = {"samples": torch.zeros(1, 4, 8, 8)}

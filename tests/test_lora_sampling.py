@@ -167,7 +167,7 @@ def _encode(clip, text):
 
 
 def _load(model, path):
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     return load_domain_model(model, path)
 
@@ -198,7 +198,7 @@ def guider_without_domain(model, pos, neg, noise, sigmas):
 def test_one_batched_forward_equals_two_calls(comfy, base, lora_pair):
     import comfy.samplers as samplers
 
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.guider import domain_guider
 
     model, clip, _ = base
     domain = _load(model, lora_pair[0])

@@ -36,7 +36,7 @@ def cfg(session_dir, **kw):
 
 def test_lora_training_trains_only_the_adapter_and_the_file_loads_as_lora(comfy, base, session_dir, images, tmp_path):
     from indomain.forms import domain_info
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model, clip, vae = base
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}

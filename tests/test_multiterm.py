@@ -14,7 +14,7 @@ def _encode(clip, text):
 @pytest.fixture(scope="module")
 def parts(comfy, base, domain_file, models_dir):
     from indomain.devkit.domain import make_domain_unet
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model, clip, _ = base
     other = make_domain_unet(model, clip, models_dir / "domain_unets" / "tiny_domain_b.safetensors", seed=1, perturb=0.05)
@@ -30,7 +30,7 @@ def _chain(comfy, *specs):
 
 
 def _sample(guider, model, steps=3):
-    from indomain.nodes.guider import sample_with_guider
+    from indomain.sampling.guider import sample_with_guider
 
     return sample_with_guider(guider, model, 0, steps, "euler", "normal", {"samples": torch.zeros(1, 4, 8, 8)})["samples"]
 
@@ -43,7 +43,7 @@ def _count_forwards(module):
 
 def test_chain_equals_domain_guider(comfy, parts):
     p = parts
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.guider import domain_guider
 
     terms = _chain(comfy, (p["model"], p["pos"], 2.5), (p["dom_a"], p["neg"], 2.0))
     multi = comfy.node("InDomainMultiGuider").execute(p["model"], p["neg"], terms).result[0]

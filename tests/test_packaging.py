@@ -174,7 +174,119 @@ def test_comfyignore_keeps_development_files_out_of_the_archive():
     assert dev == [], dev
     assert not [f for f in files if f.lower().endswith((".png", ".gif")) and not f.startswith("web/")]
     needed = ["__init__.py", "pyproject.toml", "LICENSE", "README.md", "requirements.txt", "nodes/__init__.py",
+              "sampling/__init__.py", "forms/__init__.py",
               "guidance/__init__.py", "training/__init__.py", "client/__init__.py", "web/docs/InDomainKSampler.md",
               "example_workflows/indomain_2_text_guided.json", "example_workflows/indomain_2_text_guided.jpg",
               "workflows/api/indomain_2_text_guided.json"]
     assert not [f for f in needed if f not in files], [f for f in needed if f not in files]
+
+
+# ----------------------------------------------------------------------------- import layering
+
+PACK_UNITS_SKIP = ("tests", ".venv", ".host", ".cache", "artifacts", "out", "web", "docs")
+
+
+def _pack_modules() -> dict[str, Path]:
+    """Every module of the pack by its dotted name (indomain.X.Y), tests excluded."""
+    mods = {}
+    for p in ROOT.rglob("*.py"):
+        rel = p.relative_to(ROOT)
+        if rel.parts[0] in PACK_UNITS_SKIP or rel.parts[0].startswith("."):
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(["indomain", *parts])] = p
+    return mods
+
+
+def _import_graph(sources: dict[str, str] | None = None, level: int = 2) -> dict[str, set[str]]:
+    """Edges between the pack's units: level 2 = top-level subpackages and modules (indomain.nodes,
+    indomain.pack, ...), None = single modules. Every import counts, also the ones inside functions.
+    `sources` replaces a module's text (by dotted name), to show the check can fail."""
+    import ast
+
+    mods = _pack_modules()
+    unit = (lambda m: ".".join(m.split(".")[:level])) if level else (lambda m: m)
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        src = (sources or {}).get(name)
+        if src is None:
+            src = path.read_text()
+        # imports under `if TYPE_CHECKING:` are annotations, not run: blank them out (same line numbers)
+        lines = src.splitlines()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                for i in range(node.body[0].lineno - 1, node.body[-1].end_lineno):
+                    lines[i] = ""
+                lines[node.body[0].lineno - 1] = " " * node.body[0].col_offset + "pass"
+        for _line, target in _imported_modules(path, "\n".join(lines)):
+            # the longest known module the import names (a `from X import f` names X.f, which may be a module)
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != "indomain" and unit(target) != unit(name):
+                graph.setdefault(unit(name), set()).add(unit(target))
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(set(graph) | {w for ws in graph.values() for w in ws}):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_between_the_packs_subpackages():
+    """One-way layers: guidance <- forms <- sampling <- training <- nodes (and pack beside them); bench, demo and
+    devkit on top. ComfyUI's own top-level `nodes` module is not the pack's `nodes/` (absolute imports never
+    name the pack's packages)."""
+    graph = _import_graph()
+    assert "indomain.nodes" in graph and "indomain.training" in graph["indomain.nodes"]  # the walk sees the edges
+    assert _cycles(graph) == []
+    assert "indomain.nodes" not in graph.get("indomain.pack", set())
+    assert "indomain.nodes" not in graph.get("indomain.training", set())
+
+
+def test_no_import_cycle_between_single_modules():
+    graph = _import_graph(level=None)
+    assert "indomain.training.buckets" in graph["indomain.training.batches"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_checks_can_fail():
+    """Putting back either circle the layering removed is caught: a lazy import inside a function counts."""
+    mods = _pack_modules()
+    preview = mods["indomain.training.preview"].read_text() + "\n\ndef _f():\n    from ..nodes import loader\n"
+    assert ["indomain.nodes", "indomain.training"] in _cycles(_import_graph({"indomain.training.preview": preview}))
+    pack = mods["indomain.pack"].read_text() + "\nfrom .nodes import loader\n"
+    assert any({"indomain.nodes", "indomain.pack"} <= set(c) for c in _cycles(_import_graph({"indomain.pack": pack})))
+    outputs = mods["indomain.training.outputs"].read_text() + "\nfrom .trainer import Run\n"
+    assert _cycles(_import_graph({"indomain.training.outputs": outputs}, level=None))  # outside TYPE_CHECKING it counts
+    buckets = mods["indomain.training.buckets"].read_text() + "\ndef _f():\n    from .batches import TrainingData\n"
+    cyc = _cycles(_import_graph({"indomain.training.buckets": buckets}, level=None))
+    assert ["indomain.training.batches", "indomain.training.buckets"] in cyc

@@ -72,7 +72,7 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
                                                                        domain_on_control):
     import importlib
 
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
     from indomain.nodes.patch import patch_model_for_domain_guidance
 
     samplers = importlib.import_module("comfy.samplers")  # `import comfy.x` would shadow the fixture
@@ -120,8 +120,8 @@ def test_apply_domain_guidance_active_path_with_controlnet_at_batch_two(comfy, b
 def test_the_domain_bound_on_the_active_path_equals_the_formula_from_separate_passes(comfy, base, domain_file):
     """Domain Guider with domain_max_ratio set: w_d (D - u) is scaled per sample to at most ratio x |w_c (B(c) - u)|;
     checked against separate core passes and the bound computed here, at a ratio that binds one sample only."""
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)

@@ -26,7 +26,7 @@ def _encode(clip, text):
 
 @pytest.fixture(scope="module")
 def two_domains(comfy, base, domain_file, tmp_path_factory):
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model, clip, _ = base
     other = make_domain_unet(model, clip, tmp_path_factory.mktemp("stack") / "other.safetensors", seed=1, perturb=0.08)
@@ -35,7 +35,7 @@ def two_domains(comfy, base, domain_file, tmp_path_factory):
 
 @pytest.mark.parametrize("w_c", [2.5, 0.0])
 def test_two_apply_domain_guidance_nodes_in_a_row_add_both_terms(comfy, base, two_domains, w_c):
-    from indomain.nodes.guider import ADDITIONAL_MODELS_KEY
+    from indomain.sampling.guider import ADDITIONAL_MODELS_KEY
     from indomain.nodes.patch import patch_model_for_domain_guidance
 
     samplers = importlib.import_module("comfy.samplers")
@@ -80,7 +80,7 @@ def test_two_apply_domain_guidance_nodes_in_a_row_add_both_terms(comfy, base, tw
 
 
 def test_a_patched_model_is_refused_by_the_guiders(comfy, base, two_domains):
-    from indomain.nodes.guider import DecoupledGuider, Term, domain_guider
+    from indomain.sampling.guider import DecoupledGuider, Term, domain_guider
     from indomain.nodes.patch import patch_model_for_domain_guidance
 
     model, clip, _ = base
@@ -107,7 +107,7 @@ def test_a_patched_model_is_refused_by_the_guiders(comfy, base, two_domains):
 
 
 def test_two_copies_of_one_domain_model_with_different_patches_are_refused(comfy, base, two_domains):
-    from indomain.nodes.guider import DecoupledGuider, Term
+    from indomain.sampling.guider import DecoupledGuider, Term
     from indomain.nodes.patch import patch_model_for_domain_guidance
 
     model, clip, _ = base

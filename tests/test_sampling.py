@@ -68,8 +68,8 @@ def _encode(clip, text):
 def test_one_step_equals_formula_from_three_predictions(comfy, base, domain_file):
     import comfy.samplers as samplers
 
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)
@@ -100,8 +100,8 @@ def test_one_step_equals_formula_from_three_predictions(comfy, base, domain_file
 
 
 def test_term_outside_interval_is_not_evaluated(comfy, base, domain_file):
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)
@@ -126,8 +126,8 @@ def test_term_outside_interval_is_not_evaluated(comfy, base, domain_file):
 def test_domain_model_loads_with_base_in_one_call(comfy, base, domain_file, monkeypatch):
     import comfy.model_management as mm
 
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)
@@ -148,8 +148,8 @@ def test_domain_model_loads_with_base_in_one_call(comfy, base, domain_file, monk
 
 def test_core_cfg_hooks_still_run(comfy, base, domain_file):
     """RescaleCFG (a sampler_cfg_function) must apply on top of decoupled guidance."""
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)
@@ -181,8 +181,8 @@ def test_controlnet_on_control_term_and_on_domain(comfy, domain_ready):
 
 
 def test_img2img_denoise_below_one_stays_near_input(comfy, base, domain_file):
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider, sample_with_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider, sample_with_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, domain_file)

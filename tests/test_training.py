@@ -115,7 +115,7 @@ def test_plain_form_trains_says_so_and_samples_as_a_domain_model(comfy, base, se
     empty prompt. Its file says form 'plain', keeps the base's layout, and Load Domain UNet turns it into a
     domain model the guider runs; resuming it as another form is refused."""
     from indomain.forms import domain_info
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model, clip, vae = base
     out = tmp_path / "plain.safetensors"
@@ -139,7 +139,7 @@ def test_plain_form_trains_says_so_and_samples_as_a_domain_model(comfy, base, se
 def _check_one_step_formula(model, domain, clip):
     """One guider step equals u + w_d (D(x, ∅) - u) + w_c (B(x, c) - u) computed from the models directly."""
     from indomain.devkit.domain import one_guider_step
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.guider import domain_guider
 
     def encode(text):
         cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)

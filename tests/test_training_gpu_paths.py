@@ -107,7 +107,7 @@ def test_auto_precision_uses_fp16_where_bf16_is_only_emulated():
 def test_base_is_unloaded_once_the_trainable_copy_exists(comfy, base):
     import comfy.model_management as mm
 
-    from indomain.training.model import detached_unet_copy
+    from indomain.forms.model import detached_unet_copy
 
     model = base[0]
     mm.load_models_gpu([model], force_full_load=True)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .batches import LatentSource, step_generator
+from .sources import LatentSource, step_generator
 
 # w / h of the landscape shapes; each also gives its portrait twin (h / w)
 ASPECT_RATIOS = (1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0)

@@ -109,7 +109,7 @@ class PreviewRenderer:
         """[(label, PIL image)] from a domain model file's state (the form's file_state of the EMA weights):
         "domain", then "prompt" when a prompt is set. The domain MODEL is built as Load Domain UNet builds it,
         by the file's form, so every form previews."""
-        from ..nodes.domain_model import build_domain_model
+        from ..sampling.domain_model import build_domain_model
 
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             domain = build_domain_model(self.base, state_dict, meta, source="training preview")
@@ -142,7 +142,7 @@ class PreviewRenderer:
         return out.to(comfy.model_management.intermediate_device())
 
     def _sample_domain(self, domain):
-        from ..nodes.guider import domain_guider
+        from ..sampling.guider import domain_guider
 
         # u + 1 * (d - u) = d: the domain model's own prediction, through the pack's guider so that every form
         # (a separate UNet, or patches on the base) samples as it does in Domain KSampler
@@ -150,7 +150,7 @@ class PreviewRenderer:
         return self._run(guider, self.base)
 
     def _sample_prompt(self, domain):
-        from ..nodes.guider import domain_guider
+        from ..sampling.guider import domain_guider
 
         guider = domain_guider(self.base, domain, self.positive, self.negative, PROMPT_CFG, PROMPT_DOMAIN_WEIGHT)
         return self._run(guider, self.base)

@@ -29,7 +29,7 @@ from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_wr
 from .data import EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
-from .model import base_meta, empty_prompt, trained_calibration
+from ..forms.model import base_meta, empty_prompt, trained_calibration
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
 from .outputs import Previewer, Saver
 from .resume import load_resume_state, restore_optimisation, restore_weights

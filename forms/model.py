@@ -1,4 +1,5 @@
-"""Building the null-text domain UNet from a ComfyUI base model, and its native-target loss.
+"""Building a trainable domain UNet from a ComfyUI base model (copy, calibrate, null-text), and the model's
+native noise and loss target: what every form builds with and what the trainer's loss uses.
 
 Uses ComfyUI's own model code and model sampling, so the loss target is the model's native
 one (ε for SD1.x/SDXL, v for v-prediction models) and every family ComfyUI loads works.

@@ -104,7 +104,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         self.one_forward = True
         # > 0: each domain-model term's update w (D - u) is scaled down, per sample, to at most this many times the
         # text/control update's norm (guidance.combine.bound_update). Off (0) by default and not a node input:
-        # the toy benchmark's "bound" remedies try it (README, overshoot remedies)
+        # the toy benchmark's "bound" remedies try it (docs/claim.md, overshoot remedies)
         self.domain_max_ratio = 0.0
 
     def _group_for(self, t: Term, base) -> _PassGroup | None:
