@@ -108,15 +108,24 @@ class _RowConstantAttention(nn.Module):
         self.constant = constant
         self.rows = rows
         self._batch = None  # the batch size the replace-patch route (to_q ... to_out) started with
+        self._kept = None
 
     def _keep(self, batch: int, device):
-        """The other (non-domain) rows: a slice or an index tensor, possibly empty."""
+        """The other (non-domain) rows: a slice or an index tensor, possibly empty (computed once per batch size
+        and device: the replace-patch route asks four times per block)."""
+        key = (batch, device)
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
         if self.rows is None:
-            return slice(0, 0)
-        keep = torch.ones(batch, dtype=torch.bool, device=device)
-        keep[self.rows] = False
-        idx = as_slice(keep.nonzero().reshape(-1))
-        return slice(0, 0) if isinstance(idx, torch.Tensor) and idx.numel() == 0 else idx
+            idx = slice(0, 0)
+        else:
+            keep = torch.ones(batch, dtype=torch.bool, device=device)
+            keep[self.rows] = False
+            idx = as_slice(keep.nonzero().reshape(-1))
+            if isinstance(idx, torch.Tensor) and idx.numel() == 0:
+                idx = slice(0, 0)
+        self._kept = (key, idx)
+        return idx
 
     def _constant(self, shape, like: torch.Tensor) -> torch.Tensor:
         c = self.constant.to(device=like.device, dtype=like.dtype)
