@@ -114,7 +114,13 @@ class OutputLock:
                 except OSError as e:
                     raise TrainingInputError(f"cannot create the lock {self.path}: {e.strerror or e}. "
                                              "Choose a writable output folder.") from None
-                if not _try_lock(fd):
+                try:
+                    locked = _try_lock(fd)
+                except OSError as e:  # e.g. a network file system without lock support
+                    os.close(fd)
+                    raise TrainingInputError(f"cannot lock {self.path}: {e.strerror or e}. Choose an output folder "
+                                             "on a file system that supports file locks (a local disk).") from None
+                if not locked:
                     os.close(fd)
                     raise self._busy_error()
                 if not _same_file(fd, self.path):  # the previous holder deleted it as we opened it: take a new one
