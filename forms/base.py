@@ -141,6 +141,7 @@ class DomainModelForm:
 
     name = ""
     description = ""
+    DEFAULT_LR = 1e-5  # AdamW learning rate when the user leaves it to the form (the paper's, for a whole UNet)
 
     def for_config(self, config) -> "DomainModelForm":
         """The form as a training run's settings configure it (e.g. the LoRA form's rank); default: itself."""

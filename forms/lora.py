@@ -171,6 +171,8 @@ def refuse_weight_patches(domain_patcher) -> None:
 class LoRAForm(DomainModelForm):
     name = "lora"
     description = "null-text LoRA (low-rank adapter on the base's own weights; cross-attention replaced by constants)"
+    # adapters train at 1e-4..1e-3 (their up matrix starts at zero); 1e-5, the full form's, barely moves them
+    DEFAULT_LR = 1e-4
 
     def __init__(self, rank: int = DEFAULT_RANK, alpha: float | None = None):
         self.rank = int(rank)

@@ -64,6 +64,21 @@ def unload_model(model_patcher) -> None:
     mm.free_memory(1e30, model_patcher.load_device, keep_loaded=keep)
 
 
+def unpatched_unet_state(model_patcher) -> dict[str, torch.Tensor]:
+    """The base UNet's own weights on the CPU (keys without prefix), whatever is loaded: a clone of the same
+    model loaded with LoRAs or other weight patches patches the shared module's weights in place, so the
+    model and its clones are unloaded first (ComfyUI restores the originals), and any weight still backed up
+    is taken from the backup. Tensors already on the CPU are not copied."""
+    unload_model(model_patcher)
+    backup = getattr(model_patcher, "backup", None) or {}
+    out = {}
+    for k, v in model_patcher.model.diffusion_model.state_dict().items():
+        saved = backup.get(f"diffusion_model.{k}")
+        w = saved.weight if saved is not None else v
+        out[k] = w.detach().to("cpu")
+    return out
+
+
 def detached_unet_copy(model_patcher) -> torch.nn.Module:
     """A float32 copy of the base UNet with any patches (LoRA etc.) baked in, free of ComfyUI's
     per-call weight casting, ready for training."""

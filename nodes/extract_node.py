@@ -1,5 +1,6 @@
 """Extract Domain LoRA: base MODEL + a full-form domain UNet file -> a LoRA-form file in models/domain_unets.
-Wiring only: the extraction is ../training/extract.py (maths in ../guidance/lora.py)."""
+Wiring only: the extraction is ../training/extract.py (maths in ../guidance/lora.py). It writes under the same
+output lock as training (a run writing that name refuses it, and the other way round)."""
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ class ExtractDomainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_unet_name, rank, report_ranks="4,8,16,64", save_name="") -> io.NodeOutput:
         from ..training.extract import extract_domain_lora
+        from ..training.model import unpatched_unet_state
         from .train_node import domain_unet_output_path
 
         try:
@@ -51,8 +53,9 @@ class ExtractDomainLoRA(io.ComfyNode):
         source = folder_paths.get_full_path_or_raise(DOMAIN_UNET_FOLDER, domain_unet_name)
         stem = domain_unet_name.rsplit(".", 1)[0]
         out_path, out_name = domain_unet_output_path(save_name or f"{stem}_lora{rank}")
-        base_sd = model.model.diffusion_model.state_dict()
-        report = extract_domain_lora(base_sd, source, out_path, rank, ranks)
+        # the base's own weights on the CPU, not the live module (maybe on the GPU, maybe carrying the weight
+        # patches of a clone loaded earlier): the result does not depend on what was sampled before
+        report = extract_domain_lora(unpatched_unet_state(model), source, out_path, rank, ranks)
         report["output"] = out_name
         errors = ", ".join(f"rank {r}: {e:.4f}" for r, e in report["relative_error"].items())
         return io.NodeOutput(json.dumps(report), ui={"text": [f"{out_name}: relative error {errors}; "

@@ -2,7 +2,9 @@
 
 ComfyUI servers are often shared on a LAN, so a node must not read any folder the server process
 can read. Like core's dataset nodes (comfy_extras/nodes_dataset.py), training images come from a
-subfolder of ComfyUI's `input/` folder, resolved (symlinks included) and checked to stay inside.
+subfolder of ComfyUI's `input/` folder, resolved (symlinks included) and checked to stay inside;
+so is every folder and file the scan finds in it (`image_root`: a link `input/dom/sub -> /elsewhere`
+is not followed, and is reported as skipped).
 Absolute paths are accepted only when the server owner sets ALLOW_ABSOLUTE_ENV=1. The command-line
 trainer is not a server and keeps free paths.
 """
@@ -70,6 +72,15 @@ def resolve_image_folder(name) -> Path:
         raise TrainingInputError(f"image_folder {raw[:200]!r} is not a folder in ComfyUI's input folder ({input_dir}); "
                                  f"choose one of them ({_choices_hint()}), or create it and put the images in it.")
     return Path(target)
+
+
+def image_root(name) -> str | None:
+    """The folder every training image read for `name` must resolve into: ComfyUI's input folder, or None
+    (no limit) for an absolute path the server owner allowed with ALLOW_ABSOLUTE_ENV."""
+    raw = str(name if name is not None else "").strip()
+    if _looks_absolute(raw) and absolute_folders_allowed():
+        return None
+    return os.path.realpath(folder_paths.get_input_directory())
 
 
 def check_save_name(save_name: str) -> str:

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..pack import DOMAIN_UNET_FOLDER
 from ..sampling.domain_model import build_domain_model, ensure_base_model
 from .search import search_aliases
-from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, input_subfolders, resolve_image_folder
+from .paths import ALLOW_ABSOLUTE_ENV, check_save_name, image_root, input_subfolders, resolve_image_folder
 from .validation import combo_problem, first_problem
 
 log = logging.getLogger("indomain")
@@ -60,8 +60,10 @@ class TrainDomainUNet(io.ComfyNode):
                                f"{ALLOW_ABSOLUTE_ENV}=1. Leave empty to train only on the images connected to 'images'."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps. Thousands for a real "
                              "domain; each step sees batch_size images."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8,
-                               tooltip="AdamW learning rate. 1e-5 is the paper's setting; lower it if the loss explodes."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="AdamW learning rate. 0 = auto: the form's own default, 1e-5 for the full "
+                               "form (the paper's setting) and 1e-4 for the LoRA form (adapters need a higher "
+                               "rate). Lower it if the loss explodes."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step. Larger is steadier but "
                              "needs more memory (the paper used 32)."),
                 io.Int.Input("resolution", default=512, min=8, max=4096, step=8, tooltip="Training resolution in pixels "
@@ -122,6 +124,9 @@ class TrainDomainUNet(io.ComfyNode):
                                  "training (the existing model is kept). On: the run starts over and the existing "
                                  "file and its '.resume' state are replaced at the first checkpoint. Ignored with "
                                  "'resume' on."),
+                io.Combo.Input("save_precision", options=["fp16", "fp32"], optional=True, default="fp16",
+                               tooltip="Precision of the weights in the saved file: fp16 (half the size; ComfyUI "
+                               "casts on load) or fp32 (exact training weights, twice the size)."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -136,7 +141,8 @@ class TrainDomainUNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED) -> bool | str:
+    def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED,
+                        save_precision=None) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
         reloads, and an absolute path is valid when the server owner opted in. `images` is absent from the
         call when nothing is connected to it (a link arrives as None)."""
@@ -152,7 +158,8 @@ class TrainDomainUNet(io.ComfyNode):
             return ("no training images: image_folder is empty and nothing is connected to 'images'. Pick a "
                     "subfolder of ComfyUI's input folder, or connect an IMAGE (Load Image, a dataset loader, ...).")
         return first_problem(combo_problem("crop", crop, ["center", "random"]),
-                             combo_problem("form", form, ["full", "lora"]))
+                             combo_problem("form", form, ["full", "lora"]),
+                             combo_problem("save_precision", _single(save_precision), ["fp16", "fp32"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
@@ -170,7 +177,8 @@ class TrainDomainUNet(io.ComfyNode):
             return h.hexdigest()  # execute() reports the bad folder
         if not folder.is_dir():
             return h.hexdigest()
-        files, _ = find_image_files(folder)  # the files training reads (links followed once, no loops)
+        # the files training reads (links followed once, no loops, none out of the input folder)
+        files, _ = find_image_files(folder, image_root(image_folder))
         for path in files:
             try:
                 st = os.stat(path)
@@ -183,7 +191,8 @@ class TrainDomainUNet(io.ComfyNode):
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
                 grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
-                images=None, form="full", rank=32, alpha=0.0, overwrite=False) -> io.NodeOutput:
+                images=None, form="full", rank=32, alpha=0.0, overwrite=False,
+                save_precision="fp16") -> io.NodeOutput:
         from ..training.loss_curve import loss_map
         from ..training.preview import progress_preview, side_by_side
         from ..training.config import refuse_taken_output
@@ -192,18 +201,19 @@ class TrainDomainUNet(io.ComfyNode):
         # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
         (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
          save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-         preview_steps, buckets, form, rank, alpha, overwrite) = (_single(v) for v in (
+         preview_steps, buckets, form, rank, alpha, overwrite, save_precision) = (_single(v) for v in (
             model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
             save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-            preview_steps, buckets, form, rank, alpha, overwrite))
+            preview_steps, buckets, form, rank, alpha, overwrite, save_precision))
         ensure_base_model(model)
-        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, resolution=resolution, seed=seed,
+        # learning_rate 0 (the widget's default): the form's own (TrainConfig.with_defaults)
+        config = TrainConfig(steps=steps, lr=learning_rate or None, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
                              grad_checkpointing=grad_checkpointing, buckets=buckets, preview_every=preview_every,
                              preview_prompt=preview_prompt, preview_steps=preview_steps, form=form,
-                             lora_rank=rank, lora_alpha=alpha)
+                             lora_rank=rank, lora_alpha=alpha, save_precision=save_precision)
         # bad folder / resolution: fail before any work; no folder = the connected images alone
-        scan = (prepare_images(resolve_image_folder(image_folder), config)
+        scan = (prepare_images(resolve_image_folder(image_folder), config, within=image_root(image_folder))
                 if str(image_folder or "").strip() else None)
         out_path, name = domain_unet_output_path(save_name)
         refuse_taken_output(out_path, bool(resume), bool(overwrite), "overwrite")  # never replace a model silently

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,11 +64,119 @@ def test_second_writer_is_refused_and_a_killed_writers_lock_is_stale(tmp_path, c
     assert not lock_path_for(out).exists()
 
 
-def test_a_lock_from_another_host_is_not_broken(tmp_path):
+def test_a_lock_file_left_by_a_crashed_run_on_another_host_is_taken(tmp_path):
+    """Issue 22 (6): the lock is the kernel's, not a guess from the pid and host in the file. A lock file whose
+    writer is gone (here: one from another machine sharing the folder, which crashed) holds no lock: taken."""
     out = tmp_path / "remote.safetensors"
     lock_path_for(out).write_text(json.dumps({"pid": 1, "host": "some-other-machine", "started": "x"}))
-    with pytest.raises(TrainingInputError, match="some-other-machine.*delete remote.lock"):
-        OutputLock(out).acquire()
+    lock = OutputLock(out).acquire()
+    try:
+        assert json.loads(lock_path_for(out).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert not lock_path_for(out).exists()
+
+
+RACE = """
+import os, sys, time
+from indomain.training.lock import OutputLock
+out, ctl, me, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+print("ready", flush=True)
+for k in range(rounds):
+    go = os.path.join(ctl, f"go{k}")
+    while not os.path.exists(go):
+        pass
+    lock = OutputLock(out)
+    try:
+        lock.acquire()
+        held = True
+    except Exception:
+        held = False
+    with open(os.path.join(ctl, f"r{k}.{me}.tmp"), "w") as f:
+        f.write("held" if held else "busy")
+    os.replace(os.path.join(ctl, f"r{k}.{me}.tmp"), os.path.join(ctl, f"r{k}.{me}"))
+    while not os.path.exists(os.path.join(ctl, f"done{k}")):
+        time.sleep(0.001)
+    if held:
+        lock.release()
+    open(os.path.join(ctl, f"rel{k}.{me}"), "w").close()
+"""
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"timed out waiting for {path.name}"
+        time.sleep(0.001)
+
+
+def test_two_processes_racing_for_a_stale_lock_never_both_hold_it(tmp_path):
+    """Issue 22 (6): two runs breaking the same stale lock (left by a run killed with SIGKILL) at the same time:
+    in every round exactly one holds it. Real processes, started together on each round's signal."""
+    out = tmp_path / "raced.safetensors"
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x", "output": out.name})
+    rounds = 60
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(out), str(ctl), str(i), str(rounds)],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        both = []
+        for k in range(rounds):
+            lock_path_for(out).write_text(stale)  # what a run killed with SIGKILL leaves behind
+            (ctl / f"go{k}").touch()
+            results = []
+            for i in range(2):
+                _wait_for(ctl / f"r{k}.{i}")
+                results.append((ctl / f"r{k}.{i}").read_text())
+            if results.count("held") != 1:
+                both.append((k, results))
+            (ctl / f"done{k}").touch()
+            for i in range(2):
+                _wait_for(ctl / f"rel{k}.{i}")
+        assert not both, f"rounds where not exactly one process held the lock: {both}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_holder_killed_with_sigkill_releases_the_lock_at_once(tmp_path):
+    """Issue 22 (6): the kernel releases the lock of a killed holder; the lock file it leaves is no obstacle,
+    whatever it says, and while the holder lived, another process was refused."""
+    out = tmp_path / "killed.safetensors"
+    holder = _holder(out)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom indomain.training.lock import OutputLock\n"
+                                "try:\n    OutputLock(sys.argv[1]).acquire()\nexcept Exception as e:\n"
+                                "    print('busy', e)\nelse:\n    print('held')", str(out)],
+                               capture_output=True, text=True, timeout=120)
+        assert probe.stdout.startswith("busy") and f"pid {holder.pid}" in probe.stdout, probe.stdout + probe.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock_path_for(out).is_file()
+    lock = OutputLock(out).acquire()
+    lock.release()
+
+
+def test_remove_partials_escapes_glob_characters_in_the_name(tmp_path):
+    """Issue 22 (10): a save name with '[' ('dom[1]') is matched literally, not as a glob character class."""
+    from indomain.training.lock import remove_partials
+
+    out = tmp_path / "dom[1].safetensors"
+    (tmp_path / ".dom[1].AbCd1234.partial").mkdir()
+    (tmp_path / ".dom[1].loss.png.Zx9Yw8Vu.partial").write_bytes(b"x")
+    (tmp_path / "dom[1].previews").mkdir()
+    (tmp_path / "dom[1].previews" / ".step_000002_domain.png.Qq1Ww2Ee.partial").write_bytes(b"x")
+    (tmp_path / ".dom1.AbCd1234.partial").mkdir()  # another name, which the unescaped '[1]' matched
+    assert len(remove_partials(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dom1.AbCd1234.partial", "dom[1].previews"]
+    assert list((tmp_path / "dom[1].previews").iterdir()) == []
 
 
 def _meta(i: int) -> DomainMeta:
@@ -253,8 +362,10 @@ def test_train_node_refuses_a_taken_save_name_unless_overwrite(comfy, base, mode
 
     node = comfy.node("InDomainTrainDomainUNet")
     schema = node.GET_SCHEMA()
-    last = schema.inputs[-1]
-    assert last.id == "overwrite" and last.default is False and "refused" in last.tooltip  # appended at the end
+    ids = [i.id for i in schema.inputs]
+    last = schema.inputs[ids.index("overwrite")]
+    # appended at the end in its time; only save_precision (issue 22) came after it
+    assert ids[-2:] == ["overwrite", "save_precision"] and last.default is False and "refused" in last.tooltip
     name = f"taken_{uuid.uuid4().hex[:6]}"
     out = models_dir / "domain_unets" / f"{name}.safetensors"
     before = _existing_model(out)

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output name or path; a bare NAME is saved as "
                    "ComfyUI/models/domain_unets/NAME.safetensors")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--lr", type=_lr, default=None, help="AdamW learning rate (default auto: the form's own, "
+                   + ", ".join(f"{f.name} {f.DEFAULT_LR:g}" for f in FORMS.values()) + ")")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step per process (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps (default 1)")
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", default=None, help="also write the final summary as JSON to this file")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     return p
+
+
+def _lr(text: str):
+    """--lr: a number, or 'auto' (the form's default)."""
+    return None if text.strip().lower() == "auto" else float(text)
 
 
 def resolve_out(out: str, models_dir: Path | None = None) -> Path:
@@ -257,7 +263,8 @@ def _run(args, config, scan, base, rank, out_path) -> int:
     try:
         with CtrlC() as ctrl_c:
             result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
-                           should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path))
+                           should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path),
+                           base_name=base.name)
     except TrainingInputError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

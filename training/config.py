@@ -1,6 +1,7 @@
 """What a training run takes (TrainConfig, validated up front) and gives (TrainResult), and where it writes."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -24,7 +25,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    lr: float = 1e-5
+    lr: Optional[float] = None         # AdamW learning rate; None = the form's own default (forms/: DEFAULT_LR,
+                                       # full 1e-5 as in the paper, lora 1e-4); see with_defaults()
     weight_decay: float = 1e-2
     batch_size: int = 4
     grad_accum: int = 1
@@ -50,6 +52,13 @@ class TrainConfig:
     preview_prompt: str = ""           # also preview this prompt through decoupled guidance
     preview_steps: int = 20            # sampling steps per preview picture
 
+    def with_defaults(self) -> "TrainConfig":
+        """These settings with what was left to the form filled in (lr None -> the form's DEFAULT_LR): what a
+        run uses, records in its file and resume state, and compares on resume."""
+        if self.lr is None and self.form in FORMS:
+            return dataclasses.replace(self, lr=FORMS[self.form].DEFAULT_LR)
+        return self
+
     def validate(self) -> None:
         problems = []
         if self.steps < 1:
@@ -58,8 +67,9 @@ class TrainConfig:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.grad_accum < 1:
             problems.append(f"grad_accum must be >= 1 (got {self.grad_accum})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive number (got {self.lr}); 1e-5 is the reference")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, or left to the form (got {self.lr}); "
+                            + ", ".join(f"{f.name} {f.DEFAULT_LR:g}" for f in FORMS.values()) + " are the defaults")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         if not 0.0 <= self.hflip <= 1.0:

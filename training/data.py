@@ -70,10 +70,34 @@ def min_image_side(resolution: int) -> int:
     return max(8, resolution // 2)
 
 
-def find_image_files(folder: Path) -> tuple[list[Path], int]:
+def is_within(path, root: str) -> bool:
+    """Whether `path`, resolved (links followed), is `root` or inside it (`root` already resolved)."""
+    real = os.path.realpath(path)
+    try:
+        return os.path.commonpath((root, real)) == root
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def find_image_files(folder: Path, within=None, outside: list | None = None) -> tuple[list[Path], int]:
     """Image files under `folder` (sorted) and the count of other files. Symlinked folders are followed, but
-    each real folder is visited once: a link to a parent (a loop) would otherwise make the walk endless."""
+    each real folder is visited once: a link to a parent (a loop) would otherwise make the walk endless.
+
+    `within` (a folder): every folder and file is resolved, links included, and whatever resolves outside
+    `within` is neither entered nor read (a link `input/dom/sub -> /elsewhere` on a server that reads only
+    its input folder); those paths are appended to `outside`."""
     files, other = [], 0
+    root_limit = None if within is None else os.path.realpath(within)
+
+    def allowed(path) -> bool:
+        if root_limit is None or is_within(path, root_limit):
+            return True
+        if outside is not None:
+            outside.append(Path(path))
+        return False
+
+    if not allowed(folder):
+        return [], 0
     seen: set[tuple[int, int]] = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         try:
@@ -85,13 +109,15 @@ def find_image_files(folder: Path) -> tuple[list[Path], int]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip hidden folders (caches, .git)
+        # skip hidden folders (caches, .git), and (with `within`) links out of the allowed folder before entering
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and allowed(os.path.join(root, d)))
         for name in sorted(names):
             if name.startswith("."):
                 continue
             p = Path(root) / name
             if p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(p)
+                if allowed(p):
+                    files.append(p)
             else:
                 other += 1
     return sorted(files), other
@@ -114,14 +140,20 @@ def _probe(path: Path, min_side: int) -> str | None:
     return None
 
 
-def scan_images(folder, resolution: int) -> ImageScan:
-    """Find usable images; skip unreadable or tiny ones with one warning each. Raises when none is usable."""
+def scan_images(folder, resolution: int, within=None) -> ImageScan:
+    """Find usable images; skip unreadable or tiny ones with one warning each. Raises when none is usable.
+    `within`: read nothing that resolves outside this folder (see find_image_files); such links are skipped."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise TrainingInputError(f"image folder not found: {folder}. Point it at a folder of domain images "
                                  "(jpg, png, webp or bmp; subfolders are searched too).")
-    candidates, other = find_image_files(folder)
+    outside: list[Path] = []
+    candidates, other = find_image_files(folder, within, outside)
     scan = ImageScan(folder, [], [], other)
+    for p in outside:
+        reason = f"a link to a place outside {within} (not read: this server reads training images only there)"
+        scan.skipped.append((p, reason))
+        log.warning("InDomain training: skipping %s: %s", display_name(p), reason)
     min_side = min_image_side(resolution)
     for p in candidates:
         reason = _probe(p, min_side)
@@ -131,7 +163,9 @@ def scan_images(folder, resolution: int) -> ImageScan:
             scan.skipped.append((p, reason))
             log.warning("InDomain training: skipping %s: %s", display_name(p), reason)
     if not scan.usable:
-        if not candidates:
+        if not candidates and outside:
+            what = f"it holds only links to places outside {within} ({display_name(outside[0])}, ...)"
+        elif not candidates:
             what = ("it is empty" if other == 0 else
                     f"it has {other} file(s) but none with an image extension ({', '.join(IMAGE_EXTENSIONS)})")
         else:

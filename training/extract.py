@@ -5,7 +5,11 @@
 
 The difference of every adaptable layer (Linear/Conv outside cross-attention) from the base is
 approximated by its best rank-R factorisation (SVD); bias differences are kept exactly; the
-null-text constants are copied. The relative reconstruction error of the weight differences is
+null-text constants are copied. Unlike core's LoRA extraction (comfy_extras/nodes_lora_extract.py, which
+clamps the factors at their 0.99 quantile and reports nothing), the factors are the exact truncated SVD (the
+Frobenius optimum), one SVD per layer gives the error at every reported rank, and the file keeps one rank
+(zero-padded), the alpha scale, exact bias differences and the constants of the LoRA form. The output is
+written under the same lock as training (training/lock.py). The relative reconstruction error of the weight differences is
 printed for the chosen rank and every --report-ranks rank, together with the share of the
 difference the LoRA form cannot hold (normalisation layers), and saved in the file's metadata.
 
@@ -24,6 +28,7 @@ import torch
 from ..guidance.checkpoint import (DomainCheckpointError, architecture_signature, read_domain_checkpoint,
                                    write_domain_checkpoint)
 from ..guidance.lora import adapted_names_from_state, extract
+from .lock import OutputLock, remove_partials
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 
@@ -75,7 +80,9 @@ def extract_domain_lora(base_sd: dict[str, torch.Tensor], domain_path: str | Pat
     new_meta = dataclasses.replace(meta, training=training)
     if hasattr(new_meta, "form"):
         new_meta = dataclasses.replace(new_meta, form="lora")
-    path = write_domain_checkpoint(out_path, result.lora.to_state_dict(), new_meta, precision=precision)
+    with OutputLock(out_path):  # the lock training takes: no run writes this name meanwhile
+        remove_partials(out_path)
+        path = write_domain_checkpoint(out_path, result.lora.to_state_dict(), new_meta, precision=precision)
     report["output"] = str(path)
     report["bytes"] = {"lora": path.stat().st_size, "full": domain_path.stat().st_size}
     return report

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import torch
+
+from ..guidance.checkpoint import PRECISIONS
 from .batches import TrainingData
 from .config import TrainConfig, TrainingDiverged
 from .data import TrainingInputError
@@ -44,24 +47,47 @@ class Saver:
         meta = dataclasses.replace(self.meta, training=dict(self.training_info, steps=run.step,
                                                             target_steps=self.config.steps,
                                                             final_loss=run.losses[-1] if run.losses else None))
-        run.form.write(self.out_path, run.ema.state_dict(run.module, run.form.keeps_key), meta,
-                       precision=self.config.save_precision)
+        state = run.ema.state_dict(run.module, run.form.keeps_key)
+        self.check_not_diverged(run, state)  # before writing: the last good checkpoint stays as it is
+        run.form.write(self.out_path, state, meta, precision=self.config.save_precision)
         save_resume_state(self.resume_file, run.module, run.ema, run.optimizer, run.step, {
             "config": dataclasses.asdict(self.config), "world_size": self.world,
             "data_fingerprint": self.training_info["data_fingerprint"], "calibration": run.record,
-            "losses": run.losses, "output": self.out_path.name}, run.scaler, run.form.keeps_key)
+            "losses": run.losses, "output": self.out_path.name, **run.base_identity}, run.scaler,
+            run.form.keeps_key)
         try:
             write_loss_curve(run.losses, self.loss_curve)
         except OSError as e:  # the checkpoint is saved; a missing picture must not stop training
             log.warning("InDomain training: cannot write the loss curve %s (%s)", self.loss_curve, e)
 
-    def diverged(self, run: "Run", loss_value: float) -> TrainingDiverged:
+    def check_not_diverged(self, run: "Run", state: dict) -> None:
+        """Weights that are NaN/inf, or beyond the file precision's range (fp16: |w| > 65504; no UNet weight is
+        near that), mean the run is diverging: TrainingDiverged with the learning-rate advice, not a refusal
+        to write that suggests another precision."""
+        precision = self.config.save_precision
+        top = PRECISIONS[precision]
+        for k, v in state.items():
+            if not v.is_floating_point() or not v.numel():
+                continue
+            lo, hi = torch.aminmax(v.detach())  # no |v| copy of each tensor (NaN propagates)
+            peak = torch.maximum(-lo, hi)
+            if not torch.isfinite(peak):
+                raise self.diverged(run, f"the weights became {float(peak)} ({k}) by step {run.step}")
+            if not torch.isfinite(peak.to(top)):
+                raise self.diverged(run, f"the weights grew to {float(peak):.3g} ({k}) by step {run.step}, past the "
+                                         f"range of the {precision} file", precision_note=True)
+
+    def diverged(self, run: "Run", what, precision_note: bool = False) -> TrainingDiverged:
+        """`what`: the non-finite loss value, or a sentence saying what diverged."""
+        if not isinstance(what, str):
+            what = f"training loss became {what} at step {run.step + 1}"
         where = (f"The last good checkpoint ({self.path}, step {self.step}) is kept" if self.step is not None
                  else "No checkpoint had been saved yet")
         lr = self.config.lr
-        return TrainingDiverged(f"training loss became {loss_value} at step {run.step + 1}; training stopped. {where}. "
+        note = (" (save_precision fp32 would only store the diverging weights)" if precision_note else "")
+        return TrainingDiverged(f"{what}; training stopped: it is diverging{note}. {where}. "
                                 f"Lower the learning rate (now {lr:g}; try {lr / 10:g}) and start again "
-                                "(or --resume from the last checkpoint with the lower rate).")
+                                "(or resume from the last checkpoint with the lower rate).")
 
 
 class Previewer:
@@ -85,7 +111,9 @@ class Previewer:
         if self.renderer is None or not preview_due(run.step, self.config.steps, self.config.preview_every):
             return
         t0 = time.perf_counter()
-        images = self.renderer.render(run.form.file_state(run.ema.state_dict(run.module)), self.meta)
+        # only what the file holds (a LoRA form: the adapter and constants, never the frozen base's weights)
+        images = self.renderer.render(run.form.file_state(run.ema.state_dict(run.module, run.form.keeps_key)),
+                                      self.meta)
         if self.out_path is not None:
             self.paths.extend(save_previews(images, preview_dir_for(self.out_path), run.step))
         log.info("InDomain training: preview at step %d (%.1f s of sampling)", run.step, time.perf_counter() - t0)

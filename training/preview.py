@@ -44,14 +44,6 @@ class PreviewSettings:
     steps: int = 20             # sampling steps per picture
     seed: int = 0               # noise seed, the same for every preview
 
-    def validate(self) -> list[str]:
-        problems = []
-        if self.every < 0:
-            problems.append(f"preview_every must be >= 0 (got {self.every})")
-        if self.steps < 1:
-            problems.append(f"preview steps must be >= 1 (got {self.steps})")
-        return problems
-
 
 def preview_dir_for(out_path) -> Path:
     out_path = Path(out_path)

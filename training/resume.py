@@ -97,6 +97,51 @@ def load_resume_state(resume_file: Path | None, config, world: int, data_fingerp
     return state, info
 
 
+def base_identity(module: torch.nn.Module, keeps_key, model_patcher, base_name: str | None = None) -> dict:
+    """What a resume state records of the base, for a form that does not save the base's weights (LoRA): a
+    cheap fingerprint of the frozen weights the run trains on (names, shapes and a strided sample of every
+    tensor, LoRAs and other weight patches on the base included) and a description naming it. {} for forms
+    that save every weight (nothing of the base is needed to continue them)."""
+    from ..guidance.checkpoint import weights_fingerprint
+
+    if keeps_key is None:
+        return {}
+    frozen = {k: v for k, v in module.state_dict().items() if not keeps_key(k)}
+    if not frozen:
+        return {}
+    return {"base_fingerprint": weights_fingerprint(frozen), "base": describe_base(model_patcher, base_name)}
+
+
+def describe_base(model_patcher, base_name: str | None = None) -> str:
+    """A name for the base in messages: the checkpoint's file name where known (the command line passes it;
+    newer cores record it on the loaded model), else its architecture; plus the weight patches on it."""
+    name = base_name
+    init = getattr(model_patcher, "cached_patcher_init", None)
+    if not name and isinstance(init, tuple) and len(init) > 1 and init[1] and isinstance(init[1][0], (str, Path)):
+        name = Path(init[1][0]).name
+    if not name:
+        config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+        name = f"a {type(config).__name__} checkpoint" if config is not None else "the base model"
+    patched = [k for k in getattr(model_patcher, "patches", {}) or {} if str(k).startswith("diffusion_model.")]
+    return name + (f" with {len(patched)} patched UNet weight(s) (a LoRA or similar applied to it)" if patched else "")
+
+
+def check_same_base(info: dict, identity: dict) -> None:
+    """Refuse to continue a run on another base than the one its state was trained on (another checkpoint,
+    or the same one with a LoRA added or removed): the saved adapter only fits the weights it trained on."""
+    saved = info.get("base_fingerprint")
+    if not identity or saved is None:
+        if identity and saved is None:
+            log.warning("InDomain training: the resume state does not record its base (written by an older "
+                        "InDomain); make sure the same base, with the same LoRAs, is connected.")
+        return
+    if saved != identity["base_fingerprint"]:
+        raise TrainingInputError(
+            f"cannot resume: the saved run trained on {info.get('base', 'another base')}, and the base connected now "
+            f"({identity['base']}) has other weights. Connect the original base exactly as it was (the same "
+            "checkpoint, with the same LoRAs or none), or start a new run under another output name.")
+
+
 def restore_weights(state: dict, module: torch.nn.Module, keeps_key=None) -> None:
     saved = {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}
     if keeps_key is None:

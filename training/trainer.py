@@ -32,7 +32,7 @@ from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_
 from ..forms.model import base_meta, empty_prompt, trained_calibration
 from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
 from .outputs import Previewer, Saver
-from .resume import load_resume_state, restore_optimisation, restore_weights
+from .resume import base_identity, check_same_base, load_resume_state, restore_optimisation, restore_weights
 from .lock import OutputLock, remove_partials
 
 log = logging.getLogger("indomain.training")
@@ -54,9 +54,10 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)
     prompts: dict = field(default_factory=dict)   # EmptyPrompt per batch latent (h, w) other than the training size
+    base_identity: dict = field(default_factory=dict)  # resume.base_identity: which base a LoRA-form run trains on
 
 
-def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved) -> Run:
+def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device, saved, base_name=None) -> Run:
     """The form's trainable module (fresh, or the skeleton the resume state fills), EMA and optimiser."""
     form = form_named(config.form).for_config(config)
     if saved is not None:
@@ -64,7 +65,9 @@ def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device,
     else:
         trainable = form.build_trainable(model_patcher, clip, data.calibration_latents(config), config.seed, device)
     module = materialise_(trainable.module)
+    identity = base_identity(module, form.keeps_key, model_patcher, base_name)  # {} when every weight is saved
     if saved is not None:
+        check_same_base(saved[1], identity)
         restore_weights(saved[0], module, form.keeps_key)
     for p in module.parameters():
         p.requires_grad_(False)
@@ -79,7 +82,8 @@ def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device,
                                   weight_decay=config.weight_decay)
     amp_dtype = autocast_dtype(config.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Run(form, module, module, trainable.prompt, trainable.record, ema, optimizer, scaler, amp_dtype)
+    return Run(form, module, module, trainable.prompt, trainable.record, ema, optimizer, scaler, amp_dtype,
+               base_identity=identity)
 
 
 def _restore(run: Run, saved, device, world: int) -> None:
@@ -151,7 +155,7 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
 def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path=None, resume: bool = False,
                      progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
                      flipped_latents=None, data_info: dict | None = None, bucket_hw: list | None = None,
-                     vae=None, on_preview: Callable | None = None) -> TrainResult:
+                     vae=None, on_preview: Callable | None = None, base_name: str | None = None) -> TrainResult:
     """Train on already-encoded (unprocessed VAE) latents: a [N, C, h, w] tensor or a list of [C, h_i, w_i].
 
     `progress(step, total, loss, images_per_s)` is called after every optimizer step; training
@@ -159,22 +163,24 @@ def train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path
     `bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells. Previews
     (config.preview_every) need `vae`; `on_preview(step, total, [(label, PIL image)])` receives them.
     While it writes, the output is locked (NAME.lock): a second run on the same name is refused.
+    `base_name`: the base checkpoint's name for messages (a LoRA-form resume on another base names it).
     """
     config.validate()
+    config = config.with_defaults()
     rank, _world = dist_info()
     out_path = None if out_path is None else Path(out_path)
     if out_path is None or rank != 0:
         return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
-                                 flipped_latents, data_info, bucket_hw, vae, on_preview)
+                                 flipped_latents, data_info, bucket_hw, vae, on_preview, base_name)
     check_output_writable(out_path)
     with OutputLock(out_path):
         remove_partials(out_path)  # temp files of a save that a kill -9 interrupted
         return _train_on_latents(model_patcher, clip, latents, config, out_path, resume, progress, should_stop,
-                                 flipped_latents, data_info, bucket_hw, vae, on_preview)
+                                 flipped_latents, data_info, bucket_hw, vae, on_preview, base_name)
 
 
 def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_path, resume, progress, should_stop,
-                      flipped_latents, data_info, bucket_hw, vae, on_preview) -> TrainResult:
+                      flipped_latents, data_info, bucket_hw, vae, on_preview, base_name=None) -> TrainResult:
     import comfy.model_management
 
     rank, world = dist_info()
@@ -187,7 +193,7 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
 
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False), torch.enable_grad():
-        run = _build(model_patcher, clip, data, config, device, saved)
+        run = _build(model_patcher, clip, data, config, device, saved, base_name)
         _restore(run, saved, device, world)
         # SDXL's size conditioning differs per bucket shape (SD1.x's empty prompt does not depend on it)
         run.prompts = {hw: empty_prompt(model_patcher, clip, hw) for hw in data.shapes if hw != tuple(data.size_hw)}
@@ -238,16 +244,17 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
                        preview_paths=previewer.paths)
 
 
-def prepare_images(image_dir, config: TrainConfig):
-    """Pre-flight on the images alone (no model needed): settings, resolution, usable files."""
+def prepare_images(image_dir, config: TrainConfig, within=None):
+    """Pre-flight on the images alone (no model needed): settings, resolution, usable files (with `within`:
+    only files that resolve inside that folder, links included; the Train node passes ComfyUI's input folder)."""
     config.validate()
-    return scan_images(image_dir, config.resolution)
+    return scan_images(image_dir, config.resolution, within)
 
 
 def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, resume: bool = False,
           progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
           scan=None, encode_progress: Callable | None = None, images=None,
-          on_preview: Callable | None = None) -> TrainResult:
+          on_preview: Callable | None = None, base_name: str | None = None) -> TrainResult:
     """Image folder and/or IMAGE tensors -> cached VAE latents -> train_on_latents. Fails on bad input before any work.
 
     `images`: a ComfyUI IMAGE batch [B, H, W, C] or a list of them (images of different sizes), used
@@ -257,6 +264,7 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
     from .image_items import encode_items, folder_items, tensor_items
 
     config.validate()
+    config = config.with_defaults()
     if scan is None and image_dir not in (None, ""):
         scan = prepare_images(image_dir, config)
     items, skipped_tensors = tensor_items(images, config.resolution) if images is not None else ([], [])
@@ -300,7 +308,7 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
                      "fingerprint": encoded.fingerprint, "cache_hits": encoded.cache_hits}
         result = train_on_latents(model_patcher, clip, encoded.latents, config, out_path, resume, progress, should_stop,
                                   flipped_latents=encoded.flipped, data_info=data_info, bucket_hw=bucket_hw, vae=vae,
-                                  on_preview=on_preview)
+                                  on_preview=on_preview, base_name=base_name)
         result.summary["skipped_files"] = ([f"{display_name(p.name)}: {why}" for p, why in scan.skipped] if scan is not None
                                            else []) + skipped_tensors
         result.summary["latent_cache_hits"] = encoded.cache_hits
