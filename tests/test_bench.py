@@ -73,11 +73,71 @@ def test_training_bench_fast(comfy, tmp_path):
 METRICS = ("control", "domain_score", "fd", "texture_ratio", "tint_ratio")
 
 
+def _on_grid(x: float, n: int) -> bool:
+    """x is a fraction of n samples (k / n)."""
+    return abs(x * n - round(x * n)) < 1e-6
+
+
 def _check_point(r: dict, samples: int) -> None:
     assert r["samples"] == samples
     assert 0.0 <= r["control"] <= 1.0 and 0.0 <= r["domain_score"] <= 1.0
     assert math.isfinite(r["fd"]) and r["fd"] >= 0
     assert math.isfinite(r["texture_ratio"]) and math.isfinite(r["tint_ratio"])
+    # control counts the samples with the asked shape AND the asked colour: a fraction of the samples, within the
+    # bounds its two parts set (at most either accuracy, at least their sum minus one)
+    for k in ("control", "shape_acc", "colour_acc"):
+        assert _on_grid(r[k], samples), (r["id"], k, r[k], samples)
+    lo, hi = max(0.0, r["shape_acc"] + r["colour_acc"] - 1.0), min(r["shape_acc"], r["colour_acc"])
+    assert lo - 1e-9 <= r["control"] <= hi + 1e-9, (r["id"], r["control"], r["shape_acc"], r["colour_acc"])
+    if "iou_ge_half" in r:  # a mean IoU over samples of which a fraction g reach 0.5: between g/2 and g + (1-g)/2
+        g = r["iou_ge_half"]
+        assert _on_grid(g, samples) and g / 2 - 1e-9 <= r["iou"] <= g + (1 - g) / 2 + 1e-9, (r["id"], r["iou"], g)
+
+
+def _check_family_stats(data: dict, experiment: str, derived: dict, keys) -> None:
+    """A derived mean/sd per family, recomputed here from the points (family = the id without its seed)."""
+    import numpy as np
+
+    fams = {}
+    for pid in data["results"][experiment]:
+        fams.setdefault(pid.rsplit(" seed=", 1)[0], []).append(data["points"][pid])
+    assert set(fams) == set(derived)
+    for fam, rows in fams.items():
+        for k in keys:
+            xs = np.array([r[k] for r in rows], dtype=np.float64)
+            got = derived[fam][k]
+            assert got["n"] == len(xs), (fam, k)
+            assert got["mean"] == pytest.approx(float(xs.mean()), rel=1e-9, abs=1e-12), (fam, k)
+            assert got["sd"] == pytest.approx(float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, rel=1e-9, abs=1e-12), (fam, k)
+
+
+def _check_claim(data: dict) -> None:
+    """The claim's answers, recomputed from the sweep's points: Pareto dominance of (c) over every (b) point,
+    the best (a), and each (b) point's best (c) at at least its domain score."""
+    pts = data["points"]
+    sweep = [pts[i] for i in data["results"]["sweep"] if pts[i]["schedule"] == [0.0, 1.0]]
+    by = {m: [r for r in sweep if r["method"] == m] for m in "abc"}
+
+    def beats(p, q):
+        return (p["control"] >= q["control"] and p["domain_score"] >= q["domain_score"]
+                and (p["control"], p["domain_score"]) != (q["control"], q["domain_score"]))
+
+    claim = data["derived"]["claim"]
+    assert claim["best_a"]["control"] == max(r["control"] for r in by["a"])
+    per_b = {x["b"]: x for x in claim["per_b_point"]}
+    assert set(per_b) == {r["id"] for r in by["b"]}
+    for rb in by["b"]:
+        x = per_b[rb["id"]]
+        assert sorted(x["dominated_by_c"]) == sorted(r["id"] for r in by["c"] if beats(r, rb)), rb["id"]
+        reach = [r["control"] for r in by["c"] if r["domain_score"] >= rb["domain_score"]]
+        if reach:
+            assert x["c_control_minus_b"] == pytest.approx(max(reach) - rb["control"], abs=1e-12)
+            assert x["control_gap_to_best_a"] == pytest.approx(claim["best_a"]["control"] - max(reach), abs=1e-12)
+        else:
+            assert x["best_c_at_b_domain_score"] is None
+    assert claim["c_pareto_dominates_b"] == all(any(beats(r, rb) for r in by["c"]) for rb in by["b"])
+    assert sorted(claim["c_points_dominated_by_some_b"]) == sorted(
+        r["id"] for r in by["c"] if any(beats(rb, r) for rb in by["b"]))
 
 
 def test_toy_bench_fast(comfy, tmp_path):
@@ -104,13 +164,18 @@ def test_toy_bench_fast(comfy, tmp_path):
     # the claim's questions are answered from the sweep
     claim = data["derived"]["claim"]
     assert isinstance(claim["c_pareto_dominates_b"], bool) and len(claim["per_b_point"]) == len(toy.CFGS)
-    # spread: every headline family over every seed, with mean and sd
+    _check_claim(data)
+    # spread: every headline family over every seed, with mean and sd (recomputed from the points)
     spread = data["derived"]["spread"]
     assert len(spread) == 8 and all(v["control"]["n"] == cfg["seeds"] for v in spread.values())
     assert {pts[i]["seed"] for i in data["results"]["spread"]} == set(range(cfg["seeds"]))
-    # forgetting: (b) and (c) at both fine-tuning lengths, the long one long_factor x the steps
+    _check_family_stats(data, "spread", spread, ("control", "domain_score", "fd", "texture_ratio"))
+    # forgetting: (b) and (c) at both fine-tuning lengths, the long one long_factor x the steps; each entry is its point
     forget = data["derived"]["forgetting"]
     assert {(f["family"].split()[0], f["length"]) for f in forget} == {(m, ln) for m in "bc" for ln in ("short", "long")}
+    for f, pid in zip(forget, data["results"]["forgetting"]):
+        assert f["steps"] == cfg["domain_steps"] * (cfg["long_factor"] if pts[pid]["length"] == "long" else 1)
+        assert all(f[k] == pts[pid][k] for k in ("control", "domain_score", "fd", "texture_ratio")), pid
     ft = data["models"]["fine_tunes"]
     assert ft["naive seed=0 long"]["steps"] == cfg["domain_steps"] * cfg["long_factor"]
     assert ft["domain seed=0 short"]["steps"] == cfg["domain_steps"] and ft["lora seed=0 short"]["form"] == "lora"
@@ -134,6 +199,7 @@ def _check_controlnet(data: dict, toy) -> None:
         assert 0.0 <= pts[pid]["iou"] <= 1.0 and 0.0 <= pts[pid]["iou_ge_half"] <= 1.0 and pts[pid]["mask_area_ratio"] >= 0
     spread = data["derived"]["controlnet"]
     assert len(spread) == len(fam) and all(v["iou"]["n"] == cfg["seeds"] for v in spread.values())
+    _check_family_stats(data, "controlnet", spread, ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score"))
     ref = data["references"]
     assert ref["iou_real_plain_at_hint"] == 1.0 and ref["iou_real_domain_at_hint"] > 0.9  # the mask rule reads real images
     assert 0.0 < ref["iou_asked_shape_random_position"] < 0.6
@@ -181,10 +247,24 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
     for r in consts:
         assert r["norm_u"] > 0 and r["norm_c_minus_u"] > 0
         assert r["single_err_over_u"] >= 0 and r["per_level_err_over_u"] >= 0
+    # the diagnosis steps are the sampling schedule's noise levels, the same the stand-in check measured at
+    levels = [r["sigma"] for r in consts]
+    for steps in diag.values():
+        assert [d["sigma"] for d in steps] == pytest.approx(levels, rel=1e-5)
+    # control splits into prompts inside and beyond the domain's content: control is their weighted mean, with
+    # the share of asked prompts the domain covers (from the JSON's own prompt and coverage lists)
+    from indomain.devkit import toy_world as world
+
+    covered = {world.prompt(s, c) for s, c in data["world"]["coverage_combos"]}
+    share = sum(p in covered for p in data["world"]["prompts"]) / len(data["world"]["prompts"])
+    samples = data["config"]["prompts"] * data["config"]["samples_per_prompt"]
     for pid in data["results"]["remedies"]:
         r = data["points"][pid]
+        _check_point(r, samples)
         assert 0.0 <= r["control_beyond_content"] <= 1.0
         assert r["control_in_content"] is None or 0.0 <= r["control_in_content"] <= 1.0
+        inside = 0.0 if r["control_in_content"] is None else share * r["control_in_content"]
+        assert r["control"] == pytest.approx(inside + (1 - share) * r["control_beyond_content"], abs=1e-9), pid
 
 
 def test_toy_texture_statistic():

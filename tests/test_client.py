@@ -322,20 +322,63 @@ def test_cancel_as_the_prompt_starts_stops_it_before_returning(server, tmp_path)
     """ComfyUI clears its interrupt flag when a prompt starts executing, so an interrupt sent just as the prompt
     moved from pending to running was lost and the prompt ran on (a full CI run: a partly valid weight grid the
     client had cancelled ran 25 full-size steps and held the shared queue). cancel() now returns only when the
-    prompt has left the queue, sending the interrupt again until it does."""
+    prompt has left the queue, sending the interrupt again until it does.
+
+    Checked independently of cancel's own exit condition (the queue): the server's history, read once cancel has
+    returned, records the prompt as interrupted (not finished, not failed) at a time before cancel returned, in
+    the training node, with nothing saved. And that the test hit the moment it is named for: a short prompt holds
+    the queue so the training prompt is seen pending, then running; the server's own execution_start time lies in
+    that pending -> running step of the polling, and cancel was called within START_WINDOW_MS of it."""
     client = ComfyClient(server.url)
-    wf = _train_workflow(server, f"images_race_{tmp_path.name}", steps=100000, save_name=f"client_race_{tmp_path.name}")
+    save_name = f"client_race_{tmp_path.name}"
+    wf = _train_workflow(server, f"images_race_{tmp_path.name}", steps=100000, save_name=save_name)
+    blocker = load_workflow(TEXT)  # a few seconds of sampling ahead of it (a new seed: never a cached no-op)
+    apply_overrides(blocker, seed=int(time.time()) % 100000, steps=30, width=64, height=64, filename_prefix="client_race_blocker",
+                    checkpoint="tiny_sd15.safetensors", domain_unet="tiny_domain.safetensors")
+    blocker_id = client.submit(blocker)
     prompt_id = client.submit(wf)
     try:
         deadline = time.monotonic() + 600
-        while client._queue_state(prompt_id) != "running":  # the moment it starts: the window the flag is cleared in
+        last_pending = None  # wall time just before the last poll that still saw the prompt pending
+        while True:
+            before = time.time()
+            state = client._queue_state(prompt_id)
+            after = time.time()
+            if state == "running":  # the moment it starts: the window the flag is cleared in
+                break
+            assert state == "pending", f"the prompt left the queue before it was seen running ({state})"
+            last_pending = before
             assert time.monotonic() < deadline, "the prompt never started"
-            time.sleep(0.01)
-        assert client.cancel(prompt_id) == "interrupted"
-        running, pending = _queue_ids(client)
-        assert prompt_id not in running | pending
+            time.sleep(0.005)
+        called = time.time()
+        outcome = client.cancel(prompt_id)
+        returned = time.time()
+        entry = client.history(prompt_id)  # the server's record, not the queue cancel watched
+        assert outcome == "interrupted"
+        assert last_pending is not None, "the prompt was never seen pending: the blocker did not hold the queue"
+        assert client.history(blocker_id)["status"]["completed"]  # the blocker ran to its end before it
+        assert entry is not None, "cancel returned but the server has no record of the prompt ending"
+        status = entry["status"]
+        events = {event: data for event, data in status["messages"]}
+        assert status["status_str"] == "error" and status["completed"] is False, status
+        assert "execution_interrupted" in events and "execution_success" not in events and "execution_error" not in events
+        assert events["execution_interrupted"]["node_type"] == "InDomainTrainDomainUNet", events["execution_interrupted"]
+        started_ms, stopped_ms = events["execution_start"]["timestamp"], events["execution_interrupted"]["timestamp"]
+        # it started between the last poll that saw it pending and the end of the first that saw it running
+        # (server timestamps are whole ms; the server is on this machine, same clock) ...
+        assert int(last_pending * 1000) <= started_ms <= after * 1000 + START_SLACK_MS, (last_pending, started_ms, after)
+        # ... cancel was called right then, and the prompt had stopped before cancel returned
+        assert called * 1000 - started_ms <= START_WINDOW_MS, (called * 1000 - started_ms)
+        assert started_ms <= stopped_ms <= returned * 1000 + 1, (started_ms, stopped_ms, returned)
+        assert not any((server.base / "models" / "domain_unets").glob(f"{save_name}*")), "the cancelled run saved weights"
+        print(f"cancel race: called {called * 1000 - started_ms:.0f} ms after execution_start; stopped "
+              f"{stopped_ms - started_ms} ms after it; cancel took {1000 * (returned - called):.0f} ms")
     finally:
         client.cancel(prompt_id, wait=300)  # whatever happened above, do not leave it training on the shared server
+
+
+START_WINDOW_MS = 250  # "as the prompt starts": measured 10-40 ms on an idle machine; the slack is for a loaded one
+START_SLACK_MS = 250   # execution_start is stamped a moment after the prompt enters queue_running
 
 
 def _ctrl_c_scenario(server, tmp_path, client, ids, clis):

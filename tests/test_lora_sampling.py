@@ -68,17 +68,20 @@ def test_lora_form_equals_merged_full_form_in_all_three_forms(comfy, lora_pair, 
               **extra)
     both = _both(comfy, **kw)
     lora, full = both["lora"], both["full"]
-    assert (full["ksampler"] - full["core_ksampler"]).abs().max() > 1e-3, "the domain term had no effect"
     for form in ("ksampler", "guider", "patch"):
         assert lora[form].shape == (batch, 4, 8, 8)
         # merged (W + s·up@down)x and injected Wx + s·up(down x) differ by float32 rounding (~1e-7 relative per
-        # layer), which three Euler steps from sigma 14.6 carry to ~1e-5 of the sample's scale (measured: up to
-        # 1.2e-4 to 2.4e-4 absolute where |latent| reaches ~300 on this random tiny model, ~5e-7 relative; a full
-        # 20-25 step schedule reads the same); one model evaluation agrees to 1e-5 absolute
-        # (test_one_domain_prediction_equals_the_merged_full_form)
+        # layer), which three Euler steps from sigma 14.6 carry to the sample (measured on this random tiny model,
+        # where |latent| reaches ~300: max |LoRA - merged| 1.2e-4 to 1.7e-4, i.e. <= 6e-7 of the sample's scale;
+        # the tolerance below is 1e-5 of it, ~3e-3). The domain term itself moves the sample by 22-105 (measured,
+        # against core KSampler at the same cfg and seed): the check requires >= 100x the tolerance, so a parity
+        # within the tolerance is a parity of something the domain changed, not of two near-equal core samples.
         scale = float(full[form].abs().max())
+        tol = 1e-5 * max(1.0, scale)
+        effect = float((full[form] - full["core_ksampler"]).abs().max())
+        assert effect >= 100 * tol, f"{form}: the domain term moved the sample by {effect:.3g}, < 100x the tolerance {tol:.3g}"
         diff = float((lora[form] - full[form]).abs().max())
-        assert diff <= 2e-5 * max(1.0, scale), f"{form}: max |LoRA - merged| {diff:.3g} at sample scale {scale:.3g}"
+        assert diff <= tol, f"{form}: max |LoRA - merged| {diff:.3g} at sample scale {scale:.3g} (tolerance {tol:.3g})"
     if batch == 2:
         assert (lora["ksampler"][0] - lora["ksampler"][1]).abs().max() > 1e-3
 

@@ -184,19 +184,26 @@ def _meta(i: int) -> DomainMeta:
 
 
 def test_a_reader_never_sees_a_torn_file_while_saves_land(tmp_path):
+    """A reader polls the file while 40 saves replace it back to back. Every read must be whole and consistent
+    (metadata and tensors of one save), and must return a version that was the file's content at some moment of
+    the read. The test also checks what makes that mean something: many reads were in flight while a save was
+    (the saves are 2 MB each, tens of milliseconds, so the reader keeps landing inside them)."""
     path = tmp_path / "live.safetensors"
+    saves_n = 40
 
     def tensors(i):
-        return {"b.attn2.constant": torch.full((64,), float(i + 1)), "w": torch.full((256, 256), float(i + 1))}
+        return {"b.attn2.constant": torch.full((64,), float(i + 1)), "w": torch.full((1024, 1024), float(i + 1))}
 
     write_domain_checkpoint(path, tensors(0), _meta(0))
     done = threading.Event()
-    errors, versions = [], set()
+    errors, saves, reads = [], [], []  # saves[i - 1] = (start, end) of the save of version i; reads: (start, end, v)
 
     def writer():
         try:
-            for i in range(1, 60):
+            for i in range(1, saves_n + 1):
+                started = time.perf_counter()
                 write_domain_checkpoint(path, tensors(i), _meta(i))
+                saves.append((started, time.perf_counter()))
         except Exception as e:  # reported below
             errors.append(e)
         finally:
@@ -204,15 +211,25 @@ def test_a_reader_never_sees_a_torn_file_while_saves_land(tmp_path):
 
     t = threading.Thread(target=writer)
     t.start()
-    reads = 0
-    while not done.is_set() or reads < 5:
-        sd, meta = read_domain_checkpoint(path)  # raises on a torn or half-written file
-        v = meta.training["version"]
-        assert float(sd["w"].min()) == float(sd["w"].max()) == float(sd["b.attn2.constant"][0]) == v + 1
-        versions.add(v)
-        reads += 1
-    t.join()
-    assert not errors and reads >= 5
+    try:
+        while not done.is_set() or len(reads) < 5:
+            started = time.perf_counter()
+            sd, meta = read_domain_checkpoint(path)  # raises on a torn or half-written file
+            ended = time.perf_counter()
+            v = meta.training["version"]
+            assert float(sd["w"].min()) == float(sd["w"].max()) == float(sd["b.attn2.constant"][0]) == v + 1
+            reads.append((started, ended, v))
+    finally:
+        t.join()
+    assert not errors and len(saves) == saves_n, errors
+    overlapping = 0
+    for r_start, r_end, v in reads:
+        landed_before = sum(1 for _, s_end in saves if s_end <= r_start)  # saves whose rename was done when it began
+        begun_before_end = sum(1 for s_start, _ in saves if s_start < r_end)  # saves that had begun when it ended
+        assert landed_before <= v <= begun_before_end, (r_start, r_end, v, landed_before, begun_before_end)
+        overlapping += any(r_start < s_end and r_end > s_start for s_start, s_end in saves)
+    assert overlapping >= 20, f"only {overlapping} of {len(reads)} reads overlapped a save: the test proved nothing"
+    assert len({v for _, _, v in reads}) >= 5  # the reader saw the file change under it, many times
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".partial"]
 
 

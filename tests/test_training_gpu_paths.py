@@ -105,18 +105,61 @@ def test_auto_precision_uses_fp16_where_bf16_is_only_emulated():
 
 
 def test_base_is_unloaded_once_the_trainable_copy_exists(comfy, base):
+    """On a base carrying a LoRA (core's own loader, as a LoraLoader in front of the Train node would): the
+    trainable copy holds the patched weights (checked against W + strength * alpha / rank * up @ down computed
+    here), and once it exists the base is out of ComfyUI's loaded models with its patch taken back out of its
+    weights (ComfyUI's unload restores the unpatched tensors, which frees the patched ones), so training does
+    not hold a second copy of the UNet."""
     import comfy.model_management as mm
+    import comfy.sd
 
     from indomain.forms.model import detached_unet_copy
 
     model = base[0]
-    mm.load_models_gpu([model], force_full_load=True)
-    assert any(lm.model is not None and model.is_clone(lm.model) for lm in mm.current_loaded_models)
-    unet = detached_unet_copy(model)
-    still_loaded = [lm for lm in mm.current_loaded_models if lm.model is not None and model.is_clone(lm.model)]
+    sd = model.model.diffusion_model.state_dict()
+    original = {k: v.detach().float().clone() for k, v in sd.items()}
+    g = torch.Generator().manual_seed(7)
+    rank, alpha, strength = 2, 1.0, 0.7
+    lora, expected = {}, dict(original)
+    for k, w in sd.items():
+        if k.endswith(".weight") and w.ndim == 2 and min(w.shape) > rank:  # every Linear: attention, projections
+            name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
+            up, down = torch.randn(w.shape[0], rank, generator=g), torch.randn(rank, w.shape[1], generator=g)
+            lora.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+                         f"{name}.alpha": torch.tensor(alpha)})
+            expected[k] = original[k] + strength * alpha / rank * (up @ down)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    changed = [k for k in sd if not torch.equal(expected[k], original[k])]
+    assert len(changed) >= 4 and len(changed) == len(lora) // 3, "the LoRA should reach every Linear weight"
+
+    # not applied yet: a patch reaches the weights only when ComfyUI loads the model, so a copy holding it
+    # (checked below) proves detached_unet_copy loaded the base itself before copying
+    assert all(torch.equal(v.float(), original[k]) for k, v in patched.model.diffusion_model.state_dict().items())
+    loads = []
+    real_load = mm.load_models_gpu
+
+    def load_and_check(models, *args, **kw):  # ComfyUI's own loader, watched: was the patched base loaded?
+        out = real_load(models, *args, **kw)
+        loads.append(any(lm.model is not None and patched.is_clone(lm.model) for lm in mm.current_loaded_models))
+        return out
+
+    mm.load_models_gpu = load_and_check
+    try:
+        unet = detached_unet_copy(patched)
+    finally:
+        mm.load_models_gpu = real_load
+    assert loads and all(loads), loads  # the patched base was loaded for the copy
+
+    still_loaded = [lm for lm in mm.current_loaded_models if lm.model is not None and patched.is_clone(lm.model)]
     assert still_loaded == [], "the base stays loaded after the trainable copy was made"
-    ref = model.model.diffusion_model.state_dict()
-    assert all(torch.equal(v.float(), ref[k].float()) for k, v in unet.state_dict().items())
+    assert patched.model.model_loaded_weight_memory == 0
+    after = patched.model.diffusion_model.state_dict()
+    assert all(torch.equal(after[k].float(), original[k]) for k in sd), "the base's weights still carry the patch"
+    copy = unet.state_dict()
+    assert copy.keys() == sd.keys()
+    for k, v in copy.items():  # the copy: patched (what training starts from), fp32, its own memory
+        assert v.dtype == torch.float32 and v.data_ptr() != after[k].data_ptr(), k
+        assert torch.allclose(v, expected[k], atol=1e-5), (k, float((v - expected[k]).abs().max()))
 
 
 RANK0_WAIT_SCRIPT = textwrap.dedent("""
