@@ -43,7 +43,7 @@ class ExtractDomainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_unet_name, rank, report_ranks="4,8,16,64", save_name="") -> io.NodeOutput:
         from ..training.extract import extract_domain_lora
-        from ..training.model import unpatched_unet_state
+        from ..forms.model import unpatched_unet_state
         from .train_node import domain_unet_output_path
 
         try:

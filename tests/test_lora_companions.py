@@ -231,8 +231,8 @@ def test_attn2_replace_patch_sees_only_the_text_rows_in_one_forward(comfy, base,
     domain row), and with the domain pass alone (two calls) it is not run at all."""
     import comfy.samplers as samplers
 
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, lora_pair[0])
@@ -317,8 +317,8 @@ def test_forward_patch_on_the_base_gives_one_d_in_all_three_forms(comfy, compani
 def test_one_batched_forward_equals_two_calls_with_a_patch_added_after_loading(comfy, base, lora_pair):
     import comfy.samplers as samplers
 
-    from indomain.nodes.domain_model import load_domain_model
-    from indomain.nodes.guider import domain_guider
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
 
     model, clip, _ = base
     domain = load_domain_model(model, lora_pair[0])  # loaded from the unpatched base
@@ -346,7 +346,7 @@ def test_one_batched_forward_equals_two_calls_with_a_patch_added_after_loading(c
 
 def test_a_bf16_forward_leaves_the_loaded_adapter_untouched(comfy, base, lora_pair):
     from indomain.forms.lora import INJECTION_ATTACHMENT
-    from indomain.nodes.domain_model import load_domain_model
+    from indomain.sampling.domain_model import load_domain_model
 
     model, _clip, _ = base
     domain = load_domain_model(model, lora_pair[0])

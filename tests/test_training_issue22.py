@@ -251,7 +251,7 @@ def test_extract_uses_the_bases_own_weights_whatever_is_loaded(comfy, base, doma
     Extract on the base gives the same file as with nothing loaded."""
     import importlib
 
-    from indomain.training.model import unload_model
+    from indomain.forms.model import unload_model
 
     mm = importlib.import_module("comfy.model_management")  # `import comfy...` would shadow the fixture
     model, _, _ = base
