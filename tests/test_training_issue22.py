@@ -157,12 +157,14 @@ def test_lora_resume_refuses_another_base_or_the_base_plus_a_lora(comfy, base, s
     model, clip, vae = base
     out = tmp_path / "resumable.safetensors"
     lora_cfg = dict(lr=1e-3, form="lora", lora_rank=4)
-    train(model, clip, vae, images, cfg(session_dir, steps=2, **lora_cfg), out)
+    train(model, clip, vae, images, cfg(session_dir, steps=2, **lora_cfg), out, base_name="tiny_sd15.safetensors")
     other = core_sd.load_diffusion_model(str(tiny_models.tiny_unet_file(1)))  # another UNet, same layout
-    with pytest.raises(TrainingInputError, match=r"cannot resume: the saved run trained on .*checkpoint.*"
+    # the message names the original base (the command line passes the checkpoint's file name)
+    with pytest.raises(TrainingInputError, match=r"cannot resume: the saved run trained on tiny_sd15\.safetensors, .*"
                                                  r"Connect the original base"):
         train(other, clip, vae, images, cfg(session_dir, steps=3, **lora_cfg), out, resume=True)
-    with pytest.raises(TrainingInputError, match=r"cannot resume.*with 1 patched UNet weight"):
+    with pytest.raises(TrainingInputError, match=r"cannot resume: the saved run trained on tiny_sd15\.safetensors, "
+                                                 r".*with 1 patched UNet weight"):
         train(_with_core_lora(model), clip, vae, images, cfg(session_dir, steps=3, **lora_cfg), out, resume=True,
               base_name="tiny_sd15.safetensors")
     # the original base continues
