@@ -210,7 +210,16 @@ def build(name: str, seed: int = 0):
     init_family_weights_(name, model.diffusion_model, seed)
     model.eval()
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    mp = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    if hasattr(mp, "cached_patcher_init"):
+        # newer cores (0.33) rebuild a model from this recipe for `clone(force_deepcopy=True)`
+        # (Train LoRA does that), as load_diffusion_model records its file path there
+        mp.cached_patcher_init = (_rebuild, (name, seed))
+    return mp
+
+
+def _rebuild(name: str, seed: int, disable_dynamic: bool = False):
+    return build(name, seed)
 
 
 def state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -220,8 +229,9 @@ def state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def file_metadata(name: str) -> dict[str, str]:
-    """Metadata stored beside the weights. Wan's text width is not in its shapes' detection on
-    newer cores' terms, so the file says it ({"config": {"transformer": {"text_dim": ...}}})."""
+    """Metadata stored beside the weights. For Wan the file also states its text width the way newer
+    cores read it ({"config": {"transformer": {"text_dim": ...}}}); the tiny Wan models use umT5's real
+    4096, which 0.3.75 (that ignores the metadata) assumes too, so both hosts detect them."""
     meta = {"indomain.tiny": name, "indomain.tiny_builder": str(BUILDER_VERSION)}
     if name.startswith("wan"):
         meta["config"] = json.dumps({"transformer": {"text_dim": _spec(name)["text_dim"]}})
@@ -364,3 +374,41 @@ def sample(model, positive: list, negative: list, lat: dict, steps: int = 4, cfg
     noise = comfy.sample.prepare_noise(x, seed)
     return guider.sample(noise, x.clone(), comfy.samplers.sampler_object(sampler), family_sigmas(model, steps),
                          disable_pbar=True, seed=seed)
+
+
+def core_trained_lora(name: str, steps: int = 4, seed: int = 0, positive: list | None = None, rank: int = 4,
+                      learning_rate: float = 1e-3, frames: int = 1) -> dict[str, torch.Tensor]:
+    """A LoRA state dict written by core's own Train LoRA node (comfy_extras/nodes_train.py
+    `TrainLoraNode`) on the tiny `name` model, trained for `steps` steps on two deterministic latents
+    with `positive` as the caption (default: the empty prompt, i.e. a text-free LoRA), fp32.
+    Keys are core's: `diffusion_model.<module>.lora_up.weight / lora_down.weight / alpha` (+ `.diff`,
+    `.diff_b` for norms and biases).
+
+    The latents go in as two LATENT inputs of batch 1: 0.3.75's node raises UnboundLocalError
+    (multi_res) on a single LATENT batch; two same-shaped inputs take the path both cores share.
+    """
+    import inspect
+
+    import_comfy()
+    import nodes  # noqa: F401  (comfy_extras import the node registry)
+    from comfy_extras import nodes_train
+
+    mp = build(name, seed)
+    lats = [latent(name, 1, 8, 8, frames, seed=seed + 1000 + i) for i in range(2)]
+    positive = empty_cond(name) if positive is None else positive
+    algorithm = next(iter(nodes_train.adapter_maps.keys()))
+    args = dict(model=[mp], latents=lats, positive=[positive], batch_size=[1], steps=[steps],
+                grad_accumulation_steps=[1], learning_rate=[learning_rate], rank=[rank], optimizer=["AdamW"],
+                loss_function=["MSE"], seed=[seed], training_dtype=["fp32"], lora_dtype=["fp32"],
+                quantized_backward=[False], algorithm=[algorithm], gradient_checkpointing=[True],
+                checkpoint_depth=[1], offloading=[False], existing_lora=["[None]"], bucket_mode=[False],
+                bypass_mode=[False])
+    accepted = set(inspect.signature(nodes_train.TrainLoraNode.execute).parameters)
+    missing = accepted - set(args) - {"cls"}
+    if missing:
+        raise RuntimeError(f"this core's TrainLoraNode wants inputs this helper does not know: {sorted(missing)}")
+    out = nodes_train.TrainLoraNode.execute(**{k: v for k, v in args.items() if k in accepted})
+    result = out.result if hasattr(out, "result") else out
+    # 0.33 returns (lora, loss_map, steps); 0.3.75 (model, lora, loss_map, steps)
+    lora = next(r for r in result if isinstance(r, dict) and any(str(k).endswith(".alpha") for k in r))
+    return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in lora.items()}
