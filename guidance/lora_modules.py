@@ -194,7 +194,11 @@ class DomainInjection:
         return t
 
     def _hook(self, name: str, a: LayerAdapter, rows, batch):
+        busy = []  # set while the hook recomputes the layer itself (functional_call runs the hooks again)
+
         def hook(module, inputs, kwargs, output):
+            if busy:
+                return output
             x = inputs[0]
             down, up, diff_b, diff = self._tensors(name, a, x.device, x.dtype)
             sel = rows_for(x, rows, batch, name)
@@ -205,8 +209,12 @@ class DomainInjection:
                 if diff_b is not None:
                     params["bias"] = module.bias + diff_b.to(module.bias.dtype)
                 args = tuple(pick_rows(v, sel, x.shape[0]) for v in inputs)
-                new = torch.func.functional_call(module, params, args, {k: pick_rows(v, sel, x.shape[0])
-                                                                         for k, v in kwargs.items()})
+                busy.append(True)
+                try:
+                    new = torch.func.functional_call(module, params, args, {k: pick_rows(v, sel, x.shape[0])
+                                                                             for k, v in kwargs.items()})
+                finally:
+                    busy.clear()
                 delta = new.to(output.dtype) - (output if sel is None else output[sel])
             else:
                 delta = None
