@@ -3,6 +3,24 @@
 The maths is `guidance.combine`; this module decides which model sees which conditioning and
 keeps ComfyUI's own conventions (ModelPatcher, set_additional_models, calc_cond_batch,
 pre/post-CFG hooks) intact. A domain model's prediction comes from its form's DomainPass (forms/).
+
+Which conditioning goes where:
+- u = B(x, negative): the base's unconditional on the user's negative, exactly as core's CFG computes it (a long
+  negative such as Wan's stock one stays u's; w_d = 0 is core CFG bit for bit).
+- B(x, c): the base on the positive (text, ControlNet, reference latents, I2V inputs, a distilled model's guidance
+  value: whatever the positive carries).
+- D(x): text-free. SD1.x/2.x/SDXL null-text domain models get the negative (their constants replace
+  cross-attention, so its text is ignored; SDXL gets its training `y`). Domain models text-free by the EMPTY PROMPT
+  (LoRAs for the DiT families: SD3, Flux, Chroma, Flux.2, Lumina 2 / Z-Image, Qwen-Image, Wan) get the encoded
+  empty prompt's text (the `empty_prompt` input; a Guidance Term's own conditioning) plus every non-text input of
+  the negative: reference latents (Qwen-Image-Edit, Kontext, Flux.2), Wan I2V's concat latent / mask and
+  clip-vision output, the guidance value of a distilled model, areas and masks
+  (conditioning.text_free_conditioning). So u and D see the same image conditioning and differ only in text and
+  model. The ControlNet reaches D only with domain_on_controlnet. A DiT domain model with no empty prompt
+  connected is refused by name: DiTs fail with no text context, and the negative may be a real text.
+- Guidance-distilled bases (Flux.1 dev: a guidance embed; cfg 1 users): core skips u at cfg 1; this guider
+  computes u whenever another term is active (and Apply Domain Guidance turns the cfg-1 shortcut off), every pass
+  getting its own conditioning's guidance value, so cfg 1 gives B(c) + w_d (D - u).
 """
 from __future__ import annotations
 

@@ -153,8 +153,16 @@ def test_active_step_equals_separate_core_passes(host, tmp_path_factory, name):
     ref = u + W_D * (d - u) + W_C * (c - u)
     assert float((d - _x0(s["base"], s["domain_cond"], s)).abs().max()) > 1e-2, "the adapter changes nothing"
     assert float((ref - (u + W_C * (c - u))).abs().max()) > 1e-2, "the domain term has no effect"
-    for form, guider in _forms(s, W_C, W_D).items():
-        _close(_step(guider, s), ref, f"{name} {form}")
+    batches = []
+    hook = s["base"].model.diffusion_model.register_forward_hook(lambda m, i, o: batches.append(int(i[0].shape[0])))
+    try:
+        for form, guider in _forms(s, W_C, W_D).items():
+            batches.clear()
+            _close(_step(guider, s), ref, f"{name} {form}")
+            if form.startswith("guider"):  # u, c and the domain rows in one forward of batch 3 (else 2 + 1)
+                assert batches == ([3] if form == "guider" else [2, 1]), f"{name} {form}: forwards {batches}"
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
