@@ -316,3 +316,20 @@ def test_lora_written_by_core_train_lora_node_is_a_domain_model(host, tmp_path_f
         g = domain_guider(s["base"], domain, s["pos"], s["neg"], W_C, W_D, empty_prompt=s["empty"])
         g.one_forward = one_forward
         _close(_step(g, s), u + W_D * (d - u) + W_C * (c - u), f"{name} core-trained LoRA")
+
+
+def test_lora_trained_with_a_caption_is_warned_not_refused(host, tmp_path_factory, caplog):
+    """A LoRA core's Train LoRA node trained WITH a caption has exactly the keys and shapes of a text-free one: the
+    file cannot tell them apart, so it loads (it fits the base) and the warning names it; only a marker in the
+    metadata (`indomain.text_free`) silences that warning."""
+    from indomain.guidance.checkpoint import save_safetensors_atomic
+    from indomain.nodes.domain_model import load_domain_model
+
+    s = family("sd3", tmp_path_factory)
+    captioned = tf.core_trained_lora("sd3", steps=2, learning_rate=1e-2, positive=tf.text_cond("sd3", seed=9))
+    empty = tf.core_trained_lora("sd3", steps=2, learning_rate=1e-2)
+    assert {k: v.shape for k, v in captioned.items()} == {k: v.shape for k, v in empty.items()}
+    path = save_safetensors_atomic(captioned, tmp_path_factory.mktemp("captioned") / "captioned_lora.safetensors")
+    with caplog.at_level(logging.WARNING, logger="indomain"):
+        assert load_domain_model(s["base"], path) is not None
+    assert "captioned_lora.safetensors carries no text-free marker" in caplog.text and "captions" in caplog.text
