@@ -144,9 +144,6 @@ class InjectedPass:
         check_applied(self.injection, before)
         return out
 
-    def uses_empty_prompt(self) -> bool:
-        return not self.injection.lora.text_free_by_constants
-
     def release(self) -> None:
         self._sigmas = self._options = None
         self.injection.clear_cache()
