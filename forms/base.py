@@ -72,7 +72,6 @@ class SeparateModelPass:
     def __init__(self, patcher):
         self.patcher = patcher
         self.models = [patcher]
-        self.calls = 0
         self._sigmas = None
         self._options = None
 
@@ -87,7 +86,6 @@ class SeparateModelPass:
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         if self._options is None or self._sigmas is not sample_sigmas:
             self._sigmas, self._options = sample_sigmas, run_options(self.patcher, sample_sigmas)
-        self.calls += 1
         return comfy.samplers.calc_cond_batch(self.patcher.model, conds, x, timestep, self._options)
 
     def release(self) -> None:

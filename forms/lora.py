@@ -9,8 +9,23 @@ second UNet exists. The domain pass runs the base's own diffusion model with the
 for that pass only (a DIFFUSION_MODEL wrapper that, for the rows of the domain conds, adds the
 low-rank term to every adapted layer's output and answers attn2 with the constant). Weights are
 never rewritten, so the pass can also share one batched forward with u and the control term
-(`rows_wrapper`, used by the guider). A LoRA applied to the base before or after the loader
-reaches this domain model too (it is the base's weights plus the adapter).
+(`rows_wrapper`, used by the guider).
+
+What D is when the base carries patches: D = the base AS SAMPLED (the MODEL connected to the
+sampler's / guider's / Apply Domain Guidance's `model` input: its weights and its model_options
+patches, whether applied before or after Load Domain UNet) + the adapter, with every
+cross-attention replaced by its constant. So a LoRA on the base reaches D (D runs on the base's
+weights), and so does a forward patch such as an attn1 output patch, FreeU or a block patch; the
+one-forward path (u, the control term and D in one batched call) and the two-call path (D in a
+call of its own, as Apply Domain Guidance and `one_forward = False` do) compute the same D
+because both run under the run's own model_options. What replaces or feeds cross-attention does
+not reach D: an attn2 "replace" patch (IP-Adapter style: an image prompt on the text branch) runs
+on the other rows only, and what an attn2_patch changes feeds only attn2, which D's rows answer
+with the constant (an attn2_output_patch, which acts on attn2's output, acts on the constant); so
+an IP-Adapter on the base acts on u and the control term and not on D, as in the full form, whose
+separate domain UNet never sees the base's patches. Weight patches on the domain MODEL itself (a
+LoRA applied to the output of Load Domain UNet) cannot act (D runs on the base's weights) and are
+refused by name (`refuse_weight_patches`).
 """
 from __future__ import annotations
 
@@ -18,12 +33,13 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError
 from ..guidance.lora import ALPHA, DOWN, UP, DomainLoRA, LoRAFormatError
-from ..guidance.lora_modules import DomainInjection, add_lora_layers, collect_adapter, lora_layers
+from ..guidance.lora_modules import DomainInjection, add_lora_layers, lora_layers
 from ..guidance.nulltext import convert_to_null_text
-from .base import DOMAIN_ATTACHMENT, DomainModelForm, DomainRecord, Trainable, run_options
+from .base import DOMAIN_ATTACHMENT, DomainModelForm, DomainRecord, Trainable
 
 DEFAULT_RANK = 32
 INJECTION_ATTACHMENT = "indomain.domain_lora"
+WEIGHTS_ATTACHMENT = "indomain.domain_lora_weights"  # the base's patches_uuid when Load Domain UNet cloned it
 WRAPPER_KEY = "indomain_domain_lora"
 
 
@@ -47,16 +63,48 @@ def injection_wrapper(injection: DomainInjection, cond_indices=None):
     """A DIFFUSION_MODEL wrapper applying the adapter to the rows of `cond_indices` (all rows if None)."""
 
     def wrapper(executor, x, *args, **kwargs):
-        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+        in_args = len(args) > 4
+        transformer_options = args[4] if in_args else kwargs.get("transformer_options", {})
         rows = rows_of(transformer_options, x.shape[0], cond_indices)
         if rows is False:
             return executor(x, *args, **kwargs)
         if rows is not None:
             rows = rows.to(x.device)
+        options = text_rows_replace_patches(transformer_options, x.shape[0], cond_indices)
+        if options is not transformer_options:
+            if in_args:
+                args = args[:4] + (options,) + args[5:]
+            else:
+                kwargs = dict(kwargs, transformer_options=options)
         with injection.applied(executor.class_obj, rows):
             return executor(x, *args, **kwargs)
 
     return wrapper
+
+
+def text_rows_replace_patches(transformer_options: dict, batch: int, cond_indices) -> dict:
+    """transformer_options whose attn2 replace patches (IP-Adapter style) see only the rows that are not
+    domain rows, with their `cond_or_uncond`: inside the injection, attn2's to_q/to_k/to_v hand the patch
+    those rows alone (guidance/lora_modules.py). With every row a domain row the patch is not run. Returns
+    `transformer_options` itself when it holds no attn2 replace patch."""
+    patches = (transformer_options.get("patches_replace") or {}).get("attn2")
+    if not patches:
+        return transformer_options
+    chunks = list(transformer_options.get("cond_or_uncond") or [])
+    text_chunks = [c for c in chunks if cond_indices is not None and c not in cond_indices]
+
+    def text_rows_only(patch):
+        def replace(q, k, v, extra_options):
+            if q.shape[0] == batch:  # a block the adapter leaves alone: the whole batch, as core calls it
+                return patch(q, k, v, extra_options)
+            if q.shape[0] == 0:  # every row is a domain row: D has no cross-attention
+                return q
+            return patch(q, k, v, dict(extra_options, cond_or_uncond=text_chunks))
+        return replace
+
+    replace = dict(transformer_options["patches_replace"])
+    replace["attn2"] = {block: text_rows_only(p) for block, p in patches.items()}
+    return dict(transformer_options, patches_replace=replace)
 
 
 def add_wrapper(model_options: dict, wrapper) -> dict:
@@ -72,18 +120,16 @@ class InjectedPass:
     """The domain pass of a LoRA-form model: the base's diffusion model with the adapter injected.
 
     `models` is empty: nothing but the base is loaded. `predict` is the two-call variant (its own
-    calc_cond_batch); a guider that batches terms with u uses `rows_wrapper` instead.
+    calc_cond_batch under the run's model_options, i.e. the base as sampled: see the module text); a
+    guider that batches terms with u uses `rows_wrapper` instead.
     """
 
     shares_base_forward = True
 
-    def __init__(self, patcher, injection: DomainInjection):
-        self.patcher = patcher
+    def __init__(self, injection: DomainInjection):
         self.injection = injection
         self.models = []
-        self.calls = 0
-        self._sigmas = None
-        self._options = None
+        self._run = None  # (the run's model_options, the same plus the injection): built once per sampling run
 
     def prepare(self) -> None:
         pass
@@ -92,20 +138,34 @@ class InjectedPass:
         return injection_wrapper(self.injection, set(cond_indices))
 
     def predict(self, base_model, conds, x, timestep, model_options) -> list:
+        import comfy.model_patcher
         import comfy.samplers
 
-        # its own options (the domain MODEL's, i.e. the base's as connected to the loader) plus the injection,
-        # once per sampling run (holding the sigmas tensor keeps its id unique)
-        sample_sigmas = (model_options or {}).get("transformer_options", {}).get("sample_sigmas")
-        if self._options is None or self._sigmas is not sample_sigmas:
-            self._sigmas = sample_sigmas
-            self._options = add_wrapper(run_options(self.patcher, sample_sigmas), injection_wrapper(self.injection))
-        self.calls += 1
-        return comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, self._options)
+        model_options = model_options if model_options is not None else {}
+        if self._run is None or self._run[0] is not model_options:  # (holding it keeps its id unique)
+            opts = add_wrapper(comfy.model_patcher.create_model_options_clone(model_options),
+                               injection_wrapper(self.injection))
+            self._run = (model_options, opts)
+        return comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, self._run[1])
 
     def release(self) -> None:
-        self._sigmas = self._options = None
+        self._run = None
         self.injection.clear_cache()
+
+
+def refuse_weight_patches(domain_patcher) -> None:
+    """A LoRA-form domain MODEL runs on the base's weights; weight patches applied to it after Load Domain UNet
+    (a LoRA through LoraLoaderModelOnly / LoraLoader, a weight wrapper, a compute-dtype change) would be
+    silently ignored, so they are refused by name."""
+    loaded = domain_patcher.get_attachment(WEIGHTS_ATTACHMENT)
+    if loaded is not None and getattr(domain_patcher, "patches_uuid", loaded) != loaded:
+        raise ValueError(
+            "The LoRA-form domain model has a LoRA (or another weight patch) applied after 'Load Domain UNet' "
+            "(e.g. 'LoraLoaderModelOnly' or 'LoraLoader' on the domain_model output). A LoRA-form domain model runs "
+            "on the base model's own weights, so that LoRA would be ignored. Apply the LoRA to the base MODEL "
+            "instead ('LoraLoaderModelOnly' on the checkpoint's MODEL, before or after 'Load Domain UNet'): it then "
+            "reaches the domain term and the text/control term alike. For a LoRA on the domain term only, use a "
+            "full-form domain UNet file.")
 
 
 class LoRAForm(DomainModelForm):
@@ -188,15 +248,12 @@ class LoRAForm(DomainModelForm):
         patcher = base_patcher.clone()
         patcher.set_attachments(DOMAIN_ATTACHMENT, DomainRecord(self.configured(lora.rank, lora.alpha or None), meta, source))
         patcher.set_attachments(INJECTION_ATTACHMENT, DomainInjection(lora))
+        patcher.set_attachments(WEIGHTS_ATTACHMENT, getattr(patcher, "patches_uuid", None))
         return patcher
 
     def domain_pass(self, domain_patcher):
-        return InjectedPass(domain_patcher, domain_patcher.get_attachment(INJECTION_ATTACHMENT))
-
-
-def adapter_of(module) -> DomainLoRA:
-    """The DomainLoRA of a trained module (tests, extraction of a training result)."""
-    return collect_adapter(module)
+        refuse_weight_patches(domain_patcher)
+        return InjectedPass(domain_patcher.get_attachment(INJECTION_ATTACHMENT))
 
 
 __all__ = ["LoRAForm", "InjectedPass", "injection_wrapper", "rows_of", "lora_layers", "DEFAULT_RANK"]

@@ -25,7 +25,7 @@ Plain torch; no ComfyUI import.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -80,7 +80,6 @@ class DomainLoRA:
     constants: dict[str, torch.Tensor]            # transformer block name -> constant vector
     rank: int = 0
     alpha: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         def cast(t):

@@ -93,23 +93,48 @@ def collect_adapter(unet: nn.Module, constants: dict[str, torch.Tensor] | None =
 
 class _RowConstantAttention(nn.Module):
     """Stands in for a block's attn2 for one forward call: the constant on the domain rows, the real
-    cross-attention (computed on the other rows only) elsewhere."""
+    cross-attention (computed on the other rows only) elsewhere.
 
-    def __init__(self, attn2: nn.Module, constant: torch.Tensor, rows: torch.Tensor | None):
+    The text-free domain model has no cross-attention, so neither does anything that replaces or feeds it
+    there: core's attn2 "replace" patch (IP-Adapter and the like) computes q/k/v with `to_q/to_k/to_v`,
+    calls the patch and projects with `to_out`; here those run on the other rows only (`to_q` etc. return
+    just those rows, `to_out` puts the constant back on the domain rows), so the patch acts on the text
+    branch exactly as without the domain pass and never on D. The caller hands the patch the other rows'
+    `cond_or_uncond` (forms/lora.py), so a patch that splits the batch by it sees a consistent batch."""
+
+    def __init__(self, attn2: nn.Module, constant: torch.Tensor, rows: torch.Tensor | slice | None):
         super().__init__()
         self.attn2 = attn2
         self.constant = constant
         self.rows = rows
+        self._batch = None  # the batch size the replace-patch route (to_q ... to_out) started with
+        self._kept = None
+
+    def _keep(self, batch: int, device):
+        """The other (non-domain) rows: a slice or an index tensor, possibly empty (computed once per batch size
+        and device: the replace-patch route asks four times per block)."""
+        key = (batch, device)
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        if self.rows is None:
+            idx = slice(0, 0)
+        else:
+            keep = torch.ones(batch, dtype=torch.bool, device=device)
+            keep[self.rows] = False
+            idx = as_slice(keep.nonzero().reshape(-1))
+            if isinstance(idx, torch.Tensor) and idx.numel() == 0:
+                idx = slice(0, 0)
+        self._kept = (key, idx)
+        return idx
+
+    def _constant(self, shape, like: torch.Tensor) -> torch.Tensor:
+        c = self.constant.to(device=like.device, dtype=like.dtype)
+        return c.expand(*shape, c.shape[0])
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None, **kwargs):
-        c = self.constant.to(device=x.device, dtype=x.dtype)
-        if self.rows is None:
-            return c.expand(*x.shape[:-1], c.shape[0])
-        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        keep[self.rows] = False
-        idx = as_slice(keep.nonzero().reshape(-1))
-        if isinstance(idx, torch.Tensor) and idx.numel() == 0:  # every row is a domain row
-            return c.expand(*x.shape[:-1], c.shape[0])
+        idx = self._keep(x.shape[0], x.device)
+        if x[idx].shape[0] == 0:  # every row is a domain row
+            return self._constant(x.shape[:-1], x)
 
         def pick(t):
             return t[idx] if isinstance(t, torch.Tensor) and t.shape[0] == x.shape[0] else t
@@ -118,8 +143,36 @@ class _RowConstantAttention(nn.Module):
         if transformer_options is not None:
             kw["transformer_options"] = transformer_options
         real = self.attn2(x[idx], context=pick(context), value=pick(value), mask=pick(mask), **kw)
-        out = c.expand(*x.shape[:-1], c.shape[0]).clone()
+        out = self._constant(x.shape[:-1], x).clone()
         out[idx] = real.to(out.dtype)
+        return out
+
+    # -- core's attn2 replace-patch route: n = to_q(n); k = to_k(context); v = to_v(value); n = patch(...); to_out(n)
+    def _pick(self, t: torch.Tensor, project) -> torch.Tensor:
+        if self._batch is None or t.shape[0] != self._batch:
+            return project(t)
+        sub = t[self._keep(self._batch, t.device)]
+        return project(sub) if sub.shape[0] else sub
+
+    def to_q(self, x: torch.Tensor) -> torch.Tensor:
+        self._batch = x.shape[0]
+        return self._pick(x, self.attn2.to_q)
+
+    def to_k(self, context: torch.Tensor) -> torch.Tensor:
+        return self._pick(context, self.attn2.to_k)
+
+    def to_v(self, value: torch.Tensor) -> torch.Tensor:
+        return self._pick(value, self.attn2.to_v)
+
+    def to_out(self, h: torch.Tensor) -> torch.Tensor:
+        batch, self._batch = self._batch, None
+        if batch is None or h.shape[0] == batch:  # not started by to_q here (or no domain rows): plain projection
+            return self.attn2.to_out(h)
+        if h.shape[0] == 0:  # every row is a domain row: the patch was not run
+            return self._constant((batch, *h.shape[1:-1]), h).clone()
+        real = self.attn2.to_out(h)
+        out = self._constant((batch, *real.shape[1:-1]), real).clone()
+        out[self._keep(batch, h.device)] = real
         return out
 
 
@@ -147,16 +200,14 @@ class DomainInjection:
         self._cast: dict = {}
 
     def _tensors(self, name: str, a: LayerAdapter, device, dtype):
+        """The adapter of layer `name` on the sampling device and dtype: a copy cast once per sampling run and
+        kept in this injection's cache; the file's tensors (`self.lora`, shared by every run of a cached loader
+        output) are never changed."""
         key = (name, device, dtype)
         t = self._cast.get(key)
         if t is None:
-            t = (a.down.to(device=device, dtype=dtype), a.up.to(device=device, dtype=dtype),
-                 None if a.diff_b is None else a.diff_b.to(device=device, dtype=dtype))
-            if a.down.device == t[0].device:
-                # same device, other dtype (an fp16 file sampled in fp32 on the CPU): keep one copy, not two
-                a.down, a.up, a.diff_b = t
-            else:
-                self._cast[key] = t
+            t = self._cast[key] = tuple(None if v is None else v.to(device=device, dtype=dtype)
+                                        for v in (a.down, a.up, a.diff_b))
         return t
 
     def _hook(self, name: str, a: LayerAdapter, rows):

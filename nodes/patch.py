@@ -17,8 +17,6 @@ from .conditioning import domain_conditioning, with_trained_y
 from .domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
 from .guider import ADDITIONAL_MODELS_KEY
 
-PASS_ATTACHMENT = PATCH_ATTACHMENT   # the patched model's DomainPatch (its terms; each pass's `calls`)
-
 
 @dataclass(frozen=True, eq=False)
 class PatchTerm:
@@ -37,10 +35,6 @@ class DomainPatch:
 
     terms: tuple
     pre_cfg: object
-
-    @property
-    def domain_pass(self):  # the (first) term's pass, for callers that count its `calls`
-        return self.terms[0].domain_pass
 
 
 def _refuse_same_model_other_patches(terms, domain_model) -> None:
