@@ -241,11 +241,10 @@ COMPANIONS = [
 ]
 BY_NAME = {c.name: c for c in COMPANIONS}
 
-# cells another branch fixes (issue 22 defects 1-3); the marks go when lorafix is merged
-KNOWN_DEFECTS = {
-    ("attn2_replace_ipadapter_style", "lora"): "defect 1: LoRA form + attn2 replace patch crashes",
-    ("core_lora_on_domain_model", "lora"): "defect 2: a core LoRA on the LoRA-form domain MODEL is silently ignored",
-}
+# cells that failed before branch lorafix (issue 22 defects 1-3) was merged here, and pass with it (host 1, 0.3.75):
+# attn2_replace_ipadapter_style x LoRA form (defect 1: crashed), core_lora_on_domain_model x LoRA form (defect 2:
+# silently ignored; now a named refusal), and the after-loading test below (defect 3: D depended on one_forward)
+KNOWN_DEFECTS: dict = {}
 
 
 # ----------------------------------------------------------------------------- one setting: inputs, pack, references
@@ -551,12 +550,7 @@ def test_one_step_by_hand(comfy, world, companion, form, dform):
 # ----------------------------------------------------------------------------- hooks added after loading
 
 
-@pytest.mark.parametrize("patch", [
-    pytest.param("attn1_output_patch", marks=pytest.mark.xfail(
-        strict=True, reason=f"{FIXED_ON_LORAFIX}: defect 3: LoRA-form D depends on one_forward")),
-    pytest.param("attn2_replace_ipadapter_style", marks=pytest.mark.xfail(
-        strict=True, reason=f"{FIXED_ON_LORAFIX}: defect 1: LoRA form + attn2 replace patch crashes")),
-])
+@pytest.mark.parametrize("patch", ["attn1_output_patch", "attn2_replace_ipadapter_style"])
 def test_lora_form_d_does_not_depend_on_one_forward_with_patches_added_after_loading(comfy, world, patch):
     """A patch added to the base after 'Load Domain UNet' (LoRA form): one batched forward and two calls give the
     same sample (issue 22 defect 3; defect 1 for the attn2 replace), whatever D is decided to be."""
