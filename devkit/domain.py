@@ -112,3 +112,43 @@ def x0_at_one_step(guider, noise, sigmas):
 
     guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(one_call), sigmas, seed=3)
     return seen["x"], seen["out"].float()
+
+
+def make_family_domain_lora(model, path: Path, seed: int = 0, rank: int = 4, scale: float | None = None,
+                            core_format: bool = False) -> Path:
+    """A LoRA-form domain file for any family (DiTs included): a random low-rank adapter on every Linear/Conv of
+    the base's diffusion model, no constants (text-free by the empty prompt), float32, as a trained one would
+    look. `scale`: std of up and down (default: a delta of ~5% of the weights' own scale). `core_format`: the
+    tensors alone, without InDomain metadata (what core's Train LoRA node writes)."""
+    import dataclasses
+
+    from indomain.guidance.checkpoint import save_safetensors_atomic, write_domain_checkpoint
+    from indomain.guidance.lora import DomainLoRA, LayerAdapter, adapted_modules
+    from indomain.forms.model import base_meta
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, m in adapted_modules(model.model.diffusion_model):
+        w = m.weight
+        s = scale if scale is not None else (0.05 * float(w.detach().float().std()) / (rank ** 0.5)) ** 0.5
+        down = torch.randn(rank, *w.shape[1:], generator=gen) * s
+        up = torch.randn(w.shape[0], rank, *([1] * (w.ndim - 2)), generator=gen) * s
+        layers[name] = LayerAdapter(down, up, float(rank))
+    lora = DomainLoRA(layers, {}, rank, float(rank))
+    if core_format:
+        return save_safetensors_atomic(lora.to_state_dict(torch.float32), path)
+    meta = dataclasses.replace(base_meta(model, {"text_free": "empty_prompt"}, {"kind": "test-random-lora",
+                                                                                  "rank": rank, "seed": seed}),
+                               form="lora")
+    return write_domain_checkpoint(path, lora.to_state_dict(), meta, precision="fp32")
+
+
+def merged_lora_model(model, path: Path):
+    """The base with the LoRA file merged into its weights by core's own LoRA loader (load_lora_for_models): the
+    independent reference a LoRA-form domain model is compared with."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    merged, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+    return merged

@@ -6,11 +6,26 @@ optimiser and the EMA see only it), so memory is about the base's weights plus a
 
 Sampling: Load Domain UNet returns a clone of the BASE ModelPatcher with the adapter attached; no
 second UNet exists. The domain pass runs the base's own diffusion model with the adapter injected
-for that pass only (a DIFFUSION_MODEL wrapper that, for the rows of the domain conds, adds the
+for that pass only (an APPLY_MODEL wrapper that, for the rows of the domain conds, adds the
 low-rank term to every adapted layer's output and answers attn2 with the constant). Weights are
 never rewritten, so the pass can also share one batched forward with u and the control term
 (`rows_wrapper`, used by the guider). A LoRA applied to the base before or after the loader
 reaches this domain model too (it is the base's weights plus the adapter).
+
+Text-free, per family. On SD1.x/2.x/SDXL UNets the adapter carries the paper's constants: every
+cross-attention (attn2) answers with its calibrated constant on the domain rows, so the text the
+domain pass is handed (the user's negative) is ignored. On the flow-matching DiTs (SD3/3.5, Flux,
+Chroma, Flux.2, Lumina 2 / Z-Image, Qwen-Image, Wan 2.x) the adapter has no constants: it sits on the
+base's Linear/Conv layers (core's LoRA key format, `diffusion_model.<module>.lora_up/lora_down/alpha`,
+so core's LoRA loader reads the same file) and is text-free because it is trained and sampled with
+the ENCODED EMPTY PROMPT. For the joint-attention DiTs (SD3, Flux, Chroma, Flux.2, Qwen-Image, Lumina 2 /
+Z-Image) that is the only text-free form: text and image tokens go through the same attention (and the
+same projections and MLPs, or shared-weight streams), so there is no separate cross-attention output to
+replace by a constant, and dropping the text tokens altogether is an input these models never saw
+(they fail with no text context). Wan has a separate cross-attention, where the paper's constants would
+be an option; this form uses the empty prompt there too (one rule for every DiT; the constants for Wan
+are not implemented). Which conditioning the domain pass gets is sampling/conditioning.py's
+`text_free_conditioning`: the empty prompt's text, the negative's non-text conditioning.
 """
 from __future__ import annotations
 
@@ -43,29 +58,52 @@ def rows_of(transformer_options: dict, batch: int, cond_indices) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.long)
 
 
+def _transformer_options(args, kwargs) -> dict:
+    """The transformer_options of a BaseModel.apply_model call (positional after x, t, c_concat, c_crossattn,
+    control; or a keyword)."""
+    if "transformer_options" in kwargs:
+        return kwargs["transformer_options"] or {}
+    if len(args) > 4 and isinstance(args[4], dict):
+        return args[4]
+    return {}
+
+
 def injection_wrapper(injection: DomainInjection, cond_indices=None):
-    """A DIFFUSION_MODEL wrapper applying the adapter to the rows of `cond_indices` (all rows if None)."""
+    """An APPLY_MODEL wrapper applying the adapter to the rows of `cond_indices` (all rows if None) of the
+    diffusion model's forward.
+
+    APPLY_MODEL (BaseModel.apply_model), not DIFFUSION_MODEL: every family runs it, while the diffusion models
+    run DIFFUSION_MODEL wrappers only where their own forward does (SD3's MMDiT does not, on 0.3.75 and 0.33),
+    and their forwards take transformer_options at different positions."""
 
     def wrapper(executor, x, *args, **kwargs):
-        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+        transformer_options = _transformer_options(args, kwargs)
         rows = rows_of(transformer_options, x.shape[0], cond_indices)
         if rows is False:
             return executor(x, *args, **kwargs)
         if rows is not None:
             rows = rows.to(x.device)
-        with injection.applied(executor.class_obj, rows):
+        with injection.applied(executor.class_obj.diffusion_model, rows, x.shape[0]):
             return executor(x, *args, **kwargs)
 
     return wrapper
 
 
 def add_wrapper(model_options: dict, wrapper) -> dict:
-    """model_options with `wrapper` added as a DIFFUSION_MODEL wrapper (in place; returns it)."""
+    """model_options with `wrapper` added as an APPLY_MODEL wrapper (in place; returns it)."""
     import comfy.patcher_extension
 
     wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
-    wrappers.setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}).setdefault(WRAPPER_KEY, []).append(wrapper)
+    wrappers.setdefault(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).setdefault(WRAPPER_KEY, []).append(wrapper)
     return model_options
+
+
+def check_applied(injection: DomainInjection, before: int, what: str = "domain pass") -> None:
+    """Refuse a domain prediction the adapter never reached (it would silently be the base's own)."""
+    if injection.applications == before:
+        raise RuntimeError(f"InDomain: the domain LoRA was not applied during the {what} (the model's forward did not "
+                           "run the pack's APPLY_MODEL wrapper, or the batch carried no cond index). The result would "
+                           "be the base model's; refusing. Report the model family.")
 
 
 class InjectedPass:
@@ -101,7 +139,13 @@ class InjectedPass:
             self._sigmas = sample_sigmas
             self._options = add_wrapper(run_options(self.patcher, sample_sigmas), injection_wrapper(self.injection))
         self.calls += 1
-        return comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, self._options)
+        before = self.injection.applications
+        out = comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, self._options)
+        check_applied(self.injection, before)
+        return out
+
+    def uses_empty_prompt(self) -> bool:
+        return not self.injection.lora.text_free_by_constants
 
     def release(self) -> None:
         self._sigmas = self._options = None
@@ -192,6 +236,9 @@ class LoRAForm(DomainModelForm):
 
     def domain_pass(self, domain_patcher):
         return InjectedPass(domain_patcher, domain_patcher.get_attachment(INJECTION_ATTACHMENT))
+
+    def uses_empty_prompt(self, domain_patcher) -> bool:
+        return not domain_patcher.get_attachment(INJECTION_ATTACHMENT).lora.text_free_by_constants
 
 
 def adapter_of(module) -> DomainLoRA:

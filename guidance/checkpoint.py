@@ -198,7 +198,7 @@ def check_lora_state(state_dict: dict[str, torch.Tensor], where: str) -> None:
         lora = DomainLoRA.from_state_dict(state_dict, where)
     except LoRAFormatError as e:
         raise DomainCheckpointError(str(e)) from None
-    if all(float(c.abs().max()) == 0.0 for c in lora.constants.values()):
+    if lora.constants and all(float(c.abs().max()) == 0.0 for c in lora.constants.values()):
         raise DomainCheckpointError(f"{where}: every null-text constant is zero: calibration never ran. "
                                     "Re-train; the trainer calibrates the constants before step 0.")
 

@@ -11,8 +11,15 @@ Key layout (what ComfyUI's LoRA loader, comfy/lora.py, reads as a LoRA of the di
     diffusion_model.<module>.lora_down.weight   [rank, in, (kh, kw)]
     diffusion_model.<module>.lora_up.weight     [out, rank, (1, 1)]
     diffusion_model.<module>.alpha              scalar
-    diffusion_model.<module>.diff_b             [out]   (only from extraction: bias difference)
+    diffusion_model.<module>.diff_b             [out]   (bias difference: extraction, core's trainer)
+    diffusion_model.<module>.diff               [weight shape]  (a full weight difference: core's trainer writes
+                                                these for 1-D weights such as norm scales)
     diffusion_model.<block>.attn2.constant      [dim]   (ours; a LoRA loader skips it)
+
+The constants exist only where the base has separate cross-attention blocks that the SD null-text
+conversion replaces (SD1.x/2.x/SDXL). A LoRA without them (every DiT family: SD3, Flux, Chroma, Flux.2,
+Lumina 2 / Z-Image, Qwen-Image, Wan; or a LoRA core's Train LoRA node wrote with empty captions) is
+text-free by its training prompt: the domain pass feeds it the encoded empty prompt (sampling/conditioning.py).
 
 At sampling time the adapter is a forward injection (`lora_modules.DomainInjection`): hooks add the
 low-rank term to the layer outputs of the rows that belong to the domain pass, and the
@@ -34,7 +41,7 @@ from torch import nn
 from .nulltext import CONSTANT_NAME
 
 KEY_PREFIX = "diffusion_model."
-DOWN, UP, ALPHA, DIFF_B = "lora_down.weight", "lora_up.weight", "alpha", "diff_b"
+DOWN, UP, ALPHA, DIFF_B, DIFF = "lora_down.weight", "lora_up.weight", "alpha", "diff_b", "diff"
 CROSS_ATTENTION = "attn2"
 ADAPTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -48,28 +55,44 @@ def is_adapted(name: str, module: nn.Module) -> bool:
     return isinstance(module, ADAPTED_TYPES) and CROSS_ATTENTION not in name.split(".")
 
 
+def fits_module(name: str, module: nn.Module | None, a: "LayerAdapter") -> bool:
+    """Whether an adapter can sit on `module`: a low-rank term needs an adapted Linear/Conv; a layer with only a
+    full weight/bias difference (core's trainer: norm scales, biases) needs a module with that weight/bias."""
+    if module is None:
+        return False
+    if a.down is not None:
+        return is_adapted(name, module)
+    return isinstance(getattr(module, "weight", None), torch.Tensor) or a.diff is None
+
+
 def adapted_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in unet.named_modules() if n and is_adapted(n, m)]
 
 
 @dataclass
 class LayerAdapter:
-    down: torch.Tensor              # [r, in, *kernel] (Linear: [r, in])
-    up: torch.Tensor                # [out, r, 1, ...] (Linear: [out, r])
+    down: torch.Tensor | None       # [r, in, *kernel] (Linear: [r, in]); None: no low-rank term (diff / diff_b only)
+    up: torch.Tensor | None         # [out, r, 1, ...] (Linear: [out, r])
     alpha: float
     diff_b: torch.Tensor | None = None
+    diff: torch.Tensor | None = None    # a full weight difference (core's trainer: 1-D weights such as norm scales)
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        return int(self.down.shape[0]) if self.down is not None else 0
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 0.0
 
     def delta_weight(self, shape) -> torch.Tensor:
-        """(alpha / rank) * up @ down in the layer's weight shape (float32), as ComfyUI's LoRA merge computes it."""
-        return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(shape) * self.scale
+        """(alpha / rank) * up @ down (+ diff) in the layer's weight shape (float32), as ComfyUI's LoRA merge computes it."""
+        out = torch.zeros(shape, dtype=torch.float32)
+        if self.down is not None:
+            out = out + (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(shape) * self.scale
+        if self.diff is not None:
+            out = out + self.diff.float().reshape(shape)
+        return out
 
 
 @dataclass
@@ -88,14 +111,22 @@ class DomainLoRA:
 
         sd = {}
         for name, a in self.layers.items():
-            sd[f"{KEY_PREFIX}{name}.{DOWN}"] = cast(a.down)
-            sd[f"{KEY_PREFIX}{name}.{UP}"] = cast(a.up)
-            sd[f"{KEY_PREFIX}{name}.{ALPHA}"] = torch.tensor(float(a.alpha))
+            if a.down is not None:
+                sd[f"{KEY_PREFIX}{name}.{DOWN}"] = cast(a.down)
+                sd[f"{KEY_PREFIX}{name}.{UP}"] = cast(a.up)
+                sd[f"{KEY_PREFIX}{name}.{ALPHA}"] = torch.tensor(float(a.alpha))
+            if a.diff is not None:
+                sd[f"{KEY_PREFIX}{name}.{DIFF}"] = cast(a.diff)
             if a.diff_b is not None:
                 sd[f"{KEY_PREFIX}{name}.{DIFF_B}"] = cast(a.diff_b)
         for block, c in self.constants.items():
             sd[f"{KEY_PREFIX}{block}.{CROSS_ATTENTION}.{CONSTANT_NAME}"] = c.detach().float().cpu().contiguous()
         return sd
+
+    @property
+    def text_free_by_constants(self) -> bool:
+        """True: null-text constants replace cross-attention (SD); False: text-free by the empty prompt (DiTs)."""
+        return bool(self.constants)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], where: str = "") -> "DomainLoRA":
@@ -109,7 +140,7 @@ class DomainLoRA:
             if k.endswith(const_suffix):
                 constants[k[:-len(const_suffix)]] = t.float()
                 continue
-            for part in (DOWN, UP, ALPHA, DIFF_B):
+            for part in (DOWN, UP, ALPHA, DIFF_B, DIFF):
                 if k.endswith("." + part):
                     layers.setdefault(k[:-len(part) - 1], {})[part] = t
                     break
@@ -117,17 +148,17 @@ class DomainLoRA:
                 raise LoRAFormatError(f"{where}: unexpected key {key!r} in a LoRA-form domain file.")
         out = {}
         for name, parts in layers.items():
-            if DOWN not in parts or UP not in parts:
+            if (DOWN in parts) != (UP in parts) or (ALPHA in parts and DOWN not in parts):
                 raise LoRAFormatError(f"{where}: layer {name} lacks lora_down or lora_up; the file is incomplete.")
-            down, up = parts[DOWN], parts[UP]
-            if up.shape[1] != down.shape[0]:
+            down, up = parts.get(DOWN), parts.get(UP)
+            if down is not None and up.shape[1] != down.shape[0]:
                 raise LoRAFormatError(f"{where}: layer {name}: lora_up rank {up.shape[1]} != lora_down rank {down.shape[0]}.")
-            alpha = float(parts[ALPHA]) if ALPHA in parts else float(down.shape[0])
-            out[name] = LayerAdapter(down, up, alpha, parts.get(DIFF_B))
-        if not constants:
-            raise LoRAFormatError(f"{where}: no '<block>.attn2.{CONSTANT_NAME}' tensors: not a null-text domain adapter.")
-        ranks = {a.rank for a in out.values()}
-        alphas = {a.alpha for a in out.values()}
+            alpha = float(parts[ALPHA]) if ALPHA in parts else float(down.shape[0]) if down is not None else 0.0
+            out[name] = LayerAdapter(down, up, alpha, parts.get(DIFF_B), parts.get(DIFF))
+        if not out and not constants:
+            raise LoRAFormatError(f"{where}: no LoRA layers and no null-text constants: not a domain adapter.")
+        ranks = {a.rank for a in out.values() if a.rank}
+        alphas = {a.alpha for a in out.values() if a.rank}
         return cls(out, constants, rank=max(ranks) if ranks else 0, alpha=alphas.pop() if len(alphas) == 1 else 0.0)
 
     def check_fits(self, unet: nn.Module, where: str = "") -> None:
@@ -136,13 +167,16 @@ class DomainLoRA:
         problems = []
         for name, a in self.layers.items():
             m = modules.get(name)
-            if m is None or not is_adapted(name, m):
+            if not fits_module(name, m, a):
                 problems.append(f"no adaptable layer {name}")
                 continue
-            w = m.weight
-            if a.up.shape[0] != w.shape[0] or tuple(a.down.shape[1:]) != tuple(w.shape[1:]):
+            w = getattr(m, "weight", None)
+            if a.down is not None and (a.up.shape[0] != w.shape[0] or tuple(a.down.shape[1:]) != tuple(w.shape[1:])):
                 problems.append(f"{name}: adapter {tuple(a.up.shape[:1]) + tuple(a.down.shape[1:])} vs weight {tuple(w.shape)}")
-            if a.diff_b is not None and (m.bias is None or m.bias.shape != a.diff_b.shape):
+            if a.diff is not None and (w is None or tuple(a.diff.shape) != tuple(w.shape)):
+                problems.append(f"{name}: weight difference {tuple(a.diff.shape)} vs weight "
+                                f"{None if w is None else tuple(w.shape)}")
+            if a.diff_b is not None and (getattr(m, "bias", None) is None or m.bias.shape != a.diff_b.shape):
                 problems.append(f"{name}: bias difference does not fit")
         for block, c in self.constants.items():
             b = modules.get(block)
@@ -163,8 +197,9 @@ def merge_into(state_dict: dict[str, torch.Tensor], lora: DomainLoRA) -> dict[st
     """Full-form null-text weights = a null-text state dict of the base + the adapter merged in (float32)."""
     out = {k: v.float().clone() for k, v in state_dict.items()}
     for name, a in lora.layers.items():
-        w = out[f"{name}.weight"]
-        out[f"{name}.weight"] = w + a.delta_weight(w.shape)
+        if a.down is not None or a.diff is not None:
+            w = out[f"{name}.weight"]
+            out[f"{name}.weight"] = w + a.delta_weight(w.shape)
         if a.diff_b is not None:
             out[f"{name}.bias"] = out[f"{name}.bias"] + a.diff_b.float()
     for block, c in lora.constants.items():

@@ -46,6 +46,38 @@ class LoRALayer(nn.Module):
         return LayerAdapter(self.lora_down.detach().float().cpu(), self.lora_up.detach().float().cpu(), self.alpha)
 
 
+ADAPTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def full_term(module: nn.Module, x: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """The output change of a Linear/Conv whose weight changes by `diff` (the layer is linear in its weight)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, diff)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[diff.ndim - 2]
+    return conv(x, diff, None, module.stride, module.padding, module.dilation, module.groups)
+
+
+def rows_for(x: torch.Tensor, rows, batch: int | None, name: str = ""):
+    """The index of `rows` (batch rows) in a layer input `x`. Most layers see the batch as dim 0; some see it
+    flattened batch-major with k entries per row (Wan 2.2's per-token timesteps: [B * T] -> k = T): the rows
+    expand to their k entries. A layer whose input is neither (e.g. something computed once for the whole batch)
+    cannot carry a per-row adapter: refused by name instead of adapting the wrong rows."""
+    if rows is None or batch is None or x.shape[0] == batch:
+        return rows
+    n = x.shape[0]
+    if n % batch:
+        raise RuntimeError(f"InDomain: the domain adapter's layer {name} sees an input of {n} rows in a batch of "
+                           f"{batch}; it cannot tell the domain rows apart there. Turn off the one-batched-forward "
+                           "path for this model (guider.one_forward = False) and report the model family.")
+    k = n // batch
+    idx = torch.arange(batch, device=x.device)[rows] if isinstance(rows, slice) else rows.to(x.device)
+    return as_slice((idx.reshape(-1, 1) * k + torch.arange(k, device=x.device)).reshape(-1))
+
+
+def pick_rows(v, sel, n: int):
+    return v[sel] if sel is not None and isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v
+
+
 def low_rank_term(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(F.linear(x, down), up) * scale
@@ -145,39 +177,69 @@ class DomainInjection:
     def __init__(self, lora: DomainLoRA):
         self.lora = lora
         self._cast: dict = {}
+        self.applications = 0   # forward calls the adapter was applied to (a guard: a pass that saw none is refused)
 
     def _tensors(self, name: str, a: LayerAdapter, device, dtype):
         key = (name, device, dtype)
         t = self._cast.get(key)
         if t is None:
-            t = (a.down.to(device=device, dtype=dtype), a.up.to(device=device, dtype=dtype),
-                 None if a.diff_b is None else a.diff_b.to(device=device, dtype=dtype))
-            if a.down.device == t[0].device:
+            t = tuple(None if v is None else v.to(device=device, dtype=dtype) for v in (a.down, a.up, a.diff_b, a.diff))
+            ref = next((v for v in (a.down, a.diff, a.diff_b) if v is not None), None)
+            src = next((v for v in t if v is not None), None)
+            if ref is not None and ref.device == src.device:
                 # same device, other dtype (an fp16 file sampled in fp32 on the CPU): keep one copy, not two
-                a.down, a.up, a.diff_b = t
+                a.down, a.up, a.diff_b, a.diff = t
             else:
                 self._cast[key] = t
         return t
 
-    def _hook(self, name: str, a: LayerAdapter, rows):
-        def hook(module, inputs, output):
+    def _hook(self, name: str, a: LayerAdapter, rows, batch):
+        busy = []  # set while the hook recomputes the layer itself (functional_call runs the hooks again)
+
+        def hook(module, inputs, kwargs, output):
+            if busy:
+                return output
             x = inputs[0]
-            down, up, diff_b = self._tensors(name, a, x.device, x.dtype)
-            xs = x if rows is None else x[rows]
-            delta = low_rank_term(module, xs, down, up, a.scale)
-            if diff_b is not None:  # Linear: [..., out]; Conv: [B, out, *spatial]
-                delta = delta + (diff_b if isinstance(module, nn.Linear) else diff_b.reshape(-1, *([1] * (delta.ndim - 2))))
-            delta = delta.to(output.dtype)
+            down, up, diff_b, diff = self._tensors(name, a, x.device, x.dtype)
+            sel = rows_for(x, rows, batch, name)
+            xs = x if sel is None else x[sel]
+            if diff is not None and not isinstance(module, ADAPTED):
+                # a full weight difference on another kind of module (a norm's scale): recompute those rows with it
+                params = {"weight": module.weight + diff.to(module.weight.dtype)}
+                if diff_b is not None:
+                    params["bias"] = module.bias + diff_b.to(module.bias.dtype)
+                args = tuple(pick_rows(v, sel, x.shape[0]) for v in inputs)
+                busy.append(True)
+                try:
+                    new = torch.func.functional_call(module, params, args, {k: pick_rows(v, sel, x.shape[0])
+                                                                             for k, v in kwargs.items()})
+                finally:
+                    busy.clear()
+                delta = new.to(output.dtype) - (output if sel is None else output[sel])
+            else:
+                delta = None
+                if down is not None:
+                    delta = low_rank_term(module, xs, down, up, a.scale)
+                if diff is not None:
+                    d = full_term(module, xs, diff)
+                    delta = d if delta is None else delta + d
+                if diff_b is not None:  # channels last (Linear, LayerNorm): [..., out]; Conv, GroupNorm: [B, out, *spatial]
+                    channels_first = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm))
+                    b = diff_b.reshape(-1, *([1] * (output.ndim - 2))) if channels_first else diff_b
+                    delta = b if delta is None else delta + b
+                if delta is None:
+                    return output
+                delta = delta.to(output.dtype)
             if torch.is_grad_enabled():  # (sampling runs without grad; keep autograd's view of the output intact)
-                if rows is None:
+                if sel is None:
                     return output + delta
                 out = output.clone()
-                out[rows] = out[rows] + delta
+                out[sel] = out[sel] + delta
                 return out
             # the layer's output is a fresh tensor: add in place (no copy of the whole batch per layer)
-            if rows is None:
+            if sel is None:
                 return output.add_(delta)
-            output[rows] += delta
+            output[sel] += delta
             return output
         return hook
 
@@ -186,13 +248,16 @@ class DomainInjection:
         self._cast.clear()
 
     @contextmanager
-    def applied(self, unet: nn.Module, rows: torch.Tensor | None = None):
+    def applied(self, unet: nn.Module, rows: torch.Tensor | None = None, batch: int | None = None):
+        """`batch`: the forward's batch size, with `rows` (see rows_for: a layer whose input's first dimension is
+        neither the batch nor a multiple of it cannot be split by rows, and is refused instead of mixed up)."""
         rows = as_slice(rows)
         modules = dict(unet.named_modules())
         handles, swapped = [], []
+        self.applications += 1
         try:
             for name, a in self.lora.layers.items():
-                handles.append(modules[name].register_forward_hook(self._hook(name, a, rows)))
+                handles.append(modules[name].register_forward_hook(self._hook(name, a, rows, batch), with_kwargs=True))
             for block, c in self.lora.constants.items():
                 b = modules[block]
                 swapped.append((b, b.attn2))

@@ -26,6 +26,15 @@ TIP_DOMAIN_CN = ("Also feed the ControlNet attached to 'positive' to the domain 
 TIP_START = "Percent of the schedule (0 = first step) at which the domain term switches on; outside it the domain UNet is not run."
 TIP_END = "Percent of the schedule at which the domain term switches off (1 = last step)."
 TIP_TERMS = "Optional extra terms from a 'Guidance Term' chain, added on top (each w * (M(x, c) - u))."
+TIP_EMPTY = ("The ENCODED EMPTY PROMPT (CLIP Text Encode with no text, this base's text encoder). Needed by domain "
+             "models that are text-free by the empty prompt (LoRAs for DiT families: SD3, Flux, Chroma, Flux.2, "
+             "Lumina 2 / Z-Image, Qwen-Image, Wan): the domain pass gets its text and the negative's non-text inputs "
+             "(reference latents, I2V latents, clip vision). If your negative is the empty prompt, connect the same "
+             "node here. Ignored for SD1.x/SDXL null-text domain models (their constants replace the text).")
+
+
+def _empty_prompt_input():
+    return io.Conditioning.Input("empty_prompt", optional=True, tooltip=TIP_EMPTY)
 
 
 def _domain_inputs() -> list:
@@ -70,6 +79,7 @@ class DomainKSampler(io.ComfyNode):
                                tooltip="1.0 generates from noise; below 1 edits latent_image (SDEdit) towards the domain."),
                 *_tail_inputs(),
                 Terms.Input("extra_terms", optional=True, tooltip=TIP_TERMS),
+                _empty_prompt_input(),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -82,12 +92,12 @@ class DomainKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, domain_model, seed, steps, cfg, domain_weight, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, domain_on_controlnet=False, domain_start_percent=0.0, domain_end_percent=1.0,
-                extra_terms=None) -> io.NodeOutput:
+                extra_terms=None, empty_prompt=None) -> io.NodeOutput:
         check_finite("Domain KSampler", cfg=cfg, denoise=denoise, domain_weight=domain_weight, domain_start_percent=domain_start_percent,
                      domain_end_percent=domain_end_percent)
         check_interval("Domain KSampler", domain_start_percent, domain_end_percent)
         guider = domain_guider(model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet,
-                               domain_start_percent, domain_end_percent, extra_terms)
+                               domain_start_percent, domain_end_percent, extra_terms, empty_prompt, "Domain KSampler")
         return io.NodeOutput(sample_with_guider(guider, model, seed, steps, sampler_name, scheduler, latent_image, denoise))
 
 
@@ -108,18 +118,20 @@ class DomainGuider(io.ComfyNode):
                 *_domain_inputs(),
                 *_tail_inputs(),
                 Terms.Input("extra_terms", optional=True, tooltip=TIP_TERMS),
+                _empty_prompt_input(),
             ],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
     def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
-                domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None) -> io.NodeOutput:
+                domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None, empty_prompt=None) -> io.NodeOutput:
         check_finite("Domain Guider", cfg=cfg, domain_weight=domain_weight, domain_start_percent=domain_start_percent,
                      domain_end_percent=domain_end_percent)
         check_interval("Domain Guider", domain_start_percent, domain_end_percent)
         return io.NodeOutput(domain_guider(model, domain_model, positive, negative, cfg, domain_weight,
-                                           domain_on_controlnet, domain_start_percent, domain_end_percent, extra_terms))
+                                           domain_on_controlnet, domain_start_percent, domain_end_percent, extra_terms,
+                                           empty_prompt, "Domain Guider"))
 
 
 class ApplyDomainGuidance(io.ComfyNode):
@@ -136,18 +148,19 @@ class ApplyDomainGuidance(io.ComfyNode):
                 io.Model.Input("domain_model", tooltip=TIP_DOMAIN),
                 *_domain_inputs(),
                 *_tail_inputs(),
+                _empty_prompt_input(),
             ],
             outputs=[io.Model.Output(tooltip="The base model with decoupled guidance; connect to KSampler's model.")],
         )
 
     @classmethod
     def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
-                domain_end_percent=1.0) -> io.NodeOutput:
+                domain_end_percent=1.0, empty_prompt=None) -> io.NodeOutput:
         check_finite("Apply Domain Guidance", domain_weight=domain_weight, domain_start_percent=domain_start_percent,
                      domain_end_percent=domain_end_percent)
         check_interval("Apply Domain Guidance", domain_start_percent, domain_end_percent)
         return io.NodeOutput(patch_model_for_domain_guidance(model, domain_model, domain_weight, domain_on_controlnet,
-                                                             domain_start_percent, domain_end_percent))
+                                                             domain_start_percent, domain_end_percent, empty_prompt))
 
 
 class GuidanceTerm(io.ComfyNode):

@@ -18,6 +18,8 @@ class LoadDomainUNet(io.ComfyNode):
             display_name="Load Domain UNet",
             category="InDomain",
             description="Loads a text-free domain UNet trained by InDomain and pairs it with its base model. "
+                        "Also reads a text-free LoRA in core's key format (e.g. core's Train LoRA node with empty "
+                        "captions) for DiT bases; it is refused if it does not fit the base. "
                         "Connect the result to 'domain_model' of Domain KSampler / Domain Guider / Apply Domain Guidance.",
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (from Load Checkpoint) the domain UNet was trained from. "

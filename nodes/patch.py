@@ -3,7 +3,13 @@ decoupled guidance, through a pre-CFG function. The maths is `guidance.combine`.
 
 Stacking: a second Apply Domain Guidance on an already patched model adds its term to the same
 pre-CFG function (out = u + w_c (c - u) + Σ w_i (D_i(x) - u), every D_i against the base's own u),
-and every domain model is registered to load with the base."""
+and every domain model is registered to load with the base.
+
+A domain model that is text-free by the empty prompt (DiT LoRAs) needs its own conds: an OUTER_SAMPLE
+wrapper adds them to the sampler's conds before core processes them (the empty prompt's text, the
+negative's non-text conditioning: sampling/conditioning.text_free_conditioning), so core encodes them with
+the run's latent, denoise mask and seed like the negative; the pre-CFG function reads them back. The
+cfg-1 shortcut is off (disable_cfg1_optimization), so u exists at cfg 1 too (guidance-distilled bases)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +19,9 @@ import comfy.patcher_extension
 from ..forms import domain_info
 from ..guidance.combine import cfg_equivalent, combine, term_active
 from ..guidance.checkpoint import trained_y
-from ..sampling.conditioning import domain_conditioning, with_trained_y
+from ..sampling.conditioning import domain_conditioning, text_free_conditioning, with_trained_y
 from ..sampling.domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
-from ..sampling.guider import ADDITIONAL_MODELS_KEY
+from ..sampling.guider import ADDITIONAL_MODELS_KEY, domain_text_source
 
 PASS_ATTACHMENT = PATCH_ATTACHMENT   # the patched model's DomainPatch (its terms; each pass's `calls`)
 
@@ -29,6 +35,8 @@ class PatchTerm:
     sigma_start: float
     sigma_end: float
     trained_y: object = None      # the domain model's training `y` (SDXL), fed instead of the negative's
+    empty_prompt: object = None   # raw CONDITIONING of the empty prompt, for models text-free by it (else None)
+    cond_key: str = ""            # the key of its conds in the sampler's conds (empty_prompt models)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +63,7 @@ def _refuse_same_model_other_patches(terms, domain_model) -> None:
 
 
 def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, domain_on_control: bool = False,
-                                    start_percent: float = 0.0, end_percent: float = 1.0):
+                                    start_percent: float = 0.0, end_percent: float = 1.0, empty_prompt=None):
     """A clone of `model` whose CFG (in any sampler node, core KSampler included) is decoupled guidance.
 
     Uses a pre-CFG function, so the sampler's `cfg` stays the control weight and every other
@@ -73,9 +81,44 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     terms = tuple(previous.terms) if previous is not None else ()
     _refuse_same_model_other_patches(terms, domain_model)
     ms = m.get_model_object("model_sampling")
+    source = domain_text_source(domain_model, None, empty_prompt, "Apply Domain Guidance")
     terms += (PatchTerm(domain_model, domain_info(domain_model).form.domain_pass(domain_model), float(domain_weight),
                         bool(domain_on_control), float(ms.percent_to_sigma(start_percent)),
-                        float(ms.percent_to_sigma(end_percent)), trained_y(domain_info(domain_model).meta)),)
+                        float(ms.percent_to_sigma(end_percent)), trained_y(domain_info(domain_model).meta),
+                        empty_prompt=source, cond_key=f"indomain_domain_{len(terms)}" if source is not None else ""),)
+    run = {}   # the guider of the sampling run in progress (set by the OUTER_SAMPLE wrapper)
+
+    def add_domain_conds(executor, *args, **kwargs):
+        guider = executor.class_obj
+        conds = getattr(guider, "conds", None)
+        added = []
+        if isinstance(conds, dict) and conds.get("negative"):
+            import comfy.sampler_helpers
+
+            for t in terms:
+                if t.empty_prompt is not None:
+                    empty = comfy.sampler_helpers.convert_cond(t.empty_prompt)
+                    conds[t.cond_key] = text_free_conditioning(conds["negative"], empty)
+                    added.append(t.cond_key)
+        run["guider"] = guider
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            run.clear()
+            if isinstance(conds, dict):
+                for k in added:
+                    getattr(guider, "conds", {}).pop(k, None)
+
+    def domain_conds(t, uncond):
+        if t.empty_prompt is None:
+            return uncond
+        guider = run.get("guider")
+        conds = getattr(guider, "conds", None) or {}
+        if t.cond_key not in conds:
+            raise RuntimeError("Apply Domain Guidance: the empty-prompt conds of the domain term are missing (the "
+                               "sampler did not run the model's OUTER_SAMPLE wrappers, or has no negative). Use the "
+                               "Domain KSampler or Domain Guider with this model instead.")
+        return conds[t.cond_key]
 
     def pre_cfg(args):
         conds_out = args["conds_out"]
@@ -88,7 +131,7 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
         u = conds_out[1]
         extra = []
         for t in active:
-            conds = with_trained_y(domain_conditioning(uncond, cond, t.domain_on_control), t.trained_y)
+            conds = with_trained_y(domain_conditioning(domain_conds(t, uncond), cond, t.domain_on_control), t.trained_y)
             d = t.domain_pass.predict(args["model"], [conds],
                                       args["input"], sigma, args["model_options"])[0]
             extra.append((t.weight, d))
@@ -111,6 +154,9 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
         m.set_additional_models(ADDITIONAL_MODELS_KEY, models)
     for call_type in (comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):
         m.remove_callbacks_with_key(call_type, ADDITIONAL_MODELS_KEY)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY)
+    if any(t.empty_prompt is not None for t in terms):
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, add_domain_conds)
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ADDITIONAL_MODELS_KEY,
                             lambda _p: [t.domain_pass.prepare() for t in terms])
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ADDITIONAL_MODELS_KEY,

@@ -16,7 +16,8 @@ import comfy.samplers
 from ..forms import SeparateModelPass, domain_info
 from ..guidance.combine import bound_update, cfg_equivalent, term_active
 from ..guidance.checkpoint import trained_y
-from .conditioning import domain_conditioning, fill_text_free, first_control, with_control, with_trained_y
+from .conditioning import (EMPTY_PROMPT_REFUSAL, domain_conditioning, fill_text_free, first_control,
+                           text_free_conditioning, with_control, with_trained_y)
 from .domain_model import ensure_base_model, ensure_domain_model, refuse_multigpu, refuse_patched_model
 
 ADDITIONAL_MODELS_KEY = "indomain"
@@ -92,7 +93,15 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             if group is not None:
                 group.terms.append(st)
             self.terms.append(st)
-            conds[st.key] = fill_text_free(t.conditioning, base)
+            term_conds = fill_text_free(t.conditioning, base)
+            if record is not None and record.form.uses_empty_prompt(t.model):
+                # text-free by the empty prompt (DiT LoRAs): the term's conditioning gives the text, the negative
+                # every non-text input (reference latents, I2V concat / clip-vision, guidance); the term's own
+                # ControlNet (if any) stays the term's
+                control = first_control(term_conds)
+                term_conds = [[c[0], with_control(c[1], control)]
+                              for c in text_free_conditioning(negative, term_conds)]
+            conds[st.key] = term_conds
         extra = [m for g in self.groups.values() for m in g.domain_pass.models]
         if extra:
             base.set_additional_models(ADDITIONAL_MODELS_KEY, extra)
@@ -219,6 +228,8 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         if shared_terms:
             run_options = self._options_with_rows(model_options, shared,
                                                   range(first_shared, first_shared + len(shared_terms)))
+        injection = getattr(shared.domain_pass, "injection", None) if shared_terms else None
+        applied_before = injection.applications if injection is not None else 0
         if "sampler_calc_cond_batch_function" in model_options:
             args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model, "model_options": run_options}
             out = model_options["sampler_calc_cond_batch_function"](args)
@@ -228,6 +239,10 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         preds.update({id(st): out[first_shared + i] for i, st in enumerate(shared_terms)})
         if shared_terms:
             self.model_calls += 1
+            if injection is not None:
+                from ..forms.lora import check_applied
+
+                check_applied(injection, applied_before, "batched forward")
         for g in self.groups.values():
             g_terms = [st for st in g.terms if st in others]
             if not g_terms or g is shared:
@@ -254,13 +269,28 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                                            model_options=model_options, cond=conds[0], uncond=conds[1])
 
 
+def domain_text_source(domain_model, negative, empty_prompt, node: str):
+    """What gives the domain pass its text: the negative for the SD null-text forms (their constants ignore it),
+    the encoded empty prompt for models text-free by the empty prompt (refused by name when it is missing)."""
+    if not domain_info(domain_model).form.uses_empty_prompt(domain_model):
+        return negative
+    if not empty_prompt:
+        raise ValueError(EMPTY_PROMPT_REFUSAL.format(node=node))
+    return empty_prompt
+
+
 def domain_guider(model, domain_model, positive, negative, cfg: float, domain_weight: float,
                   domain_on_control: bool = False, start_percent: float = 0.0, end_percent: float = 1.0,
-                  extra_terms: list[Term] | None = None) -> DecoupledGuider:
-    """The standard decoupled guider: text/control term from the base, domain term from the domain model."""
+                  extra_terms: list[Term] | None = None, empty_prompt=None,
+                  node: str = "Domain KSampler / Domain Guider") -> DecoupledGuider:
+    """The standard decoupled guider: text/control term from the base, domain term from the domain model.
+
+    `empty_prompt`: the encoded empty prompt, required when the domain model is text-free by it (DiT LoRAs;
+    DecoupledGuider then takes its text and the negative's non-text conditioning); ignored otherwise."""
     ensure_domain_model(domain_model)
+    source = domain_text_source(domain_model, negative, empty_prompt, node)
     terms = [Term(model, positive, cfg, label="control (cfg)"),
-             Term(domain_model, domain_conditioning(negative, positive, domain_on_control), domain_weight,
+             Term(domain_model, domain_conditioning(source, positive, domain_on_control), domain_weight,
                   start_percent, end_percent, label="domain")]
     return DecoupledGuider(model, negative, terms + list(extra_terms or []))
 
