@@ -183,6 +183,7 @@ class ComfyServer:
             for name, f in named:
                 dst = self.base / "models" / kind / name
                 if not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)  # e.g. text_encoders, vae, clip_vision
                     dst.symlink_to(Path(f).resolve())
         self.log_path = self.base / "server.log"
         self.client = ComfyClient(self.url, timeout=60)

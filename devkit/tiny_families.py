@@ -159,9 +159,7 @@ def _unet_config(name: str) -> dict:
 
 def _sincos_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     """MMDiT's fixed 2-D sin-cos position table, [1, grid*grid, embed_dim] (core's own function)."""
-    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
-
-    import numpy as np  # noqa: F401  (core's function works in numpy)
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed  # numpy
 
     return torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid_size)).float().unsqueeze(0)
 
@@ -169,8 +167,7 @@ def _sincos_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
 def init_family_weights_(name: str, module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Fill every parameter and persistent buffer deterministically from `seed`: Linear/Conv weights
     normal(0, 1/fan_in), other tables (modulation, pad tokens) normal(0, 0.02), zeros for biases,
-    ones for 1-D norm scales;
-    position tables that core leaves uninitialised (SD3's pos_embed) get their real sin-cos values."""
+    ones for other 1-D parameters (norm scales); position tables that core leaves uninitialised (SD3's pos_embed) get their real sin-cos values."""
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + FAMILIES.index(name) + 17)
     layer_weights = {id(m.weight) for m in module.modules()
                      if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and m.weight is not None}

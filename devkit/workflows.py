@@ -306,6 +306,328 @@ def weight_grid() -> Workflow:
     return wf
 
 
+# ----------------------------------------------------------------------------- flow-matching DiT families
+# One workflow per family (issue 19), wired like core's stock templates: UNETLoader + CLIPLoader (the family's type)
+# + VAELoader, the family's latent node and shift node; the domain model is a text-free LoRA on the base's own
+# weights (Load Domain UNet reads core-format LoRAs), text-free by the ENCODED EMPTY PROMPT fed to empty_prompt.
+
+# name -> the tiny model family (devkit/tiny_families.py) the tests serve under the workflow's file names
+DIT_WORKFLOWS: dict[str, str] = {}
+# placeholder file name -> (model folder, tiny family, seed): what the tests put under that name
+DIT_FILES: dict[str, tuple[str, str, int]] = {}
+# text-encoder / VAE / clip-vision placeholder -> the tiny family whose stand-in the run test uses
+DIT_ENCODERS: dict[str, str] = {}
+
+COL_LOAD, COL_TEXT, COL_DIT_SAMPLE, COL_DIT_OUT = 0, 440, 920, 1340
+
+
+def _dit_file(folder: str, name: str, family: str, seed: int = 0) -> str:
+    DIT_FILES[name] = (folder, family, seed)
+    return name
+
+
+def _dit_loaders(wf: Workflow, family: str, unet: str, clip: str | tuple, clip_type: str | None, vae: str,
+                 domain: str, shift_node: str | None, shift: float, base_title: str, seed: int = 0):
+    """UNETLoader (+ shift node) -> Load Domain UNet, the text encoder and the VAE: group 1."""
+    load = wf.add("UNETLoader", (COL_LOAD, 0), title=base_title, size=(360, 82),
+                  unet_name=_dit_file("diffusion_models", unet, family, seed), weight_dtype="default")
+    model, members = load, [load]
+    if shift_node:
+        model = wf.add(shift_node, (COL_LOAD, 130), title=f"Shift {shift} (as core's template)", size=(360, 58),
+                       model=load[0], shift=shift)
+        members.append(model)
+    dom = wf.add("InDomainLoadDomainUNet", (COL_LOAD, 230), title="Load Domain UNet (text-free LoRA of this base)",
+                 size=(360, 82), model=model[0], domain_unet_name=_dit_file("domain_unets", domain, family, seed))
+    members.append(dom)
+    if isinstance(clip, tuple):  # SD3.5: clip_l + clip_g + t5xxl
+        enc = wf.add("TripleCLIPLoader", (COL_LOAD, 360), size=(360, 106), clip_name1=clip[0], clip_name2=clip[1],
+                     clip_name3=clip[2])
+        for c in clip:
+            DIT_ENCODERS[c] = family
+    else:
+        enc = wf.add("CLIPLoader", (COL_LOAD, 360), title="Text encoder", size=(360, 106), clip_name=clip,
+                     type=clip_type, device="default")
+        DIT_ENCODERS[clip] = family
+    vae_node = wf.add("VAELoader", (COL_LOAD, 520), size=(360, 58), vae_name=vae)
+    DIT_ENCODERS[vae] = family
+    members += [enc, vae_node]
+    wf.group("1. Models (base, domain LoRA, text encoder, VAE)", members, BLUE)
+    return model, dom, enc, vae_node
+
+
+def _dit_prompts(wf: Workflow, clip, positive: str, negative: str, extra: list | None = None,
+                 neg_title: str = "Negative prompt (u: the base's unconditional)"):
+    """Positive, negative and the ENCODED EMPTY PROMPT (the domain pass's text): group 2."""
+    pos = wf.add("CLIPTextEncode", (COL_TEXT, 0), title="Positive prompt (text control)", size=(400, 150),
+                 text=positive, clip=clip[0])
+    neg = wf.add("CLIPTextEncode", (COL_TEXT, 210), title=neg_title, size=(400, 150), text=negative, clip=clip[0])
+    empty = wf.add("CLIPTextEncode", (COL_TEXT, 420), title="Empty prompt (domain pass: text-free)", size=(400, 100),
+                   text="", clip=clip[0])
+    wf.group("2. Prompts (empty prompt -> empty_prompt)", [pos, neg, empty] + (extra or []), ORANGE)
+    return pos, neg, empty
+
+
+def _dit_ksampler(wf: Workflow, x, y, model, domain, pos, neg, empty, latent, steps, cfg, sampler, scheduler,
+                  title=None):
+    return wf.add("InDomainKSampler", (x, y), title=title or f"Domain KSampler (cfg {cfg}, domain weight {DOMAIN_WEIGHT})",
+                  size=(340, 500), model=model[0], domain_model=domain[0], seed=SEED, steps=steps, cfg=cfg,
+                  domain_weight=DOMAIN_WEIGHT, sampler_name=sampler, scheduler=scheduler, positive=pos,
+                  negative=neg, latent_image=latent, denoise=1.0, domain_on_controlnet=False,
+                  domain_start_percent=0.0, domain_end_percent=1.0, empty_prompt=empty[0])
+
+
+def _dit_output(wf: Workflow, samples, vae, prefix: str, video: bool, x: int = COL_DIT_OUT):
+    decode = wf.add("VAEDecode", (x, 0), size=(210, 46), samples=samples, vae=vae[0])
+    if video:
+        save = wf.add("SaveAnimatedWEBP", (x, 100), size=(400, 460), images=decode[0], filename_prefix=prefix,
+                      fps=16.0, lossless=False, quality=90, method="default")
+    else:
+        save = wf.add("SaveImage", (x, 100), size=(400, 420), images=decode[0], filename_prefix=prefix)
+    wf.group("Output", [decode, save], PURPLE)
+    return decode, save
+
+
+_DIT_NOTE_TAIL = ("\n\nThe domain model is a text-free LoRA on this base's own weights (trained with empty captions, "
+                  "e.g. by core's Train LoRA node; put it in models/domain_unets). The domain pass reads the ENCODED "
+                  "EMPTY PROMPT (empty_prompt) plus the negative's non-text inputs; u is the base on your negative. "
+                  "domain_weight 0 = core's sampler with the same cfg.")
+
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                "三条腿，背景人很多，倒着走")
+QWEN_TE, QWEN_VAE = "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors"
+WAN_TE, WAN_VAE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"
+
+
+def _register(name: str, family: str, wf: Workflow) -> Workflow:
+    DIT_WORKFLOWS[name] = family
+    return wf
+
+
+def qwen_image() -> Workflow:
+    name = "indomain_10_qwen_image"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "qwen_image", "qwen_image_fp8_e4m3fn.safetensors", QWEN_TE, "qwen_image",
+                                         QWEN_VAE, "my_qwen_image_domain.safetensors", "ModelSamplingAuraFlow", 3.1,
+                                         "Qwen-Image (frozen base)")
+    latent = wf.add("EmptySD3LatentImage", (COL_TEXT, 580), size=(315, 106), width=1328, height=1328, batch_size=1)
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat wearing a hat, sitting on a chair", "blurry, low quality",
+                                   extra=[latent])
+    ks = _dit_ksampler(wf, COL_DIT_SAMPLE, 0, model, dom, pos[0], neg[0], empty, latent[0], 20, 2.5, "euler", "simple")
+    wf.group("3. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/qwen_image", video=False)
+    wf.note("Qwen-Image, text-guided in-domain generation.\n\ncfg 2.5 (control weight), domain_weight 2.0, "
+            "20 steps euler simple, shift 3.1 (core's template)." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 330))
+    return _register(name, "qwen_image", wf)
+
+
+def qwen_image_edit() -> Workflow:
+    name = "indomain_11_qwen_image_edit"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "qwen_image", "qwen_image_edit_fp8_e4m3fn.safetensors", QWEN_TE,
+                                         "qwen_image", QWEN_VAE, "my_qwen_image_edit_domain.safetensors",
+                                         "ModelSamplingAuraFlow", 3.0, "Qwen-Image-Edit (frozen base)", seed=1)
+    image = wf.add("LoadImage", (COL_TEXT, 0), title="Image to edit", size=(340, 314), image=INPUT_IMAGE)
+    scale = wf.add("ImageScale", (COL_TEXT, 380), title="Scale to 1024 x 1024 (about 1 megapixel)", size=(340, 130),
+                   image=image[0], upscale_method="lanczos", width=1024, height=1024, crop="center")
+    encode = wf.add("VAEEncode", (COL_TEXT, 540), size=(210, 46), pixels=scale[0], vae=vae[0])
+    wf.group("2. Image to edit (its latent is the start and the reference)", [image, scale, encode], RED)
+    x = COL_TEXT + 420
+    pos = wf.add("TextEncodeQwenImageEdit", (x, 0), title="Edit instruction (with the image: reference latent)",
+                 size=(400, 170), prompt="make it a watercolor painting", clip=clip[0], vae=vae[0], image=scale[0])
+    neg = wf.add("TextEncodeQwenImageEdit", (x, 240), title="Negative (with the image: u keeps the reference)",
+                 size=(400, 170), prompt="", clip=clip[0], vae=vae[0], image=scale[0])
+    empty = wf.add("CLIPTextEncode", (x, 480), title="Empty prompt (domain pass: text-free)", size=(400, 100),
+                   text="", clip=clip[0])
+    wf.group("3. Prompts (the reference latent rides on positive and negative)", [pos, neg, empty], ORANGE)
+    ks = _dit_ksampler(wf, x + 440, 0, model, dom, pos[0], neg[0], empty, encode[0], 20, 2.5, "euler", "simple")
+    wf.group("4. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/qwen_image_edit", video=False, x=x + 860)
+    wf.note("Qwen-Image-Edit, domain-guided editing.\n\nTextEncodeQwenImageEdit attaches the image's reference "
+            "latent to the instruction and to the negative; the domain pass takes the negative's reference latent "
+            "with the empty prompt's text, so u, the edit term and the domain term all see the image.\ncfg 2.5, "
+            "domain_weight 2.0, 20 steps euler simple, shift 3.0." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 380))
+    return _register(name, "qwen_image", wf)
+
+
+def _wan_latent(wf, x, y, width, height, length):
+    return wf.add("EmptyHunyuanLatentVideo", (x, y), title="Video size (Wan)", size=(315, 130), width=width,
+                  height=height, length=length, batch_size=1)
+
+
+def wan21_t2v() -> Workflow:
+    name = "indomain_12_wan21_t2v"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "wan21", "wan2.1_t2v_1.3B_fp16.safetensors", WAN_TE, "wan", WAN_VAE,
+                                         "my_wan21_t2v_domain.safetensors", "ModelSamplingSD3", 8.0,
+                                         "Wan 2.1 T2V (frozen base)")
+    latent = _wan_latent(wf, COL_TEXT, 580, 832, 480, 33)
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat walking through tall grass, sunny day", WAN_NEGATIVE,
+                                   extra=[latent], neg_title="Negative prompt (Wan's stock negative: u)")
+    ks = _dit_ksampler(wf, COL_DIT_SAMPLE, 0, model, dom, pos[0], neg[0], empty, latent[0], 30, 6.0, "uni_pc", "simple")
+    wf.group("3. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/wan21_t2v", video=True)
+    wf.note("Wan 2.1 text-to-video in your domain.\n\nThe negative (Wan's long stock text) gives u; the domain "
+            "pass reads the EMPTY prompt, not the negative.\ncfg 6.0, domain_weight 2.0, 30 steps uni_pc simple, "
+            "shift 8." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 340))
+    return _register(name, "wan21", wf)
+
+
+def wan21_i2v() -> Workflow:
+    name = "indomain_13_wan21_i2v"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "wan21_i2v", "wan2.1_i2v_480p_14B_fp16.safetensors", WAN_TE, "wan",
+                                         WAN_VAE, "my_wan21_i2v_domain.safetensors", "ModelSamplingSD3", 8.0,
+                                         "Wan 2.1 I2V (frozen base)")
+    pos, neg, empty = _dit_prompts(wf, clip, "the cat turns its head and blinks", WAN_NEGATIVE,
+                                   neg_title="Negative prompt (Wan's stock negative: u)")
+    x = COL_TEXT + 440
+    cv = wf.add("CLIPVisionLoader", (x, 0), size=(340, 58), clip_name="clip_vision_h.safetensors")
+    DIT_ENCODERS["clip_vision_h.safetensors"] = "wan21_i2v"
+    image = wf.add("LoadImage", (x, 110), title="Start image", size=(340, 314), image=INPUT_IMAGE)
+    cve = wf.add("CLIPVisionEncode", (x, 480), size=(340, 78), clip_vision=cv[0], image=image[0], crop="none")
+    i2v = wf.add("WanImageToVideo", (x, 620), title="Wan Image to Video (concat latent + clip vision on both)",
+                 size=(340, 210), positive=pos[0], negative=neg[0], vae=vae[0], clip_vision_output=cve[0],
+                 start_image=image[0], width=512, height=512, length=33, batch_size=1)
+    wf.group("3. Start image (reaches u, the text term and the domain term)", [cv, image, cve, i2v], RED)
+    ks = _dit_ksampler(wf, x + 400, 0, model, dom, i2v[0], i2v[1], empty, i2v[2], 20, 6.0, "uni_pc", "simple")
+    wf.group("4. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/wan21_i2v", video=True, x=x + 820)
+    wf.note("Wan 2.1 image-to-video in your domain.\n\nWanImageToVideo puts the start image's concat latent and "
+            "clip-vision output on positive and negative; the domain pass takes them from the negative with the "
+            "empty prompt's text (only the text is removed).\ncfg 6.0, domain_weight 2.0, 20 steps uni_pc simple, "
+            "shift 8." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 380))
+    return _register(name, "wan21_i2v", wf)
+
+
+def wan22_two_experts() -> Workflow:
+    """Core's stock Wan 2.2 14B layout (two experts, two KSamplerAdvanced split at step 10 of 20), with one domain
+    LoRA per expert applied by Apply Domain Guidance on each expert's model."""
+    name = "indomain_14_wan22_two_experts"
+    wf = Workflow(name)
+    members = []
+    experts = []
+    for i, (which, seed) in enumerate((("high", 0), ("low", 1))):
+        y = i * 300
+        load = wf.add("UNETLoader", (COL_LOAD, y), title=f"Wan 2.2 {which}-noise expert (frozen)", size=(360, 82),
+                      unet_name=_dit_file("diffusion_models", f"wan2.2_t2v_{which}_noise_14B_fp8_scaled.safetensors",
+                                          "wan21", seed), weight_dtype="default")
+        shift = wf.add("ModelSamplingSD3", (COL_LOAD, y + 120), title="Shift 8.0", size=(360, 58), model=load[0],
+                       shift=8.0)
+        dom = wf.add("InDomainLoadDomainUNet", (COL_LOAD, y + 210), title=f"Domain LoRA of the {which}-noise expert",
+                     size=(360, 82), model=shift[0],
+                     domain_unet_name=_dit_file("domain_unets", f"my_wan22_{which}_noise_domain.safetensors", "wan21",
+                                                seed))
+        members += [load, shift, dom]
+        experts.append((shift, dom))
+    clip = wf.add("CLIPLoader", (COL_LOAD, 620), title="Text encoder", size=(360, 106), clip_name=WAN_TE, type="wan",
+                  device="default")
+    vae = wf.add("VAELoader", (COL_LOAD, 780), size=(360, 58), vae_name=WAN_VAE)
+    DIT_ENCODERS[WAN_TE] = DIT_ENCODERS[WAN_VAE] = "wan21"
+    wf.group("1. Models (two experts, a domain LoRA each)", members + [clip, vae], BLUE)
+    latent = _wan_latent(wf, COL_TEXT, 580, 640, 640, 81)
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat walking through tall grass, sunny day", WAN_NEGATIVE,
+                                   extra=[latent], neg_title="Negative prompt (Wan's stock negative: u)")
+    x = COL_DIT_SAMPLE
+    patched, samplers = [], []
+    for i, ((shift, dom), which) in enumerate(zip(experts, ("high", "low"))):
+        patched.append(wf.add("InDomainApplyGuidance", (x, i * 560), title=f"Apply Domain Guidance ({which}-noise "
+                              f"expert, w_d {DOMAIN_WEIGHT})", size=(340, 190), model=shift[0], domain_model=dom[0],
+                              domain_weight=DOMAIN_WEIGHT, domain_on_controlnet=False, domain_start_percent=0.0,
+                              domain_end_percent=1.0, empty_prompt=empty[0]))
+    x2 = x + 400
+    high = wf.add("KSamplerAdvanced", (x2, 0), title="KSampler (Advanced): high-noise steps 0-10",
+                  size=(340, 334), model=patched[0][0], add_noise="enable", noise_seed=SEED, steps=20, cfg=3.5,
+                  sampler_name="euler", scheduler="simple", positive=pos[0], negative=neg[0], latent_image=latent[0],
+                  start_at_step=0, end_at_step=10, return_with_leftover_noise="enable")
+    low = wf.add("KSamplerAdvanced", (x2, 560), title="KSampler (Advanced): low-noise steps 10-20",
+                 size=(340, 334), model=patched[1][0], add_noise="disable", noise_seed=0, steps=20, cfg=3.5,
+                 sampler_name="euler", scheduler="simple", positive=pos[0], negative=neg[0], latent_image=high[0],
+                 start_at_step=10, end_at_step=10000, return_with_leftover_noise="disable")
+    wf.group("3. Two experts, each with its domain term (step split 10 of 20)", patched + [high, low], GREEN)
+    _dit_output(wf, low[0], vae, "indomain/wan22_two_experts", video=True, x=x2 + 420)
+    wf.note("Wan 2.2 14B text-to-video with its two experts, as core's template: the high-noise expert runs steps "
+            "0-10 and the low-noise expert steps 10-20 (KSampler Advanced). Each expert has its own domain LoRA "
+            "(trained on that expert) applied by Apply Domain Guidance, so the domain term switches with the "
+            "expert.\ncfg 3.5, domain_weight 2.0 on both, 20 steps euler simple, shift 8." + _DIT_NOTE_TAIL,
+            (COL_LOAD, 900), size=(360, 420))
+    return _register(name, "wan21", wf)
+
+
+def z_image() -> Workflow:
+    name = "indomain_15_z_image"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "zimage", "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2",
+                                         "ae.safetensors", "my_z_image_domain.safetensors", "ModelSamplingAuraFlow",
+                                         3.0, "Z-Image base (frozen; Lumina 2 works the same)")
+    latent = wf.add("EmptySD3LatentImage", (COL_TEXT, 580), size=(315, 106), width=1024, height=1024, batch_size=1)
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat wearing a hat, sitting on a chair", "blurry, low quality",
+                                   extra=[latent])
+    ks = _dit_ksampler(wf, COL_DIT_SAMPLE, 0, model, dom, pos[0], neg[0], empty, latent[0], 30, 4.0, "euler", "simple")
+    wf.group("3. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/z_image", video=False)
+    wf.note("Z-Image (base, real CFG) / Lumina 2, text-guided in-domain generation.\n\nLumina 2: its model file, "
+            "its text encoder (gemma 2 2B, type lumina2) and shift 6.\ncfg 4.0, domain_weight 2.0, 30 steps euler "
+            "simple, shift 3.0. Z-Image-Turbo (distilled, cfg 1) is not a base for this." + _DIT_NOTE_TAIL,
+            (COL_LOAD, 640), size=(360, 360))
+    return _register(name, "zimage", wf)
+
+
+def sd35() -> Workflow:
+    name = "indomain_16_sd35"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "sd3", "sd3.5_medium.safetensors",
+                                         ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"), None,
+                                         "sd35_vae.safetensors", "my_sd35_domain.safetensors", "ModelSamplingSD3", 3.0,
+                                         "SD3.5 (frozen base)")
+    latent = wf.add("EmptySD3LatentImage", (COL_TEXT, 580), size=(315, 106), width=1024, height=1024, batch_size=1)
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat wearing a hat, sitting on a chair", "blurry, low quality",
+                                   extra=[latent])
+    ks = _dit_ksampler(wf, COL_DIT_SAMPLE, 0, model, dom, pos[0], neg[0], empty, latent[0], 28, 4.5, "euler",
+                       "sgm_uniform")
+    wf.group("3. Decoupled sampling", [ks], GREEN)
+    _dit_output(wf, ks[0], vae, "indomain/sd35", video=False)
+    wf.note("SD3.5 (MMDiT), text-guided in-domain generation.\n\ncfg 4.5, domain_weight 2.0, 28 steps euler "
+            "sgm_uniform, shift 3.0." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 320))
+    return _register(name, "sd3", wf)
+
+
+def flux2_klein() -> Workflow:
+    name = "indomain_17_flux2_klein"
+    wf = Workflow(name)
+    model, dom, clip, vae = _dit_loaders(wf, "flux2", "flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors",
+                                         "flux2", "flux2-vae.safetensors", "my_flux2_klein_domain.safetensors", None,
+                                         0.0, "Flux.2 Klein base (frozen; real CFG)")
+    pos, neg, empty = _dit_prompts(wf, clip, "a cat wearing a hat, sitting on a chair", "")
+    x = COL_DIT_SAMPLE
+    guider = wf.add("InDomainGuider", (x, 0), title=f"Domain Guider (cfg 4.0, domain weight {DOMAIN_WEIGHT})",
+                    size=(340, 300), model=model[0], domain_model=dom[0], positive=pos[0], negative=neg[0], cfg=4.0,
+                    domain_weight=DOMAIN_WEIGHT, domain_on_controlnet=False, domain_start_percent=0.0,
+                    domain_end_percent=1.0, empty_prompt=empty[0])
+    wf.group("3. Decoupled guidance", [guider], GREEN)
+    x2 = x + 400
+    noise = wf.add("RandomNoise", (x2, 0), size=(315, 82), noise_seed=SEED)
+    sampler_sel = wf.add("KSamplerSelect", (x2, 140), title="Sampler (euler)", size=(315, 58), sampler_name="euler")
+    sigmas = wf.add("Flux2Scheduler", (x2, 250), title="Flux.2 scheduler (50 steps)", size=(315, 106), steps=50,
+                    width=1024, height=1024)
+    latent = wf.add("EmptyFlux2LatentImage", (x2, 410), size=(315, 106), width=1024, height=1024, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (x2, 570), size=(315, 106), noise=noise[0], guider=guider[0],
+                    sampler=sampler_sel[0], sigmas=sigmas[0], latent_image=latent[0])
+    wf.group("4. Sampling", [noise, sampler_sel, sigmas, latent, sample], BLUE)
+    _dit_output(wf, sample[0], vae, "indomain/flux2_klein", video=False, x=x2 + 400)
+    wf.note("Flux.2 Klein base (real CFG), text-guided in-domain generation with the Domain Guider on "
+            "SamplerCustomAdvanced.\n\ncfg 4.0, domain_weight 2.0, 50 steps euler (Flux.2 scheduler). Chroma works "
+            "the same (CLIPLoader type chroma, EmptySD3LatentImage). Distilled Klein (4 steps, cfg 1) is not a base "
+            "for this." + _DIT_NOTE_TAIL, (COL_LOAD, 640), size=(360, 380))
+    return _register(name, "flux2", wf)
+
+
+DIT_SPECS = [qwen_image, qwen_image_edit, wan21_t2v, wan21_i2v, wan22_two_experts, z_image, sd35, flux2_klein]
+for _spec in DIT_SPECS:  # fill DIT_WORKFLOWS / DIT_FILES / DIT_ENCODERS at import
+    _spec()
+del _spec
+
+
 # Starting values of the two presets.
 DG_WEIGHT = 5.0
 GRID_DOMAIN_WEIGHTS, GRID_CFGS = "0, 1, 2, 3", "1.5, 2.5, 4"
@@ -338,7 +660,7 @@ def _train_widgets(object_info: dict) -> dict:
 
 
 SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample, train_lora_and_sample,
-         domain_guidance_preset, weight_grid]
+         domain_guidance_preset, weight_grid] + DIT_SPECS
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:

@@ -36,7 +36,7 @@ Sampling (nodes/)
         options for it (transformer_options["sample_sigmas"] included); copy them before adding to them.
     uses_empty_prompt(domain_patcher) -> bool
         True when the model is text-free by the encoded empty prompt (DiT LoRAs: no constants): its pass
-        gets the empty prompt's text and the negative's non-text conditioning (nodes/conditioning.py
+        gets the empty prompt's text and the negative's non-text conditioning (sampling/conditioning.py
         text_free_conditioning), and the sampling nodes refuse to run without an `empty_prompt`.
 
 A new form: a module here with a DomainModelForm subclass, its file check in

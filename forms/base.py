@@ -196,6 +196,6 @@ class DomainModelForm:
 
     def uses_empty_prompt(self, domain_patcher) -> bool:
         """True: the model is text-free by the encoded empty prompt (DiT LoRAs), so its pass must get the empty
-        prompt's text (nodes/conditioning.text_free_conditioning); False: it ignores the text it is handed (the
+        prompt's text (sampling/conditioning.text_free_conditioning); False: it ignores the text it is handed (the
         SD null-text forms, whose constants replace cross-attention; the plain baseline gets the negative)."""
         return False

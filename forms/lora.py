@@ -39,7 +39,7 @@ same projections and MLPs, or shared-weight streams), so there is no separate cr
 replace by a constant, and dropping the text tokens altogether is an input these models never saw
 (they fail with no text context). Wan has a separate cross-attention, where the paper's constants would
 be an option; this form uses the empty prompt there too (one rule for every DiT; the constants for Wan
-are not implemented). Which conditioning the domain pass gets is nodes/conditioning.py's
+are not implemented). Which conditioning the domain pass gets is sampling/conditioning.py's
 `text_free_conditioning`: the empty prompt's text, the negative's non-text conditioning.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ Key layout (what ComfyUI's LoRA loader, comfy/lora.py, reads as a LoRA of the di
 The constants exist only where the base has separate cross-attention blocks that the SD null-text
 conversion replaces (SD1.x/2.x/SDXL). A LoRA without them (every DiT family: SD3, Flux, Chroma, Flux.2,
 Lumina 2 / Z-Image, Qwen-Image, Wan; or a LoRA core's Train LoRA node wrote with empty captions) is
-text-free by its training prompt: the domain pass feeds it the encoded empty prompt (nodes/conditioning.py).
+text-free by its training prompt: the domain pass feeds it the encoded empty prompt (sampling/conditioning.py).
 
 At sampling time the adapter is a forward injection (`lora_modules.DomainInjection`): hooks add the
 low-rank term to the layer outputs of the rows that belong to the domain pass, and the

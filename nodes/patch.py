@@ -7,7 +7,7 @@ and every domain model is registered to load with the base.
 
 A domain model that is text-free by the empty prompt (DiT LoRAs) needs its own conds: an OUTER_SAMPLE
 wrapper adds them to the sampler's conds before core processes them (the empty prompt's text, the
-negative's non-text conditioning: nodes/conditioning.text_free_conditioning), so core encodes them with
+negative's non-text conditioning: sampling/conditioning.text_free_conditioning), so core encodes them with
 the run's latent, denoise mask and seed like the negative; the pre-CFG function reads them back. The
 cfg-1 shortcut is off (disable_cfg1_optimization), so u exists at cfg 1 too (guidance-distilled bases)."""
 from __future__ import annotations

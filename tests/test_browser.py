@@ -27,7 +27,10 @@ DOCS_SHOTS = host_mod.PACK_ROOT / "docs" / "screenshots"
 
 # Which model folder each loader's file combo lists (to serve the files the templates name).
 LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet",
-                  "InDomainLoadDomainUNet": "domain_unets", "InDomainExtractDomainLoRA": "domain_unets"}
+                  "InDomainLoadDomainUNet": "domain_unets", "InDomainExtractDomainLoRA": "domain_unets",
+                  # the DiT workflows (issue 19): core's separate loaders
+                  "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "TripleCLIPLoader": "text_encoders",
+                  "VAELoader": "vae", "CLIPVisionLoader": "clip_vision"}
 
 
 def files_the_templates_name(server_models: dict) -> dict:
@@ -36,12 +39,13 @@ def files_the_templates_name(server_models: dict) -> dict:
     real errors in `errored`."""
     models = {folder: dict(files) for folder, files in server_models.items()}
     stand_in = {folder: next(iter(files.values())) for folder, files in server_models.items()}
+    any_file = next(iter(stand_in.values()))  # folders the tests serve nothing in: any file (never loaded here)
     for _, ui_path, _ in FILES:
         for node in json.loads(ui_path.read_text())["nodes"]:
             folder = LOADER_FOLDERS.get(node["type"])
             for value in node.get("widgets_values") or []:
                 if folder and isinstance(value, str) and value.endswith(".safetensors"):
-                    models[folder].setdefault(value, stand_in[folder])
+                    models.setdefault(folder, {}).setdefault(value, stand_in.get(folder, any_file))
     return models
 
 

@@ -10,7 +10,10 @@ from indomain.client import ComfyClient, apply_overrides
 from indomain.devkit import workflow_check as check
 from indomain.devkit import workflows as specs
 
-FILES = specs.workflow_files()
+# The flow-matching DiT workflows (specs.DIT_WORKFLOWS) need their own models and loader stand-ins: validated and run
+# by tests/test_dit_workflows.py; here they only count as templates (listing, thumbnails).
+ALL_FILES = specs.workflow_files()
+FILES = [f for f in ALL_FILES if f[0] not in specs.DIT_WORKFLOWS]
 EXPECTED = {"indomain_1_unconditional", "indomain_2_text_guided", "indomain_3_controlnet", "indomain_4_img2img",
             "indomain_5_multi_guidance", "indomain_6_train_and_sample", "indomain_7_domain_guidance",
             "indomain_8_weight_grid"}
@@ -41,9 +44,9 @@ def _tiny(obj):
 
 
 def test_every_workflow_is_there_with_its_api_twin():
-    names = {name for name, _, _ in FILES}
+    names = {name for name, _, _ in ALL_FILES}
     assert EXPECTED <= names, f"missing workflows: {EXPECTED - names}"
-    for name, ui, api in FILES:
+    for name, ui, api in ALL_FILES:
         assert api.is_file(), f"{ui.name} has no API twin at {api}"
     assert not list(specs.API_DIR.glob("*.json")) or {p.stem for p in specs.API_DIR.glob("*.json")} == names
 
