@@ -98,7 +98,10 @@ else
     # the whole suite there.
     PASS_TESTS="${INDOMAIN_SECOND_PASS_TESTS:-tests/test_host.py tests/test_sampling.py tests/test_multiterm.py
         tests/test_core_followups.py tests/test_training_node.py tests/test_training_node_watch.py
-        tests/test_workflows.py tests/test_client.py tests/test_lora_sampling.py tests/test_browser.py}" \
+        tests/test_workflows.py tests/test_client.py tests/test_lora_sampling.py tests/test_browser.py
+        tests/test_families.py tests/test_dit_sampling.py tests/test_dit_workflows.py tests/test_dit_training.py
+        tests/test_companions.py tests/test_lora_companions.py tests/test_reliability_stacking.py
+        tests/test_lora_architectures.py}" \
         run_pass "pass 2" "$SECOND_VENV" "$SECOND_HOST" "$@"
 fi
 
