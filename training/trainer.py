@@ -187,6 +187,7 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
     resume_file = None if out_path is None else resume_path_for(out_path)
     check_text_input(model_patcher, clip, config)
     data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw)
+    check_dit_conditioning(model_patcher, clip, data.size_hw)
     if config.buckets:
         log.info("InDomain training: aspect-ratio buckets (latent HxW: images) %s", data.source.bucket_counts)
     # resume state read and checked before building anything expensive
@@ -267,6 +268,20 @@ def check_text_input(model_patcher, clip, config: TrainConfig) -> None:
     if flow and config.preview_every:
         raise TrainingInputError(f"previews while training are not implemented for flow-matching DiTs ({family}) "
                                  "yet: set preview_every to 0 and sample the saved LoRA with Domain KSampler.")
+
+
+def check_dit_conditioning(model_patcher, clip, size_hw) -> None:
+    """A DiT's empty-prompt conditioning, built once up front: image conditioning (reference latents, I2V) and
+    concat-latent models are refused by name as input errors, before any model is copied."""
+    from ..forms.model import dit_empty_prompt, is_flow_model
+    from ..guidance.checkpoint import DomainCheckpointError
+
+    if not is_flow_model(model_patcher):
+        return
+    try:
+        dit_empty_prompt(model_patcher, clip, tuple(size_hw))
+    except DomainCheckpointError as e:
+        raise TrainingInputError(str(e)) from None
 
 
 def prepare_images(image_dir, config: TrainConfig):
