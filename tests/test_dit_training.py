@@ -1,6 +1,6 @@
 """Training a text-free LoRA-form domain model for the flow-matching DiT families through the pack's trainer
 (tiny random models from core's classes, devkit/tiny_families.py; CPU float32; a procedural latent-space domain,
-devkit/dit_training.py: vertical stripes).
+devkit/dit_training.py: a colour cast in latent space).
 
 - The flow objective (training/objective.py) against ComfyUI's own model_sampling: the shift map, x_t, the
   model's timestep, the denoised mapping; sigma histograms follow the family's shift (a Kolmogorov-Smirnov
@@ -9,8 +9,8 @@ devkit/dit_training.py: vertical stripes).
   sigmas recomputed by core's percent_to_sigma, and the trainer's velocity-space loss equals the x0-space
   error of core's BaseModel.apply_model (through a CFGGuider at cfg 1) divided by sigma^2, per sample.
 - Per family: the loss falls over 40 steps; the file is core's LoRA key format (core's load_lora_for_models
-  loads every key); decoupled samples (Domain Guider with the empty prompt) move toward the stripes by the
-  stripe statistic, against the base's samples.
+  loads every key); decoupled samples (Domain Guider with the empty prompt, domain weight 2, cfg 0) move toward
+  the domain by the domain statistic (the cast), against the base's samples (domain weight 0).
 - Resume equals an uninterrupted run (1e-6) for Wan 2.1 (5-D single-frame clips).
 - Refusals by name: Wan I2V (concat latents), reference latents, no text input, a form other than lora,
   previews.
@@ -30,9 +30,11 @@ import pytest
 import torch
 
 from indomain.devkit import tiny_families as tf
-from indomain.devkit.dit_training import domain_latents, stripe_score
+from indomain.devkit.dit_training import domain_latents, domain_score
 
-TRAINED = ["sd3", "chroma", "flux2", "lumina2", "zimage", "wan21", "wan22", "qwen_image"]
+# Flux.2 (its 512 padded text tokens make it the slowest tiny family: ~40 s here) is covered by the objective and
+# loss tests above; Chroma stands for the Flux class in training
+TRAINED = ["sd3", "chroma", "lumina2", "zimage", "wan21", "wan22", "qwen_image"]
 FLOW = [n for n in tf.FAMILIES]
 STEPS, LR, RANK = 40, 1e-3, 4
 
@@ -59,8 +61,8 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def _latents(name, stripes=True, n=8, seed=1):
-    return domain_latents(tf.latent_channels(name), n, 8, 8, seed=seed, stripes=stripes)
+def _latents(name, domain=True, n=8, seed=1, sign=1.0):
+    return domain_latents(tf.latent_channels(name), n, 8, 8, seed=seed, domain=domain, sign=sign)
 
 
 # ----------------------------------------------------------------------------- the objective vs model_sampling
@@ -227,7 +229,15 @@ def test_training_lowers_the_loss_writes_core_lora_keys_and_moves_samples_to_the
     from indomain.sampling.domain_model import load_domain_model
 
     out = tmp_path / f"{name}_domain.safetensors"
-    base, result = _train(name, out)
+    # the domain's cast points away from where the untrained base's own samples lie (a random tiny model may
+    # already sample with some cast): moving there is the domain model's doing
+    with torch.no_grad():
+        untrained = tf.build(name)
+        empty = tf.empty_cond(name)
+        base_score = float(domain_score(tf.sample(untrained, empty, empty, tf.latent(name, batch=4, seed=11), steps=8,
+                                                  cfg=1.0, seed=11)).mean())
+    sign = -1.0 if base_score > 0 else 1.0
+    base, result = _train(name, out, latents=_latents(name, sign=sign))
     losses = result.losses
     k = 8
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
@@ -248,9 +258,9 @@ def test_training_lowers_the_loss_writes_core_lora_keys_and_moves_samples_to_the
     with torch.no_grad():
         ref = _decoupled(base, domain, name, 0.0)
         moved = _decoupled(base, domain, name, 2.0)
-    before, after = float(stripe_score(ref).mean()), float(stripe_score(moved).mean())
-    data_score = float(stripe_score(_latents(name)).mean())
-    assert after - before > 0.15 * data_score, (name, before, after, data_score)
+    before, after = sign * float(domain_score(ref).mean()), sign * float(domain_score(moved).mean())
+    data_score = sign * float(domain_score(_latents(name, sign=sign)).mean())  # ~1: the cast's amplitude
+    assert after - before > 0.5 * data_score, (name, before, after, data_score)
 
 
 @pytest.mark.parametrize("name", ["wan21"])
