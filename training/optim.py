@@ -3,6 +3,7 @@ gradient checkpointing, and turning ComfyUI's inference tensors into trainable o
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -61,6 +62,24 @@ def enable_grad_checkpointing(unet: torch.nn.Module) -> int:
 
         b.forward = fwd
     return len(blocks)
+
+
+@contextmanager
+def core_training_mode():
+    """ComfyUI's own training flag for the duration of a run (newer cores, 0.33: `model_management.in_training`,
+    which core's Train LoRA node sets): with it the DiTs' rotary embeddings run as differentiable torch code
+    instead of comfy_kitchen kernels that have no backward. Cores without the flag: nothing to do."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def adds_in_place(model: torch.nn.Module) -> bool:

@@ -30,7 +30,7 @@ from .data import EncodedImages, TrainingInputError, check_resolution, display_n
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from ..forms.model import base_meta, empty_prompt, trained_calibration
-from .optim import EMA, adds_in_place, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
+from .optim import EMA, adds_in_place, autocast_dtype, core_training_mode, ema_decay_at, enable_grad_checkpointing, materialise_
 from .outputs import Previewer, Saver
 from .resume import load_resume_state, restore_optimisation, restore_weights
 from .lock import OutputLock, remove_partials
@@ -194,7 +194,7 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
     saved = load_resume_state(resume_file, config, world, data.fingerprint) if resume else None
 
     device = comfy.model_management.get_torch_device()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), core_training_mode():
         run = _build(model_patcher, clip, data, config, device, saved)
         _restore(run, saved, device, world)
         # SDXL's size conditioning differs per bucket shape (SD1.x's empty prompt does not depend on it)
