@@ -285,6 +285,8 @@ def latent_list(latents):
             continue
         samples = lat["samples"] if isinstance(lat, dict) else lat
         out += list(samples.detach().float().cpu())
+    if out and len({tuple(x.shape) for x in out}) == 1:
+        return torch.stack(out)  # one size: trained at that size (whatever the VAE's factor, e.g. Wan 2.2's 16)
     return out or None
 
 
