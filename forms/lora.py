@@ -229,8 +229,10 @@ class LoRAForm(DomainModelForm):
 
     # -- training
     def build_trainable(self, base_patcher, clip, calib_latents, seed, device) -> Trainable:
-        from .model import make_null_text_unet
+        from .model import is_flow_model, make_null_text_unet
 
+        if is_flow_model(base_patcher):
+            return self._dit_trainable(base_patcher, clip, tuple(calib_latents.shape[-2:]), seed, device)
         unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device)
         add_lora_layers(unet, self.rank, self.alpha, seed)
         return Trainable(unet, prompt, dict(record, lora={"rank": self.rank, "alpha": self.alpha}))
@@ -242,9 +244,29 @@ class LoRAForm(DomainModelForm):
         if lora.get("rank") not in (None, self.rank) or lora.get("alpha") not in (None, self.alpha):
             raise DomainCheckpointError(f"cannot resume: the run used rank {lora.get('rank')} / alpha {lora.get('alpha')}, "
                                         f"this one rank {self.rank} / alpha {self.alpha}. Use the original settings.")
+        from .model import is_flow_model
+
+        if is_flow_model(base_patcher):
+            return self._dit_trainable(base_patcher, clip, latent_hw, 0, None, record)
         unet = convert_to_null_text(detached_unet_copy(base_patcher))  # zero constants: the state holds the values
         add_lora_layers(unet, self.rank, self.alpha, 0)
         return Trainable(unet, empty_prompt(base_patcher, clip, latent_hw), record)
+
+    def _dit_trainable(self, base_patcher, text, latent_hw, seed, device, record=None) -> Trainable:
+        """Flow-matching DiTs: the adapter on every Linear/Conv of the base's own diffusion model, no constants;
+        text-free by the encoded empty prompt, which every training step feeds (and the sampler feeds the domain
+        pass). The file holds core's LoRA keys only, so core's LoRA loader reads it too."""
+        from .model import detached_unet_copy, dit_empty_prompt
+
+        prompt = dit_empty_prompt(base_patcher, text, latent_hw)
+        unet = detached_unet_copy(base_patcher)
+        if device is not None:
+            unet.to(device)
+        add_lora_layers(unet, self.rank, self.alpha, seed)
+        if record is None:
+            record = {"text_free": "empty_prompt", "prompt": "", "seed": seed,
+                      "lora": {"rank": self.rank, "alpha": self.alpha}}
+        return Trainable(unet, prompt, record)
 
     def trainable_parameters(self, module):
         return [(n, p) for n, p in module.named_parameters() if n.endswith(("lora_down", "lora_up"))]

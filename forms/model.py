@@ -39,10 +39,39 @@ def trained_calibration(record: dict, prompt: EmptyPrompt) -> dict:
     return record if prompt.y is None else dict(record, **{TRAINED_Y_KEY: vector_to_json(prompt.y[:1])})
 
 
-def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]) -> EmptyPrompt:
-    """Encode "" with the checkpoint's own text encoder and let the model build its extra inputs."""
-    tokens = clip.tokenize("")
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+def is_conditioning(text) -> bool:
+    """Whether `text` is a ComfyUI CONDITIONING (a list of [tensor, dict]) rather than a CLIP."""
+    return (isinstance(text, (list, tuple)) and len(text) > 0 and isinstance(text[0], (list, tuple))
+            and len(text[0]) == 2 and isinstance(text[0][0], torch.Tensor) and isinstance(text[0][1], dict))
+
+
+def encoded_empty_prompt(text) -> list:
+    """The encoded empty prompt as a CONDITIONING: `text` is one already (CLIP Text Encode of ""), or a CLIP
+    that encodes "" here (the family's own text encoder)."""
+    if is_conditioning(text):
+        return [[text[0][0], dict(text[0][1])]]
+    out = text.encode_from_tokens(text.tokenize(""), return_pooled=True, return_dict=True)
+    cond = out.pop("cond")
+    return [[cond, out]]
+
+
+def is_flow_model(model_patcher) -> bool:
+    """A flow-matching (CONST) model: SD3/3.5, Flux, Chroma, Flux.2, Lumina 2 / Z-Image, Qwen-Image, Wan."""
+    import comfy.model_sampling as ms
+
+    return isinstance(model_patcher.get_model_object("model_sampling"), ms.CONST)
+
+
+def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]):
+    """Encode "" with the checkpoint's own text encoder (or take the given encoded empty prompt) and let the
+    model build its extra inputs. Flow-matching DiTs get a DiTPrompt (dit_empty_prompt)."""
+    if is_flow_model(model_patcher):
+        return dit_empty_prompt(model_patcher, clip, latent_hw)
+    if is_conditioning(clip):
+        cond, pooled = clip[0][0], clip[0][1].get("pooled_output")
+    else:
+        tokens = clip.tokenize("")
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     base = model_patcher.model
     h, w = latent_hw
     noise = torch.zeros(1, base.latent_format.latent_channels, h, w)
@@ -51,6 +80,90 @@ def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]) -> EmptyPrompt
     context = extra["c_crossattn"].cond if "c_crossattn" in extra else cond
     y = extra["y"].cond if "y" in extra else None
     return EmptyPrompt(context.detach().float().cpu(), None if y is None else y.detach().float().cpu())
+
+
+# conditioning a text-free domain model of a DiT cannot be trained with: (key, what it is)
+NON_TEXT_CONDITIONING = (
+    ("reference_latents", "reference latents (Qwen-Image-Edit, Kontext, Flux.2 editing)"),
+    ("concat_latent_image", "image-to-video concat latents (Wan I2V / WanImageToVideo)"),
+    ("concat_mask", "image-to-video concat mask (Wan I2V)"),
+    ("clip_vision_output", "a CLIP vision output (Wan I2V, unCLIP)"),
+)
+
+
+class DiTPrompt:
+    """The encoded empty prompt as a DiT's diffusion model takes it: `context` plus the family's extra inputs
+    (SD3/Flux pooled `y`, Flux `guidance`, Lumina `num_tokens`, ...), built by the model's own extra_conds
+    exactly as ComfyUI's sampler builds them, at batch 1."""
+
+    y = None   # (no SDXL-style size vector: trained_calibration stores nothing extra)
+
+    def __init__(self, context: torch.Tensor, extra: dict):
+        self.context = context
+        self.extra = extra
+
+    def expand(self, batch: int, device, dtype) -> dict:
+        def one(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            return v.expand(batch, *v.shape[1:]) if v.ndim and v.shape[0] == 1 else v
+
+        out = {"context": one(self.context)}
+        out.update({k: one(v) for k, v in self.extra.items()})
+        return out
+
+
+def model_latent_shape(model_patcher, latent_hw: tuple[int, int], batch: int = 1) -> tuple[int, ...]:
+    """[B, C, h, w], or [B, C, 1, h, w] for the families with video latents (Wan, Qwen-Image)."""
+    lf = model_patcher.model.latent_format
+    h, w = latent_hw
+    if getattr(lf, "latent_dimensions", 2) == 3:
+        return (batch, lf.latent_channels, 1, h, w)
+    return (batch, lf.latent_channels, h, w)
+
+
+def dit_empty_prompt(model_patcher, text, latent_hw: tuple[int, int]) -> DiTPrompt:
+    """The DiT's inputs for the encoded empty prompt (`text`: a CONDITIONING or a CLIP). Image conditioning is
+    refused by name: the domain model is trained text-free and image-free (the sampler adds it to u and D)."""
+    from ..guidance.checkpoint import DomainCheckpointError
+
+    cond = encoded_empty_prompt(text)
+    cross, extras = cond[0]
+    family = type(model_patcher.model.model_config).__name__
+    for key, what in NON_TEXT_CONDITIONING:
+        if extras.get(key) is not None:
+            raise DomainCheckpointError(
+                f"the empty-prompt conditioning carries {what} ('{key}'): training a domain model for {family} with "
+                "image conditioning is not supported. Connect the plain encoded empty prompt (CLIP Text Encode "
+                "with an empty text); at sampling time the reference / I2V inputs reach the domain model from the "
+                "negative.")
+    base = model_patcher.model
+    shape = model_latent_shape(model_patcher, latent_hw)
+    noise = torch.zeros(shape)
+    # as core's encode_model_conds builds them (its width/height defaults included)
+    params = {k: v for k, v in extras.items() if k != "model_conds"}
+    params.update(cross_attn=cross, noise=noise, device="cpu")
+    params.setdefault("width", shape[3] * 8)
+    params.setdefault("height", shape[2] * 8)
+    params.setdefault("prompt_type", "negative")
+    built = base.extra_conds(**params)
+    if "c_concat" in built:
+        raise DomainCheckpointError(
+            f"{family} takes concat latents (an image-to-video or inpainting model, e.g. Wan 2.1 I2V): training a "
+            "domain model for it is not supported. Train the domain on the family's text-to-video / image model "
+            "(e.g. Wan 2.1 T2V) instead.")
+    out = {}
+    for k, c in built.items():
+        v = getattr(c, "cond", c)
+        if isinstance(v, torch.Tensor):
+            v = v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+        out[k] = v
+    context = out.pop("c_crossattn", None)
+    if context is None:
+        raise DomainCheckpointError(f"{family}: the empty prompt gave no text context (c_crossattn); connect the "
+                                    "encoded empty prompt of the family's own text encoder.")
+    return DiTPrompt(context, out)
 
 
 def unload_model(model_patcher) -> None:

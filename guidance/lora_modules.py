@@ -38,6 +38,16 @@ class LoRALayer(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
 
+    # the wrapped layer's weight and bias, for model code that reads them from the layer it calls (0.33's
+    # comfy.ops.linear_input_act in Wan's MLP reads `linear.weight` before calling it)
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
     def forward(self, x, *args, **kwargs):
         return self.base(x, *args, **kwargs) + low_rank_term(self.base, x, self.lora_down, self.lora_up,
                                                              self.alpha / self.rank)

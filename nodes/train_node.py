@@ -50,9 +50,13 @@ class TrainDomainUNet(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (from Load Checkpoint) the domain UNet starts from. "
                                "It is not modified."),
-                io.Clip.Input("clip", tooltip="The base checkpoint's CLIP: encodes the empty prompt once, to calibrate "
-                              "the constants that replace cross-attention."),
-                io.Vae.Input("vae", tooltip="The base checkpoint's VAE: encodes the images once (cached on disk)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The base checkpoint's CLIP (or the family's text encoder from Load CLIP): encodes "
+                              "the empty prompt once (SD: to calibrate the constants that replace cross-attention; "
+                              "DiTs: the conditioning of every step). Not needed when 'empty_prompt' is connected."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The base checkpoint's VAE: encodes the images once (cached on disk). Not needed "
+                             "when training on 'latents'."),
                 io.Combo.Input("image_folder", options=[""] + input_subfolders(),
                                tooltip="Subfolder of ComfyUI's input folder holding the domain images (searched "
                                "recursively; jpg/png/webp/bmp). No captions needed. A few hundred images are typical; at "
@@ -127,6 +131,22 @@ class TrainDomainUNet(io.ComfyNode):
                 io.Combo.Input("save_precision", options=["fp16", "fp32"], optional=True, default="fp16",
                                tooltip="Precision of the weights in the saved file: fp16 (half the size; ComfyUI "
                                "casts on load) or fp32 (exact training weights, twice the size)."),
+                io.Conditioning.Input("empty_prompt", optional=True,
+                                      tooltip="The ENCODED EMPTY PROMPT (CLIP Text Encode with an empty text, from the "
+                                      "model's own text encoder): what every training step is conditioned on. For "
+                                      "flow-matching DiTs loaded with Load Diffusion Model (Qwen-Image, Wan, Z-Image / "
+                                      "Lumina 2, SD3.5, Chroma, Flux.2) connect this instead of 'clip'. Reference "
+                                      "latents / image-to-video inputs on it are refused (the domain model is text- and "
+                                      "image-free; the sampler adds them)."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Train on these latents instead of images (no VAE needed): a LATENT batch "
+                                "(images [B,C,h,w]; for Wan / Qwen-Image [B,C,1,h,w] single-frame clips, or [B,C,T,h,w] "
+                                "clips), e.g. from VAE Encode or Load Latent. Leave image_folder empty."),
+                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal"], optional=True,
+                               default="uniform",
+                               tooltip="Flow-matching DiTs only: how training draws noise levels. uniform: t ~ U(0,1) "
+                               "moved by the model's shift (as its sampler; a ModelSamplingSD3/Flux/AuraFlow node's "
+                               "shift applies); logit_normal: t = sigmoid(N(0,1)) then the shift (SD3's training)."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -142,24 +162,26 @@ class TrainDomainUNet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED,
-                        save_precision=None) -> bool | str:
+                        save_precision=None, latents=_NOT_CONNECTED, timestep_sampling=None) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
         reloads, and an absolute path is valid when the server owner opted in. `images` is absent from the
         call when nothing is connected to it (a link arrives as None)."""
         from ..training.data import TrainingInputError
 
         image_folder, crop, form = _single(image_folder), _single(crop), _single(form)  # is_input_list: lists
+        timestep_sampling = _single(timestep_sampling)
         if image_folder is not None and str(image_folder).strip():  # empty: the connected images alone
             try:
                 resolve_image_folder(image_folder)
             except TrainingInputError as e:
                 return str(e)
-        elif images is _NOT_CONNECTED:
+        elif images is _NOT_CONNECTED and latents is _NOT_CONNECTED:
             return ("no training images: image_folder is empty and nothing is connected to 'images'. Pick a "
                     "subfolder of ComfyUI's input folder, or connect an IMAGE (Load Image, a dataset loader, ...).")
         return first_problem(combo_problem("crop", crop, ["center", "random"]),
                              combo_problem("form", form, ["full", "lora"]),
-                             combo_problem("save_precision", _single(save_precision), ["fp16", "fp32"]))
+                             combo_problem("save_precision", _single(save_precision), ["fp16", "fp32"]),
+                             combo_problem("timestep_sampling", timestep_sampling, ["uniform", "logit_normal"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
@@ -192,26 +214,34 @@ class TrainDomainUNet(io.ComfyNode):
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
                 grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
                 images=None, form="full", rank=32, alpha=0.0, overwrite=False,
-                save_precision="fp16") -> io.NodeOutput:
+                save_precision="fp16", empty_prompt=None, latents=None,
+                timestep_sampling="uniform") -> io.NodeOutput:
         from ..training.loss_curve import loss_map
         from ..training.preview import progress_preview, side_by_side
         from ..training.config import refuse_taken_output
-        from ..training.trainer import TrainConfig, prepare_images, train
+        from ..training.data import TrainingInputError
+        from ..training.trainer import TrainConfig, prepare_images, train, train_on_latents
 
         # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
         (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
          save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-         preview_steps, buckets, form, rank, alpha, overwrite, save_precision) = (_single(v) for v in (
+         preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling) = (_single(v) for v in (
             model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
             save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-            preview_steps, buckets, form, rank, alpha, overwrite, save_precision))
+            preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling))
+        from ..forms.model import is_conditioning
+
+        if empty_prompt is not None and not is_conditioning(empty_prompt):
+            empty_prompt = _single(empty_prompt)  # is_input_list: [CONDITIONING]
         ensure_base_model(model)
         # learning_rate 0 (the widget's default): the form's own (TrainConfig.with_defaults)
         config = TrainConfig(steps=steps, lr=learning_rate or None, batch_size=batch_size, resolution=resolution, seed=seed,
                              save_every=save_every, ema_decay=ema_decay, crop=crop, hflip=hflip, grad_accum=grad_accum,
                              grad_checkpointing=grad_checkpointing, buckets=buckets, preview_every=preview_every,
                              preview_prompt=preview_prompt, preview_steps=preview_steps, form=form,
-                             lora_rank=rank, lora_alpha=alpha, save_precision=save_precision)
+                             lora_rank=rank, lora_alpha=alpha, save_precision=save_precision,
+                             timestep_sampling=timestep_sampling or "uniform")
+        text = empty_prompt if empty_prompt is not None else clip  # the encoded empty prompt, or what encodes it
         # bad folder / resolution: fail before any work; no folder = the connected images alone
         scan = (prepare_images(resolve_image_folder(image_folder), config, within=image_root(image_folder))
                 if str(image_folder or "").strip() else None)
@@ -227,10 +257,22 @@ class TrainDomainUNet(io.ComfyNode):
         def on_preview(step, total, pictures):
             pbar.update_absolute(step, total, progress_preview(side_by_side([im for _label, im in pictures])))
 
+        latent_batch = latent_list(latents)
+        if latent_batch is not None and (scan is not None or images is not None):
+            raise TrainingInputError("connect either images (image_folder / 'images') or 'latents', not both.")
+        if latent_batch is None and vae is None:
+            raise TrainingInputError("training on images needs the checkpoint's VAE: connect 'vae' (or train on "
+                                     "'latents').")
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(model, clip, vae, scan.folder if scan is not None else None, config, out_path,
-                           resume=resume, progress=progress, should_stop=comfy.model_management.processing_interrupted,
-                           scan=scan, images=images, on_preview=on_preview)
+            if latent_batch is not None:
+                result = train_on_latents(model, text, latent_batch, config, out_path, resume=resume, progress=progress,
+                                          should_stop=comfy.model_management.processing_interrupted, vae=vae,
+                                          on_preview=on_preview)
+            else:
+                result = train(model, text, vae, scan.folder if scan is not None else None, config, out_path,
+                               resume=resume, progress=progress,
+                               should_stop=comfy.model_management.processing_interrupted,
+                               scan=scan, images=images, on_preview=on_preview)
         if result.interrupted:
             log.info("InDomain training interrupted at step %d; saved %s (resume with 'resume' on)",
                      result.steps_done, out_path)
@@ -240,6 +282,22 @@ class TrainDomainUNet(io.ComfyNode):
         if result.loss_curve_path is not None:
             log.info("InDomain training: loss curve %s", result.loss_curve_path)
         return io.NodeOutput(domain, name, loss_map(result.losses))
+
+
+def latent_list(latents):
+    """The LATENT input(s) (is_input_list: a list of LATENT dicts) as one list of per-sample latents, or None."""
+    if latents is None:
+        return None
+    items = latents if isinstance(latents, list) else [latents]
+    out = []
+    for lat in items:
+        if lat is None:
+            continue
+        samples = lat["samples"] if isinstance(lat, dict) else lat
+        out += list(samples.detach().float().cpu())
+    if out and len({tuple(x.shape) for x in out}) == 1:
+        return torch.stack(out)  # one size: trained at that size (whatever the VAE's factor, e.g. Wan 2.2's 16)
+    return out or None
 
 
 def _single(value):

@@ -30,9 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an InDomain text-free domain UNet from a folder of unlabelled images and a base checkpoint. "
                     "The result loads in ComfyUI with the 'Load Domain UNet' node.",
         epilog="Several GPUs: torchrun --nproc_per_node N -m indomain.training ... (same options; batch size is per GPU).")
-    p.add_argument("--base", required=True, help="base checkpoint (.safetensors) the domain UNet starts from, "
-                   "e.g. ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors")
-    p.add_argument("--images", required=True, help="folder of domain images (searched recursively; jpg/png/webp/bmp)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", help="base checkpoint (.safetensors: model, CLIP and VAE) the domain model starts "
+                      "from, e.g. ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors")
+    base.add_argument("--diffusion-model", help="a diffusion model file alone (ComfyUI/models/diffusion_models: "
+                      "Qwen-Image, Wan, Z-Image / Lumina 2, SD3.5, Chroma, Flux.2); give --empty-prompt or --clip, "
+                      "and --latents (or --images with --vae)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--images", help="folder of domain images (searched recursively; jpg/png/webp/bmp)")
+    data.add_argument("--latents", help="train on latents instead of images: a .latent / .safetensors file as core's "
+                      "Save Latent writes it ('latent_tensor' [N,C,h,w], or [N,C,T,h,w] clips for Wan / Qwen-Image)")
+    p.add_argument("--vae", help="with --diffusion-model and --images: the family's VAE file")
+    p.add_argument("--clip", action="append", default=None, help="with --diffusion-model: the family's text encoder "
+                   "file(s) (repeat for several), to encode the empty prompt once; see --clip-type")
+    p.add_argument("--clip-type", default="stable_diffusion", help="core's CLIP type of --clip (as Load CLIP's 'type': "
+                   "sd3, flux, flux2, chroma, lumina2, wan, qwen_image, ...)")
+    p.add_argument("--empty-prompt", help="the encoded empty prompt as a .safetensors file: 'cross_attn' [1,T,D] and the "
+                   "family's other conditioning tensors (e.g. 'pooled_output'; a 0-d 'guidance'); instead of --clip")
+    p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform",
+                   help="flow-matching DiTs: uniform t moved by the model's shift (default), or logit-normal t then the shift")
     p.add_argument("--out", required=True, help="output name or path; a bare NAME is saved as "
                    "ComfyUI/models/domain_unets/NAME.safetensors")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
@@ -111,7 +127,49 @@ def config_from_args(args):
         form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir,
         keep_resume_state=not args.drop_resume_state, lora_rank=args.rank, lora_alpha=args.alpha or 0.0,
         save_precision=args.save_precision, buckets=args.buckets, preview_every=args.preview_every,
-        preview_prompt=args.preview_prompt, preview_steps=args.preview_steps)
+        preview_prompt=args.preview_prompt, preview_steps=args.preview_steps,
+        timestep_sampling=args.timestep_sampling)
+
+
+def check_input_file(option: str, value: str) -> Path:
+    from .data import TrainingInputError
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise TrainingInputError(f"{option}: file not found: {path}.")
+    if path.suffix.lower() not in (".safetensors", ".sft", ".latent"):
+        raise TrainingInputError(f"{option} {path.name}: only .safetensors files are loaded (pickle files can run code).")
+    return path
+
+
+def load_latents(path) -> "torch.Tensor":
+    """A latent file as core's Save Latent writes it ('latent_tensor'), or with a 'samples' tensor."""
+    import safetensors.torch
+
+    from .data import TrainingInputError
+
+    sd = safetensors.torch.load_file(str(path), device="cpu")
+    for key in ("latent_tensor", "samples"):
+        if key in sd:
+            x = sd[key].float()
+            if "latent_format_version_0" not in sd and key == "latent_tensor":
+                x = x * (1.0 / 0.18215)  # core's Load Latent: files without the marker hold scaled SD1 latents
+            return x
+    raise TrainingInputError(f"--latents {Path(path).name}: no 'latent_tensor' (or 'samples') tensor in the file.")
+
+
+def load_empty_prompt(path) -> list:
+    """--empty-prompt FILE -> CONDITIONING [[cross_attn, {other keys}]] (0-d tensors become numbers)."""
+    import safetensors.torch
+
+    from .data import TrainingInputError
+
+    sd = safetensors.torch.load_file(str(path), device="cpu")
+    if "cross_attn" not in sd:
+        raise TrainingInputError(f"--empty-prompt {Path(path).name}: no 'cross_attn' tensor (the encoded empty prompt's "
+                                 "text embedding, [1, tokens, width]).")
+    extras = {k: (float(v) if v.ndim == 0 else v) for k, v in sd.items() if k != "cross_attn"}
+    return [[sd["cross_attn"], extras]]
 
 
 def preflight(args, config):
@@ -123,13 +181,21 @@ def preflight(args, config):
     from .distributed import setup_distributed
     from .trainer import prepare_images
 
-    scan = prepare_images(args.images, config)
-    base = Path(args.base).expanduser()
-    if not base.is_file():
-        raise TrainingInputError(f"base checkpoint not found: {base}. Pass the .safetensors file your domain "
-                                 "UNet should start from (e.g. ComfyUI/models/checkpoints/...).")
-    if base.suffix.lower() not in (".safetensors", ".sft"):
-        raise TrainingInputError(f"{base.name}: only .safetensors checkpoints are loaded (pickle files can run code).")
+    config.validate()
+    scan = prepare_images(args.images, config) if args.images else None
+    for option, value in (("--base", args.base), ("--diffusion-model", args.diffusion_model), ("--latents", args.latents),
+                          ("--vae", args.vae), ("--empty-prompt", args.empty_prompt)):
+        if value:
+            check_input_file(option, value)
+    for value in args.clip or []:
+        check_input_file("--clip", value)
+    if args.diffusion_model and not (args.clip or args.empty_prompt):
+        raise TrainingInputError("--diffusion-model needs the encoded empty prompt (every step is conditioned on it): "
+                                 "give --empty-prompt FILE, or --clip FILE with --clip-type for the family's text encoder.")
+    if args.diffusion_model and args.images and not args.vae:
+        raise TrainingInputError("--diffusion-model with --images needs the family's VAE (--vae FILE), or train on "
+                                 "--latents.")
+    base = Path(args.base or args.diffusion_model).expanduser()
     rank, _world, _local = setup_distributed()
     import_comfy(cpu=True if args.cpu else None)
     out_path = resolve_out(args.out)
@@ -253,18 +319,41 @@ def _run(args, config, scan, base, rank, out_path) -> int:
 
     import comfy.sd
 
-    from .trainer import train
+    from .trainer import train, train_on_latents
 
     if rank == 0:
-        print(f"InDomain training: {scan.count} images in {scan.folder}"
-              + (f" ({len(scan.skipped)} skipped)" if scan.skipped else "") + f" -> {out_path}", flush=True)
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=True, output_clip=True)
+        what = (f"latents {args.latents}" if scan is None else f"{scan.count} images in {scan.folder}"
+                + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+        print(f"InDomain training: {what} -> {out_path}", flush=True)
+    if args.base:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=True, output_clip=True)
+    else:
+        model = comfy.sd.load_diffusion_model(str(base))
+        clip = vae = None
+        if args.vae:
+            import comfy.utils
+
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True))
+        if args.clip:
+            clip_type = getattr(comfy.sd.CLIPType, args.clip_type.upper(), None)
+            if clip_type is None:
+                print(f"error: --clip-type {args.clip_type!r} is not one of this ComfyUI's CLIP types "
+                      f"({', '.join(t.name.lower() for t in comfy.sd.CLIPType)})", file=sys.stderr)
+                return 2
+            clip = comfy.sd.load_clip(ckpt_paths=list(args.clip), clip_type=clip_type)
+    if args.empty_prompt:
+        clip = load_empty_prompt(args.empty_prompt)  # the encoded empty prompt itself (takes precedence)
     progress, close_bar = progress_bar(config.steps, rank)
     try:
         with CtrlC() as ctrl_c:
-            result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
-                           should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path),
-                           base_name=base.name)
+            if args.latents:
+                result = train_on_latents(model, clip, load_latents(args.latents), config, out_path,
+                                          resume=args.resume, progress=progress, should_stop=lambda: ctrl_c.requested,
+                                          vae=vae, on_preview=say_preview(out_path), base_name=base.name)
+            else:
+                result = train(model, clip, vae, scan.folder, config, out_path, resume=args.resume, progress=progress,
+                               should_stop=lambda: ctrl_c.requested, scan=scan, on_preview=say_preview(out_path),
+                               base_name=base.name)
     except TrainingInputError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

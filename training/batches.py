@@ -23,8 +23,39 @@ def model_resolution_factor(model_patcher, vae=None) -> int:
     if vae is not None:
         r = getattr(vae, "downscale_ratio", 8)
         vae_ratio = r if isinstance(r, int) else 8
-    levels = len(model_patcher.model.model_config.unet_config.get("channel_mult", [1]))
+    unet_config = model_patcher.model.model_config.unet_config
+    if "channel_mult" not in unet_config:  # a transformer: latents must be whole patches
+        patch = unet_config.get("patch_size", 1) or 1
+        patch = max(patch) if isinstance(patch, (list, tuple)) else int(patch)
+        return vae_ratio * max(1, patch)
+    levels = len(unet_config.get("channel_mult", [1]))
     return vae_ratio * 2 ** max(0, levels - 1)
+
+
+def flow_objective(model_sampling, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0):
+    """The FlowObjective of a flow-matching (CONST) model_sampling, with its shift and timestep multiplier as
+    the model samples (a ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow node's setting included:
+    the trainer reads the patched model's model_sampling). None for eps / v models (their objective is
+    forms.model.native_target)."""
+    import math
+
+    import comfy.model_sampling as ms
+
+    from .objective import FlowObjective
+
+    if not isinstance(model_sampling, ms.CONST):
+        return None
+    if isinstance(model_sampling, ms.ModelSamplingFlux):      # sigma = flux_time_shift(mu, 1, t), timestep = sigma
+        shift, multiplier = math.exp(float(model_sampling.shift)), 1.0
+    elif isinstance(model_sampling, ms.ModelSamplingDiscreteFlow):  # time_snr_shift(shift, t), timestep = sigma * mult
+        shift, multiplier = float(model_sampling.shift), float(model_sampling.multiplier)
+    else:
+        raise TrainingInputError(f"training flow-matching models sampled by {type(model_sampling).__name__} is not "
+                                 "supported (InDomain trains ModelSamplingDiscreteFlow and ModelSamplingFlux "
+                                 "families: SD3, Flux, Chroma, Flux.2, Lumina 2 / Z-Image, Qwen-Image, Wan).")
+    return FlowObjective(shift=shift, multiplier=multiplier, timestep_sampling=timestep_sampling,
+                         logit_mean=logit_mean, logit_std=logit_std)
 
 
 @dataclass
@@ -38,6 +69,8 @@ class TrainingData:
     model_sampling: object
     fingerprint: str
     info: dict
+    objective: object = None            # training.objective.FlowObjective for flow-matching models, else None
+    video_latents: bool = False         # the model takes [B, C, T, h, w] (Wan, Qwen-Image): images become 1-frame clips
 
     @classmethod
     def prepare(cls, model_patcher, latents, flipped_latents, config, data_info: dict | None,
@@ -68,12 +101,23 @@ class TrainingData:
         info.setdefault("images", len(source))
         fingerprint = info.get("fingerprint") or hashlib.sha256(
             b"".join(x.numpy().tobytes() for x in source.latents[:64])).hexdigest()
-        return cls(source, size_hw, latent_format, cpu_model_sampling(model_patcher), fingerprint, info)
+        model_sampling = cpu_model_sampling(model_patcher)
+        objective = flow_objective(model_sampling, config.timestep_sampling, config.logit_mean, config.logit_std)
+        if objective is None and config.timestep_sampling != "uniform":
+            raise TrainingInputError("timestep_sampling 'logit_normal' is for flow-matching models (SD3, Flux, Wan, "
+                                     "Qwen-Image, ...); this model is trained on uniform discrete timesteps.")
+        video = getattr(latent_format, "latent_dimensions", 2) == 3
+        return cls(source, size_hw, latent_format, model_sampling, fingerprint, info, objective, video)
+
+    def model_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Image latents [B, C, h, w] as the model takes them: single-frame clips [B, C, 1, h, w] for video
+        families; clips [B, C, T, h, w] stay as they are."""
+        return x.unsqueeze(2) if self.video_latents and x.ndim == 4 else x
 
     def calibration_latents(self, config) -> torch.Tensor:
         """The first `calibration_images` latents of the run's order, uncropped-flip-free, processed."""
         n = min(len(self.source), max(1, config.calibration_images))
-        return self.latent_format.process_in(self.source.calibration_latents(config.seed, n))
+        return self.latent_format.process_in(self.model_latents(self.source.calibration_latents(config.seed, n)))
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -83,8 +127,14 @@ class TrainingData:
     def micro_batch(self, config, micro_step: int, rank: int, world: int, device):
         """(model input, timestep, target) of one micro-batch, on `device`."""
         gen = step_generator(config.seed, "batch", micro_step, rank)
-        x0 = self.latent_format.process_in(self.source.micro_batch(config.seed, micro_step, rank, config.batch_size,
-                                                                   world, gen, config.hflip))
+        x0 = self.latent_format.process_in(self.model_latents(self.source.micro_batch(
+            config.seed, micro_step, rank, config.batch_size, world, gen, config.hflip)))
+        if self.objective is not None:  # flow matching: the model's shifted schedule, velocity target
+            sigma = self.objective.draw_sigmas(x0.shape[0], gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            xc = self.objective.noisy(x0, noise, sigma)   # CONST models take x_t as it is (calculate_input)
+            t = self.objective.timestep(sigma)
+            return xc.to(device), t.to(device), self.objective.target(x0, noise).to(device)
         sigma = sample_sigmas(self.model_sampling, x0.shape[0], gen)
         noise = torch.randn(x0.shape, generator=gen)
         xc, t, x_noisy = noisy_inputs(self.model_sampling, x0, sigma, noise)

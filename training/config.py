@@ -51,6 +51,9 @@ class TrainConfig:
     preview_every: int = 0             # sample the EMA model every N steps (and at the end); 0 = off
     preview_prompt: str = ""           # also preview this prompt through decoupled guidance
     preview_steps: int = 20            # sampling steps per preview picture
+    timestep_sampling: str = "uniform"  # flow-matching models: "uniform" t then the model's shift | "logit_normal"
+    logit_mean: float = 0.0            # logit_normal: t = sigmoid(N(logit_mean, logit_std)), then the shift
+    logit_std: float = 1.0
 
     def with_defaults(self) -> "TrainConfig":
         """These settings with what was left to the form filled in (lr None -> the form's DEFAULT_LR): what a
@@ -90,6 +93,10 @@ class TrainConfig:
             problems.append(f"preview_every must be >= 0 (got {self.preview_every})")
         if self.preview_steps < 1:
             problems.append(f"preview_steps must be >= 1 (got {self.preview_steps})")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            problems.append(f"timestep_sampling must be 'uniform' or 'logit_normal' (got {self.timestep_sampling!r})")
+        if not (self.logit_std > 0 and math.isfinite(self.logit_std) and math.isfinite(self.logit_mean)):
+            problems.append(f"logit_std must be > 0 and logit_mean finite (got {self.logit_mean}, {self.logit_std})")
         if self.form not in FORMS:
             problems.append(f"form must be one of {', '.join(FORMS)} (got {self.form!r})")
         if problems:

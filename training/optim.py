@@ -3,6 +3,7 @@ gradient checkpointing, and turning ComfyUI's inference tensors into trainable o
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -25,11 +26,27 @@ def materialise_(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _on_copies(fn, *args, **kwargs):
+    """fn on copies of its tensor arguments: a block that adds to its input in place (Flux's `img += ...`) must
+    not change the input the checkpoint saved for recomputation."""
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return fn(*(copy(a) for a in args), **{k: copy(v) for k, v in kwargs.items()})
+
+
 def enable_grad_checkpointing(unet: torch.nn.Module) -> int:
     """Recompute each UNet block's activations in the backward pass (less memory, ~30% slower)."""
     from torch.utils.checkpoint import checkpoint
 
     blocks = []
+    # SD UNets: input/middle/output blocks; DiTs: their transformer block lists (SD3 joint_blocks, Flux
+    # double/single_blocks, Wan blocks, Lumina layers/refiners, Qwen-Image transformer_blocks)
+    for attr in ("joint_blocks", "double_blocks", "single_blocks", "blocks", "layers", "noise_refiner",
+                 "context_refiner", "transformer_blocks"):
+        lst = getattr(unet, attr, None)
+        if isinstance(lst, torch.nn.ModuleList):
+            blocks += list(lst)
     for attr in ("input_blocks", "output_blocks"):
         blocks += list(getattr(unet, attr, []) or [])
     mid = getattr(unet, "middle_block", None)
@@ -40,11 +57,36 @@ def enable_grad_checkpointing(unet: torch.nn.Module) -> int:
 
         def fwd(*args, _inner=inner, **kwargs):
             if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_on_copies, _inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
 
         b.forward = fwd
     return len(blocks)
+
+
+@contextmanager
+def core_training_mode():
+    """ComfyUI's own training flag for the duration of a run (newer cores, 0.33: `model_management.in_training`,
+    which core's Train LoRA node sets): with it the DiTs' rotary embeddings run as differentiable torch code
+    instead of comfy_kitchen kernels that have no backward. Cores without the flag: nothing to do."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def adds_in_place(model: torch.nn.Module) -> bool:
+    """Diffusion models whose blocks add to their inputs in place (Flux, Chroma, Flux.2: `img += ...`), which
+    autograd refuses to differentiate; their blocks are always checkpointed (recomputed in the backward pass),
+    as core's Train LoRA node does for them."""
+    return type(model).__module__.startswith(("comfy.ldm.flux", "comfy.ldm.chroma"))
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device):

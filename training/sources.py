@@ -24,8 +24,9 @@ class LatentSource:
 
     def __init__(self, latents, flipped=None, size_hw: tuple[int, int] | None = None, crop: str = "center"):
         if isinstance(latents, torch.Tensor):
-            if latents.ndim != 4:
-                raise TrainingInputError(f"latents must be [N, C, H, W]; got shape {tuple(latents.shape)}")
+            if latents.ndim not in (4, 5):
+                raise TrainingInputError(f"latents must be [N, C, H, W] (or [N, C, T, H, W] clips); got shape "
+                                         f"{tuple(latents.shape)}")
             latents = list(latents)
         if isinstance(flipped, torch.Tensor):
             flipped = list(flipped)
@@ -80,5 +81,5 @@ class LatentSource:
                 left = int(torch.randint(0, w - tw + 1, (), generator=gen))
             else:
                 top, left = (h - th) // 2, (w - tw) // 2
-            out.append(src[:, top:top + th, left:left + tw])
+            out.append(src[..., top:top + th, left:left + tw])
         return torch.stack(out)

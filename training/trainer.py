@@ -30,7 +30,7 @@ from .data import EncodedImages, TrainingInputError, check_resolution, display_n
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from ..forms.model import base_meta, empty_prompt, trained_calibration
-from .optim import EMA, autocast_dtype, ema_decay_at, enable_grad_checkpointing, materialise_
+from .optim import EMA, adds_in_place, autocast_dtype, core_training_mode, ema_decay_at, enable_grad_checkpointing, materialise_
 from .outputs import Previewer, Saver
 from .resume import base_identity, check_same_base, load_resume_state, restore_optimisation, restore_weights
 from .lock import OutputLock, remove_partials
@@ -75,7 +75,7 @@ def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device,
         p.requires_grad_(True)
     module.to(device)
     module.train()
-    if config.grad_checkpointing:
+    if config.grad_checkpointing or adds_in_place(module):
         enable_grad_checkpointing(module)
     ema = EMA(module)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
@@ -145,6 +145,12 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "form": config.form, **({"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
                                 if config.form == "lora" else {}),
+        **({"objective": {"target": "velocity (noise - x0)", "loss": "MSE in velocity space",
+                          "shift": data.objective.shift, "timestep_multiplier": data.objective.multiplier,
+                          "timestep_sampling": data.objective.timestep_sampling,
+                          **({"logit_mean": data.objective.logit_mean, "logit_std": data.objective.logit_std}
+                             if data.objective.timestep_sampling == "logit_normal" else {})}}
+           if data.objective is not None else {}),
         "save_precision": config.save_precision, "data_fingerprint": data.fingerprint, "trainer": "indomain.training",
         **({"buckets": data.source.bucket_counts} if config.buckets else {}),
     }
@@ -185,14 +191,16 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
 
     rank, world = dist_info()
     resume_file = None if out_path is None else resume_path_for(out_path)
+    check_text_input(model_patcher, clip, config)
     data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw)
+    check_dit_conditioning(model_patcher, clip, data.size_hw)
     if config.buckets:
         log.info("InDomain training: aspect-ratio buckets (latent HxW: images) %s", data.source.bucket_counts)
     # resume state read and checked before building anything expensive
     saved = load_resume_state(resume_file, config, world, data.fingerprint) if resume else None
 
     device = comfy.model_management.get_torch_device()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), core_training_mode():
         run = _build(model_patcher, clip, data, config, device, saved, base_name)
         _restore(run, saved, device, world)
         # SDXL's size conditioning differs per bucket shape (SD1.x's empty prompt does not depend on it)
@@ -242,6 +250,44 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
                        loss_curve_path=saver.loss_curve if (saver.loss_curve is not None
                                                             and saver.loss_curve.is_file()) else None,
                        preview_paths=previewer.paths)
+
+
+def check_text_input(model_patcher, clip, config: TrainConfig) -> None:
+    """Refuse by name, before any work, what a run cannot do: no text input at all; a flow-matching DiT with a
+    form other than 'lora' or with previews (not implemented for DiTs)."""
+    from ..forms.model import is_flow_model
+
+    family = type(model_patcher.model.model_config).__name__
+    flow = is_flow_model(model_patcher)
+    if clip is None:
+        raise TrainingInputError(
+            f"no text input: training needs the encoded EMPTY prompt once (every step is conditioned on it; "
+            f"{family} " + ("fails without any text context). Connect 'empty_prompt' (CLIP Text Encode with an "
+                            "empty text, from the family's own text encoder via Load CLIP), or 'clip'; on the "
+                            "command line give --empty-prompt FILE or --clip FILE." if flow else
+                            "calibrates its null-text constants with it). Connect the checkpoint's 'clip' (or "
+                            "'empty_prompt')."))
+    if flow and config.form != "lora":
+        raise TrainingInputError(f"{family} is a flow-matching DiT: its domain model is the 'lora' form (a text-free "
+                                 f"LoRA in core's key format); form '{config.form}' needs an SD UNet's "
+                                 "cross-attention layers. Choose form 'lora'.")
+    if flow and config.preview_every:
+        raise TrainingInputError(f"previews while training are not implemented for flow-matching DiTs ({family}) "
+                                 "yet: set preview_every to 0 and sample the saved LoRA with Domain KSampler.")
+
+
+def check_dit_conditioning(model_patcher, clip, size_hw) -> None:
+    """A DiT's empty-prompt conditioning, built once up front: image conditioning (reference latents, I2V) and
+    concat-latent models are refused by name as input errors, before any model is copied."""
+    from ..forms.model import dit_empty_prompt, is_flow_model
+    from ..guidance.checkpoint import DomainCheckpointError
+
+    if not is_flow_model(model_patcher):
+        return
+    try:
+        dit_empty_prompt(model_patcher, clip, tuple(size_hw))
+    except DomainCheckpointError as e:
+        raise TrainingInputError(str(e)) from None
 
 
 def prepare_images(image_dir, config: TrainConfig, within=None):
