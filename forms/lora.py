@@ -105,8 +105,18 @@ def injection_wrapper(injection: DomainInjection, cond_indices=None):
                 kwargs = dict(kwargs, transformer_options=options)
             else:
                 args = args[:4] + (options,) + args[5:]
-        with injection.applied(executor.class_obj.diffusion_model, rows, x.shape[0]):
-            return executor(x, *args, **kwargs)
+        model = executor.class_obj
+        compiled = model.diffusion_model
+        original = getattr(compiled, "_orig_mod", None)
+        if original is not None:
+            # TorchCompileModel: a compiled graph never sees forward hooks added after it was traced (dynamo skips
+            # hook guards), so the adapter would silently drop out; forwards carrying domain rows run eagerly
+            model.diffusion_model = original
+        try:
+            with injection.applied(model.diffusion_model, rows, x.shape[0]):
+                return executor(x, *args, **kwargs)
+        finally:
+            model.diffusion_model = compiled
 
     return wrapper
 

@@ -630,7 +630,13 @@ def test_torch_compile_no_recompile_per_step(comfy, world, form, dform, monkeypa
     breaks = sum(counters["graph_break"].values())
     record_property("outcome", f"graphs per step {graphs}, graph breaks {breaks}")
     assert torch.isfinite(got).all()
-    assert graphs and graphs[0] > 0, "nothing was compiled"
+    if dform == "lora":
+        # the LoRA form's per-row injection is forward hooks, which a compiled graph never sees (dynamo skips hook
+        # guards): forwards carrying domain rows run the original module eagerly (forms/lora.py), and with the one
+        # batched forward that is every forward, so nothing is compiled; correct, not faster
+        assert graphs and graphs[-1] == 0, f"a graph was compiled around the LoRA injection: {graphs}"
+    else:
+        assert graphs and graphs[0] > 0, "nothing was compiled"
     assert graphs[-1] == graphs[1], f"dynamo compiled new graphs after the second step: {graphs} (graph breaks {breaks})"
     eager = make_setting(comfy, world, None, dform)
     eager.steps = s.steps
