@@ -168,3 +168,25 @@ def enable_stack_dumps() -> None:
 
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def timed_training(model, text, latents, cfg, device):
+    """One train_on_latents run timed per optimizer step, with its peak memory. Returns (result, PeakMemory,
+    per-step clock intervals, clock name, wall intervals): on the CPU with one torch thread the clock is the main
+    thread's CPU time (the compute, unaffected by other load), else wall-clock."""
+    import torch
+
+    from ..training.trainer import train_on_latents
+
+    stamps = []
+
+    def progress(step, total, loss, ips):
+        sync(device)
+        stamps.append((time.perf_counter(), time.thread_time()))
+
+    with PeakMemory(device) as mem:
+        res = train_on_latents(model, text, latents, cfg, out_path=None, progress=progress)
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
+    return res, mem, (cpu if cpu_clock else wall), ("main-thread CPU time" if cpu_clock else "wall-clock"), wall

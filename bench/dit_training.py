@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -32,7 +31,7 @@ def child(model_name: str, batch: int, rank: int, steps: int) -> dict:
     host.import_comfy()
     import comfy.model_management
 
-    from ..training.trainer import TrainConfig, train_on_latents
+    from ..training.trainer import TrainConfig
 
     device = comfy.model_management.get_torch_device()
     if model_name == "sd15":
@@ -44,19 +43,9 @@ def child(model_name: str, batch: int, rank: int, steps: int) -> dict:
     latents = domain_latents(channels, max(batch, 8), 8, 8, seed=0)
     cfg = TrainConfig(steps=steps, lr=1e-4, batch_size=batch, resolution=64, hflip=0.0, seed=0, save_every=0,
                       form="lora", lora_rank=rank, calibration_images=8, keep_resume_state=False)
-    stamps = []
-
-    def progress(step, total, loss, ips):
-        common.sync(device)
-        stamps.append((time.perf_counter(), time.thread_time()))
-
-    with common.PeakMemory(device) as mem:
-        res = train_on_latents(model, text, latents, cfg, out_path=None, progress=progress)
-    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
-    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
-    return {"model": model_name, "step_s": common.median(cpu if cpu_clock else wall),
-            "clock": "main-thread CPU time" if cpu_clock else "wall-clock", "wall_step_s": common.median(wall),
+    res, mem, steps_s, clock, wall = common.timed_training(model, text, latents, cfg, device)
+    return {"model": model_name, "step_s": common.median(steps_s),
+            "clock": clock, "wall_step_s": common.median(wall),
             "peak_memory_delta_mib": common.mib(mem.delta), "memory_kind": mem.kind,
             "base_params": sum(p.numel() for p in model.model.diffusion_model.parameters()),
             "adapter_numel": sum(v.numel() for v in res.state_dict.values() if v.ndim >= 2),

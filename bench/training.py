@@ -39,7 +39,7 @@ def child(args) -> dict:
     import comfy.model_management
     import comfy.sd
 
-    from ..training.trainer import TrainConfig, train_on_latents
+    from ..training.trainer import TrainConfig
 
     device = comfy.model_management.get_torch_device()
     _m, clip, _v = load_checkpoint(tiny_models.tiny_checkpoint(0))
@@ -57,22 +57,10 @@ def child(args) -> dict:
     cfg = TrainConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, resolution=args.size * 8, hflip=0.5,
                       seed=0, save_every=0, form="full" if args.variant == "null_text" else "plain", calibration_images=8,
                       keep_resume_state=False)
-    stamps = []
-
-    def progress(step, total, loss, ips):
-        common.sync(device)
-        stamps.append((time.perf_counter(), time.thread_time()))
-
-    with common.PeakMemory(device) as mem:
-        res = train_on_latents(model, clip, latents, cfg, out_path=None, progress=progress)
-    intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
-    cpu_intervals = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-    # one torch thread on CPU: the main thread's CPU time is the compute, unaffected by other load
-    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
+    res, mem, steps_s, clock, intervals = common.timed_training(model, clip, latents, cfg, device)
     trainable = sum(v.numel() for v in res.state_dict.values() if v.is_floating_point())
-    return {"variant": args.variant, "step_s": common.median(cpu_intervals if cpu_clock else intervals),
-            "clock": "main-thread CPU time" if cpu_clock else "wall-clock",
-            "wall_step_s": common.median(intervals), "intervals_s": intervals, "cpu_intervals_s": cpu_intervals,
+    return {"variant": args.variant, "step_s": common.median(steps_s), "clock": clock,
+            "wall_step_s": common.median(intervals), "intervals_s": intervals, "clock_intervals_s": steps_s,
             "peak_memory_delta_bytes": mem.delta, "memory_kind": mem.kind, "weights_numel": trainable,
             "first_loss": res.losses[0], "last_loss": res.losses[-1], "device": str(device),
             "threads": torch.get_num_threads()}
