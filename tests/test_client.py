@@ -224,11 +224,21 @@ def test_progress_shows_each_nodes_steps_for_the_training_twin(server, tmp_path)
     lines = r.stderr.splitlines()
     train_title = next(n["_meta"]["title"] for n in wf.values() if n["class_type"] == "InDomainTrainDomainUNet")
     sampler_title = next(n["_meta"]["title"] for n in wf.values() if n["class_type"] == "InDomainKSampler")
-    train_steps = [l for l in lines if train_title in l and "step " in l]
-    assert [l.rsplit("step ", 1)[1] for l in train_steps] == ["1/3", "2/3", "3/3"], r.stderr
+    train_steps = [l.rsplit("step ", 1)[1] for l in lines if train_title in l and "step " in l]
+    if _host_throttles_progress():
+        # newer cores drop a ProgressBar update that comes < 100 ms after the last one sent (the first and the
+        # final are always sent): a tiny training step can be that fast, so step 2 may not reach the client
+        assert train_steps in (["1/3", "2/3", "3/3"], ["1/3", "3/3"]), r.stderr
+    else:
+        assert train_steps == ["1/3", "2/3", "3/3"], r.stderr
     assert any(sampler_title in l and l.endswith("step 2/2") for l in lines), r.stderr
     assert any(train_title in l and l.startswith("[client] [") for l in lines)  # "[i/n] title" when it starts
     assert "queued" not in r.stderr  # the websocket view replaces the polling lines
+
+
+def _host_throttles_progress() -> bool:
+    """Whether the host's comfy.utils.ProgressBar throttles intermediate updates (0.33 does; 0.3.75 does not)."""
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in (host_mod.comfyui_dir() / "comfy" / "utils.py").read_text()
 
 
 def test_progress_falls_back_to_polling_without_websocket(server, tmp_path):
