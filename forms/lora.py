@@ -48,7 +48,7 @@ import torch
 
 from ..guidance.checkpoint import DomainCheckpointError
 from ..guidance.lora import ALPHA, DOWN, UP, DomainLoRA, LoRAFormatError
-from ..guidance.lora_modules import DomainInjection, add_lora_layers, lora_layers
+from ..guidance.lora_modules import DomainInjection, add_lora_layers, lora_layers, row_spec
 from ..guidance.nulltext import convert_to_null_text
 from .base import DOMAIN_ATTACHMENT, DomainModelForm, DomainRecord, Trainable
 
@@ -58,8 +58,10 @@ WEIGHTS_ATTACHMENT = "indomain.domain_lora_weights"  # the base's patches_uuid w
 WRAPPER_KEY = "indomain_domain_lora"
 
 
-def rows_of(transformer_options: dict, batch: int, cond_indices) -> torch.Tensor | None | bool:
-    """Batch rows belonging to the conds in `cond_indices` (None: all rows; False: none)."""
+def rows_of(transformer_options: dict, batch: int, cond_indices):
+    """Batch rows belonging to the conds in `cond_indices`, in Python (None: all rows; False: none; else a slice
+    of consecutive rows or a tuple of ints), from `cond_or_uncond` (a Python list): no tensor is read, so the
+    forward has no host sync for it."""
     if cond_indices is None:
         return None
     chunks = transformer_options.get("cond_or_uncond") or []
@@ -71,7 +73,7 @@ def rows_of(transformer_options: dict, batch: int, cond_indices) -> torch.Tensor
         return False
     if len(rows) == batch:
         return None
-    return torch.tensor(rows, dtype=torch.long)
+    return row_spec(rows)
 
 
 def _transformer_options(args, kwargs) -> dict:
@@ -97,8 +99,6 @@ def injection_wrapper(injection: DomainInjection, cond_indices=None):
         rows = rows_of(transformer_options, x.shape[0], cond_indices)
         if rows is False:
             return executor(x, *args, **kwargs)
-        if rows is not None:
-            rows = rows.to(x.device)
         options = text_rows_replace_patches(transformer_options, x.shape[0], cond_indices)
         if options is not transformer_options:
             if "transformer_options" in kwargs:
@@ -106,19 +106,22 @@ def injection_wrapper(injection: DomainInjection, cond_indices=None):
             else:
                 args = args[:4] + (options,) + args[5:]
         model = executor.class_obj
-        compiled = model.diffusion_model
-        original = getattr(compiled, "_orig_mod", None)
-        if original is not None:
-            # TorchCompileModel: a compiled graph never sees forward hooks added after it was traced (dynamo skips
-            # hook guards), so the adapter would silently drop out; forwards carrying domain rows run eagerly
-            model.diffusion_model = original
-        try:
-            with injection.applied(model.diffusion_model, rows, x.shape[0]):
-                return executor(x, *args, **kwargs)
-        finally:
-            model.diffusion_model = compiled
+        # under core's TorchCompileModel the diffusion model is the compiled module here (its APPLY_MODEL wrapper
+        # runs outside this one): the adapter goes on the original's layers, which the compiled graph traces with
+        # the adapter in it (the layers' classes are guarded, so a forward with and one without the adapter are
+        # two graphs, each compiled once)
+        unet = getattr(model.diffusion_model, "_orig_mod", model.diffusion_model)
+        with injection.applied(unet, rows, x.shape[0], device=x.device, dtype=compute_dtype(model)):
+            return executor(x, *args, **kwargs)
 
     return wrapper
+
+
+def compute_dtype(model):
+    """The dtype BaseModel.apply_model casts the diffusion model's input to (the layers' input dtype)."""
+    if hasattr(model, "get_dtype_inference"):
+        return model.get_dtype_inference()
+    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
 
 
 def text_rows_replace_patches(transformer_options: dict, batch: int, cond_indices) -> dict:

@@ -5,6 +5,7 @@ adapters (merge, SVD extraction) are in lora.py.
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 
@@ -68,10 +69,11 @@ def full_term(module: nn.Module, x: torch.Tensor, diff: torch.Tensor) -> torch.T
 
 
 def rows_for(x: torch.Tensor, rows, batch: int | None, name: str = ""):
-    """The index of `rows` (batch rows) in a layer input `x`. Most layers see the batch as dim 0; some see it
-    flattened batch-major with k entries per row (Wan 2.2's per-token timesteps: [B * T] -> k = T): the rows
-    expand to their k entries. A layer whose input is neither (e.g. something computed once for the whole batch)
-    cannot carry a per-row adapter: refused by name instead of adapting the wrong rows."""
+    """The index of `rows` (batch rows: None, a slice or a 1-D index tensor on x's device) in a layer input `x`.
+    Most layers see the batch as dim 0; some see it flattened batch-major with k entries per row (Wan 2.2's
+    per-token timesteps: [B * T] -> k = T): the rows expand to their k entries. A layer whose input is neither
+    (e.g. something computed once for the whole batch) cannot carry a per-row adapter: refused by name instead of
+    adapting the wrong rows. Shapes only: nothing here reads a tensor's values (no host sync)."""
     if rows is None or batch is None or x.shape[0] == batch:
         return rows
     n = x.shape[0]
@@ -80,8 +82,10 @@ def rows_for(x: torch.Tensor, rows, batch: int | None, name: str = ""):
                            f"{batch}; it cannot tell the domain rows apart there. Turn off the one-batched-forward "
                            "path for this model (guider.one_forward = False) and report the model family.")
     k = n // batch
-    idx = torch.arange(batch, device=x.device)[rows] if isinstance(rows, slice) else rows.to(x.device)
-    return as_slice((idx.reshape(-1, 1) * k + torch.arange(k, device=x.device)).reshape(-1))
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(batch)
+        return slice(start * k, stop * k)
+    return (rows.reshape(-1, 1) * k + torch.arange(k, device=rows.device)).reshape(-1)
 
 
 def pick_rows(v, sel, n: int):
@@ -133,6 +137,53 @@ def collect_adapter(unet: nn.Module, constants: dict[str, torch.Tensor] | None =
 # ----------------------------------------------------------------------------- sampling-time injection
 
 
+class NestedInjectionError(RuntimeError):
+    """A domain LoRA injection applied inside another on the same model: one forward call carries one injection
+    (its rows are indices into that call's whole batch, which a second one would not see)."""
+
+
+def row_spec(rows):
+    """Batch rows as the injection keeps them, in Python: None (every row), a slice (consecutive rows) or a sorted
+    tuple of ints. Ints, lists, tuples and slices are taken as they are; a tensor is read on the host once, here
+    (the sampling path passes Python rows: forms/lora.py's rows_of)."""
+    if rows is None or isinstance(rows, slice):
+        return rows
+    if isinstance(rows, torch.Tensor):
+        rows = rows.reshape(-1).tolist()
+    rows = tuple(sorted({int(r) for r in rows}))
+    if not rows:
+        return slice(0, 0)
+    if rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
+
+
+def other_rows(rows, batch: int):
+    """The rows of a batch of `batch` that are not in `rows` (a row_spec), as a row_spec. Python only."""
+    if rows is None:
+        return slice(0, 0)
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(batch)
+        if start >= stop:
+            return slice(0, batch)
+        if start == 0:
+            return slice(stop, batch)
+        if stop == batch:
+            return slice(0, start)
+        rows = range(start, stop)
+    taken = set(rows)
+    return row_spec(i for i in range(batch) if i not in taken)
+
+
+def count_of(rows, batch: int) -> int:
+    """How many rows a row_spec holds in a batch of `batch`."""
+    if rows is None:
+        return batch
+    if isinstance(rows, slice):
+        return len(range(*rows.indices(batch)))
+    return len(rows)
+
+
 class _RowConstantAttention(nn.Module):
     """Stands in for a block's attn2 for one forward call: the constant on the domain rows, the real
     cross-attention (computed on the other rows only) elsewhere.
@@ -142,44 +193,36 @@ class _RowConstantAttention(nn.Module):
     calls the patch and projects with `to_out`; here those run on the other rows only (`to_q` etc. return
     just those rows, `to_out` puts the constant back on the domain rows), so the patch acts on the text
     branch exactly as without the domain pass and never on D. The caller hands the patch the other rows'
-    `cond_or_uncond` (forms/lora.py), so a patch that splits the batch by it sees a consistent batch."""
+    `cond_or_uncond` (forms/lora.py), so a patch that splits the batch by it sees a consistent batch.
 
-    def __init__(self, attn2: nn.Module, constant: torch.Tensor, rows: torch.Tensor | slice | None):
+    One instance per block and injection, kept across calls (a compiled graph sees the same module every step);
+    the rows are Python (a slice or a tuple of ints, with the index tensor the injection built for a tuple), so
+    the forward reads no tensor value on the host."""
+
+    def __init__(self, attn2: nn.Module, constant: torch.Tensor, owner: "DomainInjection"):
         super().__init__()
         self.attn2 = attn2
         self.constant = constant
-        self.rows = rows
+        self.rows = None
+        self.owner = owner
         self._batch = None  # the batch size the replace-patch route (to_q ... to_out) started with
-        self._kept = None
 
     def _keep(self, batch: int, device):
-        """The other (non-domain) rows: a slice or an index tensor, possibly empty (computed once per batch size
-        and device: the replace-patch route asks four times per block)."""
-        key = (batch, device)
-        if self._kept is not None and self._kept[0] == key:
-            return self._kept[1]
-        if self.rows is None:
-            idx = slice(0, 0)
-        else:
-            keep = torch.ones(batch, dtype=torch.bool, device=device)
-            keep[self.rows] = False
-            idx = as_slice(keep.nonzero().reshape(-1))
-            if isinstance(idx, torch.Tensor) and idx.numel() == 0:
-                idx = slice(0, 0)
-        self._kept = (key, idx)
-        return idx
+        """The other (non-domain) rows: a slice, or an index tensor (built once per rows and device)."""
+        return self.owner.index(other_rows(self.rows, batch), device)
 
     def _constant(self, shape, like: torch.Tensor) -> torch.Tensor:
         c = self.constant.to(device=like.device, dtype=like.dtype)
         return c.expand(*shape, c.shape[0])
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None, **kwargs):
-        idx = self._keep(x.shape[0], x.device)
-        if x[idx].shape[0] == 0:  # every row is a domain row
+        batch = x.shape[0]
+        if count_of(other_rows(self.rows, batch), batch) == 0:  # every row is a domain row
             return self._constant(x.shape[:-1], x)
+        idx = self._keep(batch, x.device)
 
         def pick(t):
-            return t[idx] if isinstance(t, torch.Tensor) and t.shape[0] == x.shape[0] else t
+            return t[idx] if isinstance(t, torch.Tensor) and t.shape[0] == batch else t
 
         kw = dict(kwargs)
         if transformer_options is not None:
@@ -219,7 +262,8 @@ class _RowConstantAttention(nn.Module):
 
 
 def as_slice(rows):
-    """Consecutive row indices as a slice (indexing with it is a view, not a copy); anything else unchanged."""
+    """Consecutive row indices as a slice (indexing with it is a view, not a copy); anything else unchanged.
+    Reads a tensor on the host: not for the sampling path (see row_spec)."""
     if not isinstance(rows, torch.Tensor) or rows.numel() == 0:
         return rows
     r = rows.reshape(-1).tolist()
@@ -228,18 +272,116 @@ def as_slice(rows):
     return rows
 
 
+class _LayerState:
+    """What an adapted layer needs during one forward call (kept per layer and injection across calls, so a
+    compiled graph sees the same objects every step): the adapter tensors cast for the call's device and dtype,
+    the rows (None, a slice, or an index tensor on the device) and the batch size."""
+
+    def __init__(self, owner: "DomainInjection", name: str, adapter: LayerAdapter, module: nn.Module):
+        self.owner, self.name, self.adapter = owner, name, adapter
+        self.rows = None
+        self.batch = None
+        self.tensors = None       # (down, up, diff_b, diff) on the device/dtype the call was prepared for
+        self.twin = None          # a full weight difference on another kind of module (a norm): its own-class copy
+        if adapter.diff is not None and not isinstance(module, ADAPTED):
+            twin = copy.copy(module)
+            twin.__class__ = getattr(module, "_indomain_original_class", type(module))
+            twin.__dict__.pop("_indomain", None)
+            twin.__dict__["_parameters"] = dict(module._parameters)  # its own: functional_call swaps the twin's only
+            self.twin = twin
+
+    def tensors_for(self, x: torch.Tensor):
+        """The adapter tensors for input `x`: those prepared for the call when they match its device and dtype
+        (the usual case), else a cast of their own (cached by the injection)."""
+        t = self.tensors
+        if t is not None:
+            for v in t:
+                if v is not None:
+                    if v.dtype == x.dtype and v.device == x.device:
+                        return t
+                    break
+        return self.owner._tensors(self.name, self.adapter, x.device, x.dtype)
+
+    def apply(self, module: nn.Module, inputs: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        x = inputs[0] if inputs else next(iter(kwargs.values()))
+        down, up, diff_b, diff = self.tensors_for(x)
+        sel = rows_for(x, self.rows, self.batch, self.name)
+        xs = x if sel is None else x[sel]
+        if self.twin is not None:
+            # a full weight difference on another kind of module (a norm's scale): recompute those rows with it
+            params = dict(module._parameters)
+            params["weight"] = module.weight + diff.to(module.weight.dtype)
+            if diff_b is not None:
+                params["bias"] = module.bias + diff_b.to(module.bias.dtype)
+            args = tuple(pick_rows(v, sel, x.shape[0]) for v in inputs)
+            new = torch.func.functional_call(self.twin, params, args,
+                                             {k: pick_rows(v, sel, x.shape[0]) for k, v in kwargs.items()})
+            delta = new.to(output.dtype) - (output if sel is None else output[sel])
+        else:
+            delta = None
+            if down is not None:
+                delta = low_rank_term(module, xs, down, up, a.scale)
+            if diff is not None:
+                d = full_term(module, xs, diff)
+                delta = d if delta is None else delta + d
+            if diff_b is not None:  # channels last (Linear, LayerNorm): [..., out]; Conv, GroupNorm: [B, out, *spatial]
+                channels_first = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm))
+                b = diff_b.reshape(-1, *([1] * (output.ndim - 2))) if channels_first else diff_b
+                delta = b if delta is None else delta + b
+            if delta is None:
+                return output
+            delta = delta.to(output.dtype)
+        if torch.is_grad_enabled():  # (sampling runs without grad; keep autograd's view of the output intact)
+            if sel is None:
+                return output + delta
+            out = output.clone()
+            out[sel] = out[sel] + delta
+            return out
+        # the layer's output is a fresh tensor: add in place (no copy of the whole batch per layer)
+        if sel is None:
+            return output.add_(delta)
+        output[sel] += delta
+        return output
+
+
+def _adapted_forward(self, *args, **kwargs):
+    output = self._indomain_original_class.forward(self, *args, **kwargs)
+    return self._indomain.apply(self, args, kwargs, output)
+
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def adapted_class(cls: type) -> type:
+    """`cls` with the domain adapter added to its forward's output (one subclass per layer class, made once). An
+    adapted layer's `__class__` is this class for the duration of one forward call: no hook, and a compiled graph
+    traces the adapter with the layer."""
+    sub = _ADAPTED_CLASSES.get(cls)
+    if sub is None:
+        sub = _ADAPTED_CLASSES[cls] = type(f"InDomainAdapted{cls.__name__}", (cls,),
+                                           {"forward": _adapted_forward, "_indomain_original_class": cls,
+                                            "__module__": __name__})
+    return sub
+
+
 class DomainInjection:
     """Applies a DomainLoRA to some rows of a base UNet's forward, weights untouched.
 
-    `with injection.applied(unet, rows):` — rows is a 1-D index tensor of batch rows that belong to
-    the domain pass, or None for all rows. Inside, forward hooks add the low-rank term (and bias
-    difference) to those rows' outputs of every adapted layer, and every transformer block's attn2
-    answers with its constant on those rows. Everything is removed on exit.
+    `with injection.applied(unet, rows, batch):` — rows are the batch rows that belong to the domain pass (a
+    slice, a sequence of ints, or None for all rows; a tensor is read once). Inside, every adapted layer's class
+    is swapped for its `adapted_class` (the layer's forward plus the low-rank term and bias difference on those
+    rows' outputs), and every transformer block's attn2 for a module that answers with its constant on those
+    rows. Everything is put back on exit. Nothing in the forward reads a tensor's value on the host, and the
+    per-layer objects are kept across calls, so the forward has no host sync and a compiled graph (core's
+    TorchCompileModel) is traced once with the adapter in it.
     """
 
     def __init__(self, lora: DomainLoRA):
         self.lora = lora
         self._cast: dict = {}
+        self._states: dict = {}     # id(unet) -> (unet, {name: (module, _LayerState)}, {block: (module, attention)})
+        self._indices: dict = {}    # (rows tuple, device) -> index tensor
         self.applications = 0   # forward calls the adapter was applied to (a guard: a pass that saw none is refused)
 
     def _tensors(self, name: str, a: LayerAdapter, device, dtype):
@@ -253,78 +395,81 @@ class DomainInjection:
                                         for v in (a.down, a.up, a.diff_b, a.diff))
         return t
 
-    def _hook(self, name: str, a: LayerAdapter, rows, batch):
-        busy = []  # set while the hook recomputes the layer itself (functional_call runs the hooks again)
-
-        def hook(module, inputs, kwargs, output):
-            if busy:
-                return output
-            x = inputs[0]
-            down, up, diff_b, diff = self._tensors(name, a, x.device, x.dtype)
-            sel = rows_for(x, rows, batch, name)
-            xs = x if sel is None else x[sel]
-            if diff is not None and not isinstance(module, ADAPTED):
-                # a full weight difference on another kind of module (a norm's scale): recompute those rows with it
-                params = {"weight": module.weight + diff.to(module.weight.dtype)}
-                if diff_b is not None:
-                    params["bias"] = module.bias + diff_b.to(module.bias.dtype)
-                args = tuple(pick_rows(v, sel, x.shape[0]) for v in inputs)
-                busy.append(True)
-                try:
-                    new = torch.func.functional_call(module, params, args, {k: pick_rows(v, sel, x.shape[0])
-                                                                             for k, v in kwargs.items()})
-                finally:
-                    busy.clear()
-                delta = new.to(output.dtype) - (output if sel is None else output[sel])
-            else:
-                delta = None
-                if down is not None:
-                    delta = low_rank_term(module, xs, down, up, a.scale)
-                if diff is not None:
-                    d = full_term(module, xs, diff)
-                    delta = d if delta is None else delta + d
-                if diff_b is not None:  # channels last (Linear, LayerNorm): [..., out]; Conv, GroupNorm: [B, out, *spatial]
-                    channels_first = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm))
-                    b = diff_b.reshape(-1, *([1] * (output.ndim - 2))) if channels_first else diff_b
-                    delta = b if delta is None else delta + b
-                if delta is None:
-                    return output
-                delta = delta.to(output.dtype)
-            if torch.is_grad_enabled():  # (sampling runs without grad; keep autograd's view of the output intact)
-                if sel is None:
-                    return output + delta
-                out = output.clone()
-                out[sel] = out[sel] + delta
-                return out
-            # the layer's output is a fresh tensor: add in place (no copy of the whole batch per layer)
-            if sel is None:
-                return output.add_(delta)
-            output[sel] += delta
-            return output
-        return hook
+    def index(self, rows, device):
+        """A row_spec as something to index with: a slice or None as it is, a tuple of ints as an index tensor on
+        `device` (built once per rows and device, outside any per-layer path)."""
+        if not isinstance(rows, tuple):
+            return rows
+        key = (rows, torch.device(device))
+        t = self._indices.get(key)
+        if t is None:
+            t = self._indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return t
 
     def clear_cache(self) -> None:
         """Drop the adapter copies cast to the sampling device/dtype (kept for one sampling run)."""
         self._cast.clear()
+        self._states.clear()
+        self._indices.clear()
+
+    def _prepared(self, unet: nn.Module):
+        entry = self._states.get(id(unet))
+        if entry is None or entry[0] is not unet:
+            modules = dict(unet.named_modules())
+            layers = {}
+            for name, a in self.lora.layers.items():
+                m = modules[name]
+                layers[name] = (m, _LayerState(self, name, a, m))
+            blocks = {block: (modules[block], _RowConstantAttention(modules[block].attn2, c, self))
+                      for block, c in self.lora.constants.items()}
+            entry = self._states[id(unet)] = (unet, layers, blocks)
+        return entry
 
     @contextmanager
-    def applied(self, unet: nn.Module, rows: torch.Tensor | None = None, batch: int | None = None):
+    def applied(self, unet: nn.Module, rows=None, batch: int | None = None, device=None, dtype=None):
         """`batch`: the forward's batch size, with `rows` (see rows_for: a layer whose input's first dimension is
-        neither the batch nor a multiple of it cannot be split by rows, and is refused instead of mixed up)."""
-        rows = as_slice(rows)
-        modules = dict(unet.named_modules())
-        handles, swapped = [], []
+        neither the batch nor a multiple of it cannot be split by rows, and is refused instead of mixed up).
+        `device`, `dtype`: what the layers will see (the adapter is cast to them here, once per run; a layer that
+        sees another dtype gets its own cast). A unet that already carries an injection raises
+        NestedInjectionError."""
+        rows = row_spec(rows)
+        _unet, layers, blocks = self._prepared(unet)
+        for name, (m, _state) in layers.items():
+            if hasattr(m, "_indomain"):
+                raise NestedInjectionError(
+                    f"InDomain: a domain LoRA injection is already applied to this model (layer {name}); one forward "
+                    "call carries one. Sample the second LoRA-form domain model in its own call "
+                    "(guider.one_forward = False) and report the workflow.")
+        for block, (b, attention) in blocks.items():
+            if isinstance(b.attn2, _RowConstantAttention):
+                raise NestedInjectionError(
+                    f"InDomain: a domain LoRA injection is already applied to this model (block {block}); one "
+                    "forward call carries one.")
+        if isinstance(rows, tuple):  # an index tensor, built once per rows and device
+            where = device if device is not None else next(unet.parameters()).device
+            index = self.index(rows, where)
+        else:
+            index = rows
         self.applications += 1
+        done, swapped = [], []
         try:
-            for name, a in self.lora.layers.items():
-                handles.append(modules[name].register_forward_hook(self._hook(name, a, rows, batch), with_kwargs=True))
-            for block, c in self.lora.constants.items():
-                b = modules[block]
+            for name, (m, state) in layers.items():
+                state.rows = index
+                state.batch = batch
+                state.tensors = (self._tensors(name, state.adapter, device, dtype)
+                                 if device is not None and dtype is not None else None)
+                m._indomain = state
+                m.__class__ = adapted_class(type(m))
+                done.append(m)
+            for block, (b, attention) in blocks.items():
+                attention.attn2 = b.attn2
+                attention.rows = rows
                 swapped.append((b, b.attn2))
-                b.attn2 = _RowConstantAttention(b.attn2, c, rows)
+                b.attn2 = attention
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for m in done:
+                m.__class__ = m._indomain_original_class
+                del m._indomain
             for b, attn2 in swapped:
                 b.attn2 = attn2

@@ -217,12 +217,21 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             self._rows_options = cached = (key, model_options, opts)
         return cached[2]
 
-    def active_terms(self, sigma: float) -> list[_ScheduledTerm]:
-        return [st for st in self.terms if self.weight(st) != 0 and term_active(sigma, st.sigma_start, st.sigma_end)]
+    def active_terms(self, sigma: float | None) -> list[_ScheduledTerm]:
+        """The terms on at `sigma` (None: every term runs over the whole schedule, see step_sigma)."""
+        return [st for st in self.terms if self.weight(st) != 0
+                and (sigma is None or term_active(sigma, st.sigma_start, st.sigma_end))]
+
+    # -- host syncs (issue 24): reading sigma on the host waits for the device; only a term's interval needs it
+    def step_sigma(self, timestep) -> float | None:
+        """This step's sigma read on the host, or None when every term runs over the whole schedule (0-100%),
+        where the interval test cannot fail: then the step reads no tensor value."""
+        if all(st.term.start_percent <= 0 and st.term.end_percent >= 1 for st in self.terms):
+            return None
+        return float(timestep.reshape(-1)[0])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        sigma = float(timestep.reshape(-1)[0])
-        active = self.active_terms(sigma)
+        active = self.active_terms(self.step_sigma(timestep))
         primary = self.primary if self.primary in active else None
         others = [st for st in active if st is not primary]
         negative = self.conds["negative"]
