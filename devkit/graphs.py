@@ -34,7 +34,8 @@ def decoupled_forms(ckpt: str, domain: str, prompt: str = "a red circle", seed: 
                     cfg: float = CONTROL_WEIGHT_START, domain_weight: float = DOMAIN_WEIGHT_START, batch: int = 1, size: int = 64,
                     sampler: str = "euler", scheduler: str = "normal", controlnet: str | None = None,
                     domain_on_controlnet: bool = False, forms=("core_ksampler", "ksampler", "guider", "patch", "core_guider"),
-                    domain_start: float = 0.0, domain_end: float = 1.0) -> tuple[dict, dict]:
+                    domain_start: float = 0.0, domain_end: float = 1.0, domain_cache: str | None = None,
+                    domain_cache_threshold: float | None = None) -> tuple[dict, dict]:
     """One API graph holding the decoupled sampler in its three node forms (and core references), sharing
     loaders and conditioning. Returns (graph, {form: node_id of its LATENT output})."""
     g = {
@@ -54,6 +55,10 @@ def decoupled_forms(ckpt: str, domain: str, prompt: str = "a red circle", seed: 
         pos, neg = ["10", 0], ["10", 1]
     domain_tail = {"domain_on_controlnet": domain_on_controlnet, "domain_start_percent": domain_start,
                    "domain_end_percent": domain_end}
+    if domain_cache is not None:  # unset: the node's default (off)
+        domain_tail["domain_cache"] = domain_cache
+    if domain_cache_threshold is not None:
+        domain_tail["domain_cache_threshold"] = domain_cache_threshold
     ks = {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
           "positive": pos, "negative": neg, "latent_image": ["4", 0], "denoise": 1.0}
     out = {}

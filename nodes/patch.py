@@ -19,6 +19,7 @@ import comfy.patcher_extension
 from ..forms import domain_info
 from ..guidance.combine import cfg_equivalent, combine, term_active
 from ..guidance.checkpoint import trained_y
+from ..guidance.domain_cache import DEFAULT_THRESHOLD, OFF, DomainCache, check_mode
 from ..sampling.conditioning import domain_conditioning, text_free_conditioning, with_trained_y
 from ..sampling.domain_model import PATCH_ATTACHMENT, ensure_base_model, ensure_domain_model, refuse_multigpu
 from ..sampling.guider import ADDITIONAL_MODELS_KEY, domain_text_source
@@ -35,6 +36,8 @@ class PatchTerm:
     trained_y: object = None      # the domain model's training `y` (SDXL), fed instead of the negative's
     empty_prompt: object = None   # raw CONDITIONING of the empty prompt, for models text-free by it (else None)
     cond_key: str = ""            # the key of its conds in the sampler's conds (empty_prompt models)
+    cache_mode: str = OFF         # domain caching of this term (guidance/domain_cache.py)
+    cache_threshold: float = DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,7 +60,8 @@ def _refuse_same_model_other_patches(terms, domain_model) -> None:
 
 
 def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, domain_on_control: bool = False,
-                                    start_percent: float = 0.0, end_percent: float = 1.0, empty_prompt=None):
+                                    start_percent: float = 0.0, end_percent: float = 1.0, empty_prompt=None,
+                                    domain_cache: str = OFF, domain_cache_threshold: float = DEFAULT_THRESHOLD):
     """A clone of `model` whose CFG (in any sampler node, core KSampler included) is decoupled guidance.
 
     Uses a pre-CFG function, so the sampler's `cfg` stays the control weight and every other
@@ -68,6 +72,7 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     ensure_base_model(model)
     ensure_domain_model(domain_model)
     refuse_multigpu(model)
+    check_mode(domain_cache, domain_cache_threshold)
     m = model.clone()
     if domain_weight == 0:
         return m
@@ -79,7 +84,9 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     terms += (PatchTerm(domain_model, domain_info(domain_model).form.domain_pass(domain_model), float(domain_weight),
                         bool(domain_on_control), float(ms.percent_to_sigma(start_percent)),
                         float(ms.percent_to_sigma(end_percent)), trained_y(domain_info(domain_model).meta),
-                        empty_prompt=source, cond_key=f"indomain_domain_{len(terms)}" if source is not None else ""),)
+                        empty_prompt=source, cond_key=f"indomain_domain_{len(terms)}" if source is not None else "",
+                        cache_mode=domain_cache, cache_threshold=float(domain_cache_threshold)),)
+    caches = [DomainCache(t.cache_mode, t.cache_threshold) for t in terms]   # per term, reset per sampling run
     run = {}   # the guider of the sampling run in progress (set by the OUTER_SAMPLE wrapper)
 
     def add_domain_conds(executor, *args, **kwargs):
@@ -125,10 +132,17 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
         u = conds_out[1]
         extra = []
         for t in active:
+            cache = caches[terms.index(t)]
+            if not cache.wants(0, s, u.shape):
+                extra.append((t.weight, cache.reuse(0, s, u)))  # the domain model is not called on this step
+                continue
             conds = with_trained_y(domain_conditioning(domain_conds(t, uncond), cond, t.domain_on_control), t.trained_y)
             d = t.domain_pass.predict(args["model"], [conds],
                                       args["input"], sigma, args["model_options"])[0]
+            cache.store(0, s, u, d)
             extra.append((t.weight, d))
+        for cache in caches:
+            cache.observe(u)
         scale = args["cond_scale"]
         if scale != 0:
             new_cond, _ = cfg_equivalent(u, conds_out[0], scale, extra)
@@ -152,7 +166,7 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     if any(t.empty_prompt is not None for t in terms):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, add_domain_conds)
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, ADDITIONAL_MODELS_KEY,
-                            lambda _p: [t.domain_pass.prepare() for t in terms])
+                            lambda _p: [c.reset() for c in caches] + [t.domain_pass.prepare() for t in terms])
     m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ADDITIONAL_MODELS_KEY,
                             lambda _p: [t.domain_pass.release() for t in terms])
     m.set_attachments(PATCH_ATTACHMENT, DomainPatch(terms, pre_cfg))

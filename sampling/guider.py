@@ -33,6 +33,7 @@ import comfy.samplers
 
 from ..forms import SeparateModelPass, domain_info
 from ..guidance.combine import bound_update, cfg_equivalent, term_active
+from ..guidance.domain_cache import DomainCache
 from ..guidance.checkpoint import trained_y
 from .conditioning import (EMPTY_PROMPT_REFUSAL, domain_conditioning, fill_text_free, first_control,
                            text_free_conditioning, with_control, with_trained_y)
@@ -133,6 +134,8 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         # text/control update's norm (guidance.combine.bound_update). Off (0) by default and not a node input:
         # the toy benchmark's "bound" remedies try it (docs/claim.md, overshoot remedies)
         self.domain_max_ratio = 0.0
+        # domain caching (guidance/domain_cache.py): terms on another model evaluated on fewer calls; off by default
+        self.domain_cache = DomainCache()
 
     def _group_for(self, t: Term, base) -> _PassGroup | None:
         """The pass group of a term, or None for a term on the base model itself."""
@@ -170,6 +173,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
         for g in self.groups.values():
             g.domain_pass.prepare()
         self._term_conds = None
+        self.domain_cache.reset()
         try:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
@@ -243,12 +247,14 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
                                                     model_options=model_options, seed=seed)
 
         grouped = {id(st) for g in self.groups.values() for st in g.terms}
+        cache = self.domain_cache  # cached terms leave the batch: their model is not called on this step
+        cached = {id(st) for st in others if id(st) in grouped and not cache.wants(id(st), sigma, x.shape)}
         base_terms = [st for st in others if id(st) not in grouped]
         conds = [self.conds["positive"] if primary is not None else None, negative]
         conds += [self._conds_for(st) for st in base_terms]
         # a pass on the base's own UNet (LoRA form) joins u's batched forward, its rows marked by cond index
         shared = self._shared_group()
-        shared_terms = [st for st in shared.terms if st in others] if shared is not None else []
+        shared_terms = [st for st in shared.terms if st in others and id(st) not in cached] if shared is not None else []
         first_shared = len(conds)
         conds += [self._conds_for(st) for st in shared_terms]
         run_options = model_options
@@ -271,7 +277,7 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
 
                 check_applied(injection, applied_before, "batched forward")
         for g in self.groups.values():
-            g_terms = [st for st in g.terms if st in others]
+            g_terms = [st for st in g.terms if st in others and id(st) not in cached]
             if not g_terms or g is shared:
                 continue
             self.model_calls += 1
@@ -280,6 +286,12 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
             preds.update({id(st): g_out[i] for i, st in enumerate(g_terms)})
 
         uncond = out[1]
+        for st in others:
+            if id(st) in cached:
+                preds[id(st)] = cache.reuse(id(st), sigma, uncond)
+            elif id(st) in grouped:
+                cache.store(id(st), sigma, uncond, preds[id(st)])
+        cache.observe(uncond)
         terms = [(self.weight(st), preds[id(st)]) for st in others]
         if self.domain_max_ratio > 0 and primary is not None:
             reference = self.cfg * (out[0] - uncond)
@@ -309,17 +321,21 @@ def domain_text_source(domain_model, negative, empty_prompt, node: str):
 def domain_guider(model, domain_model, positive, negative, cfg: float, domain_weight: float,
                   domain_on_control: bool = False, start_percent: float = 0.0, end_percent: float = 1.0,
                   extra_terms: list[Term] | None = None, empty_prompt=None,
-                  node: str = "Domain KSampler / Domain Guider") -> DecoupledGuider:
+                  node: str = "Domain KSampler / Domain Guider", domain_cache: str = "off",
+                  domain_cache_threshold: float = 0.25) -> DecoupledGuider:
     """The standard decoupled guider: text/control term from the base, domain term from the domain model.
 
     `empty_prompt`: the encoded empty prompt, required when the domain model is text-free by it (DiT LoRAs;
-    DecoupledGuider then takes its text and the negative's non-text conditioning); ignored otherwise."""
+    DecoupledGuider then takes its text and the negative's non-text conditioning); ignored otherwise.
+    `domain_cache` / `domain_cache_threshold`: guidance/domain_cache.py (off: D on every call)."""
     ensure_domain_model(domain_model)
     source = domain_text_source(domain_model, negative, empty_prompt, node)
     terms = [Term(model, positive, cfg, label="control (cfg)"),
              Term(domain_model, domain_conditioning(source, positive, domain_on_control), domain_weight,
                   start_percent, end_percent, label="domain")]
-    return DecoupledGuider(model, negative, terms + list(extra_terms or []))
+    guider = DecoupledGuider(model, negative, terms + list(extra_terms or []))
+    guider.domain_cache = DomainCache(domain_cache, domain_cache_threshold)
+    return guider
 
 
 def sample_with_guider(guider, model, seed: int, steps: int, sampler_name: str, scheduler: str, latent: dict,
