@@ -1,8 +1,10 @@
 """The LoRA form: a low-rank, null-text adapter on the base's own weights (guidance/lora.py).
 
-Training: the base UNet (frozen, one float32 copy) converted to null-text with calibrated constants,
-and a LoCon adapter on every Linear/Conv outside cross-attention; only the adapter trains (the
-optimiser and the EMA see only it), so memory is about the base's weights plus activations.
+Training: the base UNet (frozen, in half precision: TrainConfig.base_precision; its own weights, not a
+copy, where they are already in that dtype: forms/model.shared_unet) converted to null-text with calibrated
+constants, and a LoCon adapter on every Linear/Conv outside cross-attention; only the adapter trains, in
+float32 (the optimiser and the EMA see only it), so memory is about the base's weights in half precision
+plus activations (gradient checkpointing on by default).
 
 Sampling: Load Domain UNet returns a clone of the BASE ModelPatcher with the adapter attached; no
 second UNet exists. The domain pass runs the base's own diffusion model with the adapter injected
@@ -227,15 +229,27 @@ class LoRAForm(DomainModelForm):
     # adapters train at 1e-4..1e-3 (their up matrix starts at zero); 1e-5, the full form's, barely moves them
     DEFAULT_LR = 1e-4
 
-    def __init__(self, rank: int = DEFAULT_RANK, alpha: float | None = None):
+    def __init__(self, rank: int = DEFAULT_RANK, alpha: float | None = None, base_precision: str = "auto"):
         self.rank = int(rank)
         self.alpha = float(self.rank if alpha is None else alpha)
+        self.base_precision = base_precision  # training: the frozen base's dtype (TrainConfig.base_precision)
 
     def configured(self, rank: int | None = None, alpha: float | None = None) -> "LoRAForm":
-        return LoRAForm(self.rank if rank is None else rank, alpha)
+        return LoRAForm(self.rank if rank is None else rank, alpha, self.base_precision)
 
     def for_config(self, config) -> "LoRAForm":
-        return self.configured(config.lora_rank, config.lora_alpha or None)
+        return LoRAForm(config.lora_rank, config.lora_alpha or None, getattr(config, "base_precision", "auto"))
+
+    def base_dtype(self, base_patcher, device) -> torch.dtype:
+        """The dtype the frozen base trains in on `device` (training/optim.base_dtype of the setting)."""
+        from ..training.optim import base_dtype
+
+        if device is None:
+            import comfy.model_management
+
+            device = comfy.model_management.get_torch_device()
+        weights = next((p.dtype for p in base_patcher.model.diffusion_model.parameters() if p.is_floating_point()), None)
+        return base_dtype(self.base_precision, torch.device(device), weights)
 
     def keeps_key(self, key: str) -> bool:
         return key.endswith((".lora_down", ".lora_up", ".attn2.constant"))
@@ -246,12 +260,13 @@ class LoRAForm(DomainModelForm):
 
         if is_flow_model(base_patcher):
             return self._dit_trainable(base_patcher, clip, tuple(calib_latents.shape[-2:]), seed, device)
-        unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device)
+        unet, _constants, prompt, record = make_null_text_unet(base_patcher, clip, calib_latents, seed, device=device,
+                                                               dtype=self.base_dtype(base_patcher, device))
         add_lora_layers(unet, self.rank, self.alpha, seed)
         return Trainable(unet, prompt, dict(record, lora={"rank": self.rank, "alpha": self.alpha}))
 
     def restore_trainable(self, base_patcher, clip, latent_hw, record) -> Trainable:
-        from .model import detached_unet_copy, empty_prompt
+        from .model import empty_prompt, shared_unet
 
         lora = record.get("lora") or {}
         if lora.get("rank") not in (None, self.rank) or lora.get("alpha") not in (None, self.alpha):
@@ -261,7 +276,11 @@ class LoRAForm(DomainModelForm):
 
         if is_flow_model(base_patcher):
             return self._dit_trainable(base_patcher, clip, latent_hw, 0, None, record)
-        unet = convert_to_null_text(detached_unet_copy(base_patcher))  # zero constants: the state holds the values
+        import comfy.model_management
+
+        device = comfy.model_management.get_torch_device()
+        # zero constants: the state holds the values
+        unet = convert_to_null_text(shared_unet(base_patcher, self.base_dtype(base_patcher, device), device))
         add_lora_layers(unet, self.rank, self.alpha, 0)
         return Trainable(unet, empty_prompt(base_patcher, clip, latent_hw), record)
 
@@ -269,12 +288,14 @@ class LoRAForm(DomainModelForm):
         """Flow-matching DiTs: the adapter on every Linear/Conv of the base's own diffusion model, no constants;
         text-free by the encoded empty prompt, which every training step feeds (and the sampler feeds the domain
         pass). The file holds core's LoRA keys only, so core's LoRA loader reads it too."""
-        from .model import detached_unet_copy, dit_empty_prompt
+        from .model import dit_empty_prompt, shared_unet
 
         prompt = dit_empty_prompt(base_patcher, text, latent_hw)
-        unet = detached_unet_copy(base_patcher)
-        if device is not None:
-            unet.to(device)
+        if device is None:
+            import comfy.model_management
+
+            device = comfy.model_management.get_torch_device()
+        unet = shared_unet(base_patcher, self.base_dtype(base_patcher, device), device)
         add_lora_layers(unet, self.rank, self.alpha, seed)
         if record is None:
             record = {"text_free": "empty_prompt", "prompt": "", "seed": seed,

@@ -6,6 +6,7 @@ one (ε for SD1.x/SDXL, v for v-prediction models) and every family ComfyUI load
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -213,6 +214,68 @@ def detached_unet_copy(model_patcher) -> torch.nn.Module:
     return unet
 
 
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor on the same storage as `t` (no copy). ComfyUI loads models under inference mode, and
+    autograd refuses to save inference tensors for the backward pass; a tensor made outside inference mode on the
+    same storage is an ordinary one, so the frozen base's weights can be used as they are."""
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
+                                                                    t.size(), t.stride())
+
+
+def shared_unet(model_patcher, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The base's diffusion model for training a frozen-base form (LoRA) in `dtype`, with no second copy of it.
+
+    The module tree is copied (the form wraps layers and replaces attn2 in the copy, never in the base), the
+    weights are not: every weight already in `dtype` on `device` that no weight patch changed is the base's own
+    storage. The others (another dtype, another device, or patched by a LoRA on the base: ComfyUI may restore the
+    original in place when it unloads) are cast copies, made one tensor at a time. Nothing writes to the shared
+    weights (they are frozen; the optimiser sees the adapter only), so the ModelPatcher's model is unchanged
+    after the run and stays loaded. When every weight had to be copied, the base is unloaded from the device
+    (ComfyUI moves it to its offload device, as it does whenever it needs the memory), so the device holds one
+    copy. `module.indomain_shared` records the numbers of shared and copied weights (tests, messages)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    src = model_patcher.model.diffusion_model
+    device = torch.device(device)
+    patched = {k[len("diffusion_model."):] for k in (getattr(model_patcher, "patches", None) or {})
+               if str(k).startswith("diffusion_model.")}
+    memo, shared, copied = {}, 0, 0
+    with torch.inference_mode(False):
+        for name, p in src.named_parameters(remove_duplicate=True):
+            t = p.detach()
+            if t.dtype == dtype and t.device == device and f"{name}" not in patched:
+                new, shared = _alias(t), shared + 1
+            else:
+                new, copied = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True), copied + 1
+            memo[id(p)] = torch.nn.Parameter(new, requires_grad=False)
+        for _name, b in src.named_buffers(remove_duplicate=True):
+            memo[id(b)] = b.detach().to(device=device, copy=True)
+        unet = copy.deepcopy(src, memo)
+    if shared == 0:
+        unload_model(model_patcher)  # all copied: give the base's device memory to training (as detached_unet_copy)
+    matmul = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for m in unet.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            # Linear/Conv: autocast computes in the base's dtype; the rest (norms, embeddings) casts its small
+            # weights to its input's dtype per call, as ComfyUI's manual cast does (the UNets hand their output
+            # layers float32 input: a bf16 GroupNorm weight on float32 input is an error on the CPU)
+            m.comfy_cast_weights = dtype != torch.float32 and not isinstance(m, matmul)
+        elif dtype != torch.float32 and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for pname, p in list(m._parameters.items()):  # plain torch norms: their few weights in float32
+                if p is not None:
+                    m._parameters[pname] = torch.nn.Parameter(p.detach().float(), requires_grad=False)
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+        if hasattr(m, "bias_function"):
+            m.bias_function = []
+    if isinstance(getattr(unet, "dtype", None), torch.dtype):
+        unet.dtype = dtype  # the UNets cast their input to it
+    unet.indomain_shared = {"shared": shared, "copied": copied}
+    return unet
+
+
 def noisy_inputs(model_sampling, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor):
     """(model input, timestep, noisy latent) exactly as ComfyUI's BaseModel feeds its UNet."""
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
@@ -261,11 +324,15 @@ def calibrate(unet: torch.nn.Module, model_sampling, prompt: EmptyPrompt, latent
 
     device = next(unet.parameters()).device
 
+    half = next((p.dtype for p in unet.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+
     def run(batch):
         x0, sigma, noise = batch
         xc, t, _ = noisy_inputs(model_sampling, x0, sigma, noise)
         xc, t = xc.to(device), t.to(device)
-        unet(xc, t, **prompt.expand(x0.shape[0], device, xc.dtype))
+        # a half-precision base (the LoRA form's) runs under autocast in its dtype, as it trains
+        with torch.autocast(device_type=device.type, dtype=half) if half is not None else contextlib.nullcontext():
+            unet(xc, t, **prompt.expand(x0.shape[0], device, xc.dtype))
 
     return calibrate_constants(unet, run, batches)
 
@@ -281,12 +348,17 @@ def cpu_model_sampling(model_patcher):
     return ms
 
 
-def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: int = 0, device=None):
+def make_null_text_unet(model_patcher, clip, calib_latents: torch.Tensor, seed: int = 0, device=None, dtype=None):
     """Base UNet -> (null-text UNet in float32, constants, EmptyPrompt, calibration record).
 
     `device`: where to run the calibration passes (the returned UNet stays there); default CPU.
+    `dtype` (a frozen-base form): the UNet shares the base's weights in that dtype (shared_unet) instead of
+    being a float32 copy.
     """
-    unet = detached_unet_copy(model_patcher)
+    if dtype is not None:
+        unet = shared_unet(model_patcher, dtype, device if device is not None else "cpu")
+    else:
+        unet = detached_unet_copy(model_patcher)
     if device is not None:
         unet.to(device)
     ms = cpu_model_sampling(model_patcher)

@@ -91,8 +91,10 @@ class TrainDomainUNet(io.ComfyNode):
                                tooltip="Probability of a horizontal flip per image and step (0 for text/asymmetric domains)."),
                 io.Int.Input("grad_accum", optional=True, default=1, min=1, max=256,
                              tooltip="Gradient accumulation: effective batch = batch_size x grad_accum."),
-                io.Boolean.Input("grad_checkpointing", optional=True, default=False,
-                                 tooltip="Recompute activations in the backward pass: much less GPU memory, ~30% slower."),
+                io.Boolean.Input("grad_checkpointing", optional=True, default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory for some speed "
+                                 "(on by default; the LoRA form's memory is mostly activations). Off: faster where the "
+                                 "memory is there."),
                 io.Int.Input("preview_every", optional=True, default=0, min=0, max=1000000,
                              tooltip="Every N steps (and at the end) sample the current EMA domain model with a fixed "
                                      "seed and show it on this node; the pictures are saved in "
@@ -147,6 +149,12 @@ class TrainDomainUNet(io.ComfyNode):
                                tooltip="Flow-matching DiTs only: how training draws noise levels. uniform: t ~ U(0,1) "
                                "moved by the model's shift (as its sampler; a ModelSamplingSD3/Flux/AuraFlow node's "
                                "shift applies); logit_normal: t = sigmoid(N(0,1)) then the shift (SD3's training)."),
+                io.Combo.Input("base_precision", options=["auto", "bf16", "fp16", "fp32"], optional=True,
+                               default="auto",
+                               tooltip="LoRA form only: the dtype of the frozen base while it trains (the adapter and "
+                               "its optimiser state are always fp32). auto: the base's own bf16/fp16 as loaded (no "
+                               "copy of it), else bf16 where the GPU runs it natively (RTX 30xx and newer; the CPU), "
+                               "fp16 with loss scaling on older GPUs. fp32: a float32 copy (the most memory)."),
             ],
             outputs=[
                 io.Model.Output("domain_model", display_name="domain_model",
@@ -162,7 +170,8 @@ class TrainDomainUNet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image_folder=None, crop=None, form=None, images=_NOT_CONNECTED,
-                        save_precision=None, latents=_NOT_CONNECTED, timestep_sampling=None) -> bool | str:
+                        save_precision=None, latents=_NOT_CONNECTED, timestep_sampling=None,
+                        base_precision=None) -> bool | str:
         """Own check of image_folder instead of core's list check: the list is refreshed only when the page
         reloads, and an absolute path is valid when the server owner opted in. `images` is absent from the
         call when nothing is connected to it (a link arrives as None)."""
@@ -181,7 +190,8 @@ class TrainDomainUNet(io.ComfyNode):
         return first_problem(combo_problem("crop", crop, ["center", "random"]),
                              combo_problem("form", form, ["full", "lora"]),
                              combo_problem("save_precision", _single(save_precision), ["fp16", "fp32"]),
-                             combo_problem("timestep_sampling", timestep_sampling, ["uniform", "logit_normal"]))
+                             combo_problem("timestep_sampling", timestep_sampling, ["uniform", "logit_normal"]),
+                             combo_problem("base_precision", _single(base_precision), ["auto", "bf16", "fp16", "fp32"]))
 
     @classmethod
     def fingerprint_inputs(cls, image_folder="", **kwargs):
@@ -212,10 +222,10 @@ class TrainDomainUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
-                grad_checkpointing=False, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
+                grad_checkpointing=True, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
                 images=None, form="full", rank=32, alpha=0.0, overwrite=False,
                 save_precision="fp16", empty_prompt=None, latents=None,
-                timestep_sampling="uniform") -> io.NodeOutput:
+                timestep_sampling="uniform", base_precision="auto") -> io.NodeOutput:
         from ..training.loss_curve import loss_map
         from ..training.preview import progress_preview, side_by_side
         from ..training.config import refuse_taken_output
@@ -225,10 +235,11 @@ class TrainDomainUNet(io.ComfyNode):
         # is_input_list: every input is a list (one value each, except `images`); direct calls pass plain values
         (model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
          save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-         preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling) = (_single(v) for v in (
+         preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling,
+         base_precision) = (_single(v) for v in (
             model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed, resume,
             save_every, ema_decay, crop, hflip, grad_accum, grad_checkpointing, preview_every, preview_prompt,
-            preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling))
+            preview_steps, buckets, form, rank, alpha, overwrite, save_precision, timestep_sampling, base_precision))
         from ..forms.model import is_conditioning
 
         if empty_prompt is not None and not is_conditioning(empty_prompt):
@@ -240,7 +251,8 @@ class TrainDomainUNet(io.ComfyNode):
                              grad_checkpointing=grad_checkpointing, buckets=buckets, preview_every=preview_every,
                              preview_prompt=preview_prompt, preview_steps=preview_steps, form=form,
                              lora_rank=rank, lora_alpha=alpha, save_precision=save_precision,
-                             timestep_sampling=timestep_sampling or "uniform")
+                             timestep_sampling=timestep_sampling or "uniform",
+                             base_precision=base_precision or "auto")
         text = empty_prompt if empty_prompt is not None else clip  # the encoded empty prompt, or what encodes it
         # bad folder / resolution: fail before any work; no folder = the connected images alone
         scan = (prepare_images(resolve_image_folder(image_folder), config, within=image_root(image_folder))

@@ -381,8 +381,9 @@ def test_train_node_refuses_a_taken_save_name_unless_overwrite(comfy, base, mode
     schema = node.GET_SCHEMA()
     ids = [i.id for i in schema.inputs]
     last = schema.inputs[ids.index("overwrite")]
-    # appended at the end in its time; only save_precision and the DiT inputs came after it
-    assert ids[-5:] == ["overwrite", "save_precision", "empty_prompt", "latents", "timestep_sampling"] and last.default is False and "refused" in last.tooltip
+    # appended at the end in its time; only save_precision, the DiT inputs and base_precision came after it
+    assert ids[-6:] == ["overwrite", "save_precision", "empty_prompt", "latents", "timestep_sampling",
+                        "base_precision"] and last.default is False and "refused" in last.tooltip
     name = f"taken_{uuid.uuid4().hex[:6]}"
     out = models_dir / "domain_unets" / f"{name}.safetensors"
     before = _existing_model(out)

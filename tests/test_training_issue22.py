@@ -77,13 +77,14 @@ def test_a_diverging_run_at_the_default_fp16_save_stops_as_diverged(comfy, base,
 
 def test_train_node_takes_save_precision_as_an_appended_input(comfy, base, input_folder):
     """The advice can be taken on the node: a save_precision input, appended after every earlier input (saved
-    workflows keep their widget positions; only the DiT inputs came after it), fp16 by default; fp32 writes fp32
+    workflows keep their widget positions; only the DiT inputs and base_precision came after it), fp16 by default; fp32 writes fp32
     weights."""
     node = comfy.node("InDomainTrainDomainUNet")
     schema = node.GET_SCHEMA()
     ids = [i.id for i in schema.inputs]
     last = schema.inputs[ids.index("save_precision")]
-    assert ids[-5:] == ["overwrite", "save_precision", "empty_prompt", "latents", "timestep_sampling"]
+    assert ids[-6:] == ["overwrite", "save_precision", "empty_prompt", "latents", "timestep_sampling",
+                        "base_precision"]
     assert last.default == "fp16" and list(last.options) == ["fp16", "fp32"] and last.tooltip
     name, folder = input_folder
     make_image_folder(folder, 2, 64, seed=23, nested=False)

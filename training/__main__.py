@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     from ..forms import FORMS
-    from .config import TrainConfig
+    from .config import BASE_PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {d.save_every}); also saved on Ctrl-C")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=d.mixed_precision,
                    help="autocast on CUDA: auto = bf16 where supported, else fp16; CPU always trains in fp32")
-    p.add_argument("--grad-checkpointing", action="store_true", help="trade ~30%% speed for much less GPU memory")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass: much less memory for some speed. Default: on "
+                   "for --form lora, off otherwise; --no-grad-checkpointing turns it off")
+    p.add_argument("--base-precision", choices=BASE_PRECISIONS, default=d.base_precision,
+                   help="--form lora: dtype of the frozen base while training (the adapter and its optimiser state "
+                   "are fp32). auto = the base's own bf16/fp16 where the device runs it (no copy), else bf16 where "
+                   "supported (CPU, Ampere+), fp16 with loss scaling on older GPUs (default auto)")
     p.add_argument("--form", choices=sorted(FORMS), default=d.form, help="domain model form: "
                    + "; ".join(f"{f.name} = {f.description}" for f in FORMS.values()) + f" (default {d.form})")
     p.add_argument("--plain-finetune", action="store_true", help="same as --form plain: fine-tune the unmodified UNet "
@@ -117,13 +123,14 @@ def resolve_out(out: str, models_dir: Path | None = None) -> Path:
 
 
 def config_from_args(args):
-    from .config import TrainConfig
+    from .config import BASE_PRECISIONS, TrainConfig
 
     return TrainConfig(
         steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
         grad_accum=args.grad_accum, grad_clip=args.grad_clip, ema_decay=args.ema_decay, resolution=args.resolution,
         crop=args.crop, hflip=args.hflip, seed=args.seed, save_every=args.save_every,
         mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
+        base_precision=args.base_precision,
         form="plain" if args.plain_finetune else args.form, cache_dir=args.cache_dir,
         keep_resume_state=not args.drop_resume_state, lora_rank=args.rank, lora_alpha=args.alpha or 0.0,
         save_precision=args.save_precision, buckets=args.buckets, preview_every=args.preview_every,

@@ -16,6 +16,7 @@ from ..pack import DOMAIN_UNET_FOLDER, PACK_ROOT
 from .data import TrainingInputError, check_resolution
 
 RESUME_SUFFIX = ".resume"
+BASE_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,7 +39,11 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500              # also saved at the end and on interruption; 0 = only then
     mixed_precision: str = "auto"      # "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
-    grad_checkpointing: bool = False
+    grad_checkpointing: Optional[bool] = None  # recompute block activations in the backward pass; None = the
+                                       # form's default (on for the LoRA form, off for full/plain): see with_defaults()
+    base_precision: str = "auto"       # LoRA form: dtype of the frozen base while it trains: "auto" (the base's own
+                                       # half dtype; else bf16 where the device runs it natively, fp16 on older GPUs;
+                                       # bf16 on CPU) | "bf16" | "fp16" (GradScaler) | "fp32". Adapter + AdamW: fp32
     form: str = "full"                 # domain model form (forms/): "full" null-text UNet | "plain" fine-tune (baseline)
                                        # | "lora" low-rank null-text adapter on the base's own weights
     lora_rank: int = 32                # LoRA form: adapter rank
@@ -58,9 +63,13 @@ class TrainConfig:
     def with_defaults(self) -> "TrainConfig":
         """These settings with what was left to the form filled in (lr None -> the form's DEFAULT_LR): what a
         run uses, records in its file and resume state, and compares on resume."""
-        if self.lr is None and self.form in FORMS:
-            return dataclasses.replace(self, lr=FORMS[self.form].DEFAULT_LR)
-        return self
+        out = self
+        if out.lr is None and out.form in FORMS:
+            out = dataclasses.replace(out, lr=FORMS[out.form].DEFAULT_LR)
+        if out.grad_checkpointing is None:
+            # the LoRA form trains a frozen base: its memory is activations, which checkpointing cuts
+            out = dataclasses.replace(out, grad_checkpointing=out.form == "lora")
+        return out
 
     def validate(self) -> None:
         problems = []
@@ -81,6 +90,8 @@ class TrainConfig:
             problems.append(f"crop must be 'center' or 'random' (got {self.crop!r})")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})")
+        if self.base_precision not in BASE_PRECISIONS:
+            problems.append(f"base_precision must be {', '.join(BASE_PRECISIONS)} (got {self.base_precision!r})")
         if self.save_every < 0:
             problems.append(f"save_every must be >= 0 (got {self.save_every})")
         if self.lora_rank < 1:

@@ -14,14 +14,15 @@ log = logging.getLogger("indomain.training")
 
 def materialise_(module: torch.nn.Module) -> torch.nn.Module:
     """Replace inference-mode tensors (ComfyUI executes nodes under torch.inference_mode) by ordinary
-    ones, so autograd can use them."""
+    ones, so autograd can use them. Ordinary tensors are kept as they are (the LoRA form's frozen base is the
+    base's own storage, forms/model.shared_unet: copying it here would be the second copy it avoids)."""
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in list(m._parameters.items()):
-                if p is not None:
+                if p is not None and p.is_inference():
                     m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
             for name, b in list(m._buffers.items()):
-                if b is not None:
+                if b is not None and b.is_inference():
                     m._buffers[name] = b.detach().clone()
     return module
 
@@ -102,6 +103,43 @@ def autocast_dtype(mixed_precision: str, device: torch.device):
     if mp == "auto":
         return auto_amp_dtype()  # bf16 only where the card runs it natively (training/gpu.py)
     return torch.bfloat16 if mp == "bf16" else torch.float16
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def base_dtype(base_precision: str, device: torch.device, weights_dtype=None, probe=None) -> torch.dtype:
+    """The dtype the LoRA form's frozen base trains in (`base_precision`: auto | bf16 | fp16 | fp32).
+
+    auto: the base's own dtype when it is already bf16/fp16 and the device runs it (no cast, no copy); else bf16
+    where the device runs it natively (Ampere or newer; the CPU), fp16 on older GPUs (with a GradScaler).
+    `weights_dtype`: the dtype the base is loaded in; `probe`: torch.cuda.is_bf16_supported (see gpu.py)."""
+    if base_precision != "auto":
+        return HALF[base_precision]
+    if device.type == "cuda":
+        native_bf16 = auto_amp_dtype(probe) == torch.bfloat16
+        if weights_dtype == torch.float16 or (weights_dtype == torch.bfloat16 and native_bf16):
+            return weights_dtype
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if weights_dtype in (torch.bfloat16, torch.float16) and device.type != "cpu":
+        return weights_dtype
+    return torch.bfloat16  # CPU: bf16 matmuls have native kernels; fp16 ones are slow there
+
+
+def frozen_dtype(module: torch.nn.Module):
+    """The dtype of a module's frozen floating-point weights when they are all bf16 or all fp16 (the LoRA form's
+    half-precision base), else None."""
+    dtypes = {p.dtype for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return next(iter(dtypes))
+    return None
+
+
+def grad_scaler(amp_dtype, device: torch.device):
+    """fp16 needs loss scaling (its gradients underflow); bf16 and fp32 do not. On the CPU too (torch.amp)."""
+    if amp_dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 class EMA:

@@ -30,7 +30,8 @@ from .data import EncodedImages, TrainingInputError, check_resolution, display_n
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from ..forms.model import base_meta, empty_prompt, trained_calibration
-from .optim import EMA, adds_in_place, autocast_dtype, core_training_mode, ema_decay_at, enable_grad_checkpointing, materialise_
+from .optim import (EMA, adds_in_place, autocast_dtype, core_training_mode, ema_decay_at, enable_grad_checkpointing,
+                    frozen_dtype, grad_scaler, materialise_)
 from .outputs import Previewer, Saver
 from .resume import base_identity, check_same_base, load_resume_state, restore_optimisation, restore_weights
 from .lock import OutputLock, remove_partials
@@ -80,8 +81,10 @@ def _build(model_patcher, clip, data: TrainingData, config: TrainConfig, device,
     ema = EMA(module)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    amp_dtype = autocast_dtype(config.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # a half-precision frozen base (the LoRA form, config.base_precision) computes in its own dtype; the adapter,
+    # its gradients and AdamW's moments stay float32 (autocast casts the adapter's weights per op)
+    amp_dtype = frozen_dtype(module) or autocast_dtype(config.mixed_precision, device)
+    scaler = grad_scaler(amp_dtype, device)
     return Run(form, module, module, trainable.prompt, trainable.record, ema, optimizer, scaler, amp_dtype,
                base_identity=identity)
 
@@ -143,7 +146,10 @@ def _training_info(config: TrainConfig, data: TrainingData, world: int, amp_dtyp
         "effective_batch": config.batch_size * config.grad_accum * world, "ema_decay": config.ema_decay,
         "grad_clip": config.grad_clip, "crop": config.crop, "hflip": config.hflip, "seed": config.seed,
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "form": config.form, **({"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
+        "grad_checkpointing": bool(config.grad_checkpointing),
+        "form": config.form, **({"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank,
+                                 "base_precision": config.base_precision,
+                                 "base_dtype": str(amp_dtype or torch.float32).replace("torch.", "")}
                                 if config.form == "lora" else {}),
         **({"objective": {"target": "velocity (noise - x0)", "loss": "MSE in velocity space",
                           "shift": data.objective.shift, "timestep_multiplier": data.objective.multiplier,
