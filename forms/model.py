@@ -80,7 +80,7 @@ def empty_prompt(model_patcher, clip, latent_hw: tuple[int, int]):
                              width=w * 8, height=h * 8)
     context = extra["c_crossattn"].cond if "c_crossattn" in extra else cond
     y = extra["y"].cond if "y" in extra else None
-    return EmptyPrompt(context.detach().float().cpu(), None if y is None else y.detach().float().cpu())
+    return EmptyPrompt(context.detach().float().cpu().clone(), None if y is None else y.detach().float().cpu().clone())
 
 
 # conditioning a text-free domain model of a DiT cannot be trained with: (key, what it is)
@@ -158,7 +158,9 @@ def dit_empty_prompt(model_patcher, text, latent_hw: tuple[int, int]) -> DiTProm
     for k, c in built.items():
         v = getattr(c, "cond", c)
         if isinstance(v, torch.Tensor):
-            v = v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+            # a copy: a conditioning a server node made under inference_mode holds inference tensors, which the
+            # trained layers (SD3's pooled-y embedder has an adapter) cannot save for backward
+            v = (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()).clone()
         out[k] = v
     context = out.pop("c_crossattn", None)
     if context is None:

@@ -220,7 +220,8 @@ class TrainDomainUNet(io.ComfyNode):
         return h.hexdigest()
 
     @classmethod
-    def execute(cls, model, clip, vae, image_folder, steps, learning_rate, batch_size, resolution, save_name, seed=0,
+    def execute(cls, model, clip=None, vae=None, image_folder="", steps=2000, learning_rate=0.0, batch_size=4,
+                resolution=512, save_name="my_domain", seed=0,
                 resume=False, save_every=500, ema_decay=0.9999, crop="center", hflip=0.5, grad_accum=1,
                 grad_checkpointing=True, preview_every=0, preview_prompt="", preview_steps=20, buckets=False,
                 images=None, form="full", rank=32, alpha=0.0, overwrite=False,

@@ -13,7 +13,9 @@ devkit/dit_training.py: a colour cast in latent space).
   the domain by the domain statistic (the cast), against the base's samples (domain weight 0).
 - Resume equals an uninterrupted run (1e-6) for Wan 2.1 (5-D single-frame clips).
 - Refusals by name: Wan I2V (concat latents), reference latents, no text input, a form other than lora,
-  previews.
+  a preview prompt without a text encoder.
+- Previews (Wan 2.1, SD3): the EMA LoRA sampled through the pack's decoupled guider and decoded by the VAE (a
+  video VAE one single-frame clip at a time) equal an independent Domain Guider sample of the saved file.
 - The node trains a DiT from a LATENT input and the encoded empty prompt (no CLIP, no VAE); the command line
   from --diffusion-model / --latents / --empty-prompt files.
 """
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,8 +301,74 @@ def test_refusals_by_name(host):
         train_on_latents(tf.build("sd3"), None, _latents("sd3"), _cfg(steps=1))
     with pytest.raises(TrainingInputError, match="form 'lora'"):
         train_on_latents(tf.build("sd3"), tf.empty_cond("sd3"), _latents("sd3"), _cfg(steps=1, form="full"))
-    with pytest.raises(TrainingInputError, match="previews"):
-        train_on_latents(tf.build("sd3"), tf.empty_cond("sd3"), _latents("sd3"), _cfg(steps=1, preview_every=1))
+    # a preview prompt needs a text encoder: the encoded empty prompt alone cannot encode it
+    with pytest.raises(TrainingInputError, match="preview_prompt needs a text encoder"):
+        train_on_latents(tf.build("sd3"), tf.empty_cond("sd3"), _latents("sd3"),
+                         _cfg(steps=1, preview_every=1, preview_prompt="a cat"), vae=standin_vae("sd3"))
+
+
+# ----------------------------------------------------------------------------- previews
+
+
+def standin_vae(family):
+    """The test-only stand-in VAE (tests/standins: deterministic pixels <-> latents with the family's channels and
+    compression; for Wan / Qwen-Image a video VAE as core's: a batch of pictures is ONE clip)."""
+    import importlib
+    from pathlib import Path
+
+    root = str(Path(__file__).parent / "standins")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("indomain_test_standins").StandInVAE(family)
+
+
+@pytest.mark.parametrize("name", ["wan21", "sd3"])
+def test_previews_are_decoupled_samples_of_the_ema_lora(host, name, tmp_path):
+    """Previews for a DiT's LoRA form: at steps 3 and 6 (the end) a picture per preview is saved and handed to
+    on_preview; the last one IS the decoupled sample (Domain Guider, the empty prompt, cfg 0, domain weight 1,
+    euler / normal, preview_steps) of the saved file, decoded by the VAE (Wan: a video VAE, one single-frame clip
+    at a time); previews do not change the trained weights; the two previews differ (training moved them)."""
+    _need(name)
+    import comfy.samplers
+    import comfy.sample
+    from PIL import Image
+
+    from indomain.forms.model import model_latent_shape
+    from indomain.sampling.domain_model import load_domain_model
+    from indomain.sampling.guider import domain_guider
+    from indomain.training.data import decode_pictures
+    from indomain.training.preview import latents_to_pil
+    from indomain.training.trainer import train_on_latents
+
+    vae = standin_vae(name)
+    seen = []
+    out = tmp_path / f"{name}_prev.safetensors"
+    cfg = _cfg(steps=6, preview_every=3, preview_steps=4)
+    mp = tf.build(name)
+    res = train_on_latents(mp, tf.empty_cond(name), _latents(name), cfg, out, vae=vae,
+                           on_preview=lambda step, total, pics: seen.append((step, total, pics)))
+    assert [(s, t, [lab for lab, _ in p]) for s, t, p in seen] == [(3, 6, ["domain"]), (6, 6, ["domain"])]
+    assert sorted(p.name for p in res.preview_paths) == ["step_000003_domain.png", "step_000006_domain.png"]
+    last = np.asarray(Image.open(res.preview_paths[-1]).convert("RGB"), dtype=np.int16)
+    assert last.shape == (64, 64, 3)
+    first = np.asarray(Image.open(res.preview_paths[0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(first - last).max() > 0
+    # independently: the saved file through the pack's Domain Guider, as Domain KSampler samples it
+    domain = load_domain_model(mp, out)
+    empty = tf.empty_cond(name)
+    with torch.no_grad():
+        g = domain_guider(mp, domain, empty, empty, 0.0, 1.0, empty_prompt=empty)
+        latent = torch.zeros(model_latent_shape(mp, (8, 8)))
+        noise = comfy.sample.prepare_noise(latent, cfg.seed)
+        sigmas = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"), "normal", 4)
+        x = g.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=cfg.seed)
+        pixels = decode_pictures(vae, x.float())
+    assert pixels.shape == (1, 64, 64, 3)
+    ref = np.asarray(latents_to_pil(pixels)[0], dtype=np.int16)
+    assert np.abs(ref - last).max() <= 1
+    # the run's randomness is untouched: the same weights as without previews
+    plain = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=6))
+    assert all(torch.equal(plain.state_dict[k], res.state_dict[k]) for k in plain.state_dict)
 
 
 # ----------------------------------------------------------------------------- node and command line
@@ -312,7 +381,8 @@ def test_node_trains_a_dit_from_latents_and_the_empty_prompt(comfy, tmp_path):
     name = "wan21"
     mp = tf.build(name)
     lat = {"samples": _latents(name).unsqueeze(2)}  # a LATENT of single-frame clips, as Wan's VAE gives them
-    out = TrainDomainUNet.execute(model=[mp], clip=None, vae=None, image_folder=[""], steps=[6], learning_rate=[1e-3],
+    # clip and vae unconnected: the server leaves them out of the call (defaults None)
+    out = TrainDomainUNet.execute(model=[mp], image_folder=[""], steps=[6], learning_rate=[1e-3],
                                   batch_size=[2], resolution=[64], save_name=["dit_node_test"], seed=[0],
                                   overwrite=[True], save_every=[0], hflip=[0.0], form=["lora"], rank=[4],
                                   empty_prompt=[tf.empty_cond(name)], latents=[lat],

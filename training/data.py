@@ -28,7 +28,8 @@ from ..guidance.checkpoint import save_safetensors_atomic
 log = logging.getLogger("indomain.training")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CACHE_VERSION = 2  # 2: EXIF orientation, alpha on ALPHA_BACKGROUND, 16-bit greyscale scaled (v1 latents differ)
+CACHE_VERSION = 3  # 2: EXIF orientation, alpha on ALPHA_BACKGROUND, 16-bit greyscale scaled (v1 latents differ);
+                   # 3: video VAEs (Wan) encode each picture as a single-frame clip (v2 read a plain+mirror pair as 2 frames)
 # Transparent pixels are composited on this colour: what sits under alpha 0 is arbitrary (often black or
 # leftover colours), so without a stated background the model would learn noise from it.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -263,6 +264,46 @@ class EncodedImages:
         return hashlib.sha256("\n".join(sorted(self.digests)).encode()).hexdigest()
 
 
+def vae_spatial_ratio(vae, default: int = 8) -> int:
+    """Pixels per latent cell of a VAE: core's `downscale_ratio` is an int (SD, Flux.2's 16) or, for video VAEs,
+    (frames function, height ratio, width ratio) (Wan 2.1: 8, Wan 2.2: 16)."""
+    r = getattr(vae, "downscale_ratio", default)
+    if isinstance(r, (tuple, list)) and r:
+        r = r[-1]
+    return int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 1 else default
+
+
+def vae_encodes_video(vae) -> bool:
+    """Whether the VAE reads a batch of pictures as the frames of ONE clip (core's video VAEs: Wan, Qwen-Image),
+    so that training pictures must go through it one at a time, each a single-frame clip."""
+    return getattr(vae, "latent_dim", 2) == 3 and not getattr(vae, "not_video", False)
+
+
+def encode_pictures(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, H, W, 3] pictures -> [N, C, h, w] latents. A video VAE encodes each picture as a single-frame clip
+    ([1, C, 1, h, w]; the frame axis is dropped here and restored by the trainer for the model)."""
+    if vae_encodes_video(vae):
+        lat = torch.cat([vae.encode(pixels[i:i + 1]).float().cpu() for i in range(pixels.shape[0])])
+    else:
+        lat = vae.encode(pixels).float().cpu()
+    if lat.ndim == 5 and lat.shape[2] == 1:
+        lat = lat[:, :, 0]
+    if lat.ndim != 4 or lat.shape[0] != pixels.shape[0]:
+        raise TrainingInputError(f"the VAE encoded {pixels.shape[0]} pictures to latents of shape {tuple(lat.shape)}; "
+                                 "expected one [C, h, w] latent per picture.")
+    return lat
+
+
+def decode_pictures(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] or single-frame clips [B, C, 1, h, w] -> pictures [B', H, W, 3] (every frame). A video
+    VAE decodes one clip at a time."""
+    if vae_encodes_video(vae) and latents.ndim == 5:
+        out = [vae.decode(latents[i:i + 1]) for i in range(latents.shape[0])]
+    else:
+        out = [vae.decode(latents)]
+    return torch.cat([o.reshape(-1, *o.shape[-3:]) for o in out])
+
+
 def encode_with_cache(vae, load_image, cpath: Path | None, metadata: dict) -> tuple[tuple, bool]:
     """((latent, mirrored latent), cache hit) of one image: read from the cache file `cpath` when it is
     there and sound, else `load_image()` encoded by the VAE (plain and mirrored) and written to `cpath`."""
@@ -274,7 +315,7 @@ def encode_with_cache(vae, load_image, cpath: Path | None, metadata: dict) -> tu
     im = load_image()
     pixels = torch.stack([to_pixels(im), to_pixels(ImageOps.mirror(im))])
     with torch.inference_mode(False), torch.no_grad():
-        lat = vae.encode(pixels).float().cpu().clone()
+        lat = encode_pictures(vae, pixels).clone()
     entry = (lat[0], lat[1])
     if cpath is not None:
         try:

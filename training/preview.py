@@ -9,6 +9,10 @@ samples them through ComfyUI with the pack's own sampling code:
   and the unconditional prediction, the domain model for the domain term (`domain_guider`, the
   same guider as Domain KSampler; cfg PROMPT_CFG, domain weight PROMPT_DOMAIN_WEIGHT).
 
+Flow-matching DiTs (the text-free LoRA form): the same two pictures through the same guider, the domain term
+fed the encoded empty prompt (which may stand in for the CLIP: then only "domain" is drawn); the latent is a
+single-frame clip for the video families, decoded by their video VAE one clip at a time.
+
 Same seed, noise and sampler at every preview, so successive pictures differ only by training.
 The latents are decoded with the checkpoint's VAE; the pictures are saved as PNG in
 `NAME.previews/` next to the checkpoint (`step_000100_domain.png`, `..._prompt.png`) and shown
@@ -89,12 +93,24 @@ class PreviewRenderer:
     once), call `render(state_dict, meta)` at each preview."""
 
     def __init__(self, model_patcher, clip, vae, settings: PreviewSettings, latent_hw: tuple[int, int]):
+        from ..forms.model import encoded_empty_prompt, is_conditioning
+
         self.base = model_patcher
         self.vae = vae
         self.settings = settings
         self.latent_hw = tuple(int(s) for s in latent_hw)
-        self.negative = _encode(clip, "")
-        self.positive = _encode(clip, settings.prompt) if settings.prompt.strip() else None
+        # `clip`: a CLIP, or (DiTs) the encoded empty prompt itself, which is then the negative and the domain
+        # model's text (the text-free LoRA form of a DiT is trained, and sampled, on it)
+        self.negative = encoded_empty_prompt(clip) if is_conditioning(clip) else _encode(clip, "")
+        self.positive = None
+        if settings.prompt.strip():
+            if is_conditioning(clip):
+                from .data import TrainingInputError
+
+                raise TrainingInputError("preview_prompt needs a text encoder to encode the prompt: connect 'clip' "
+                                         "(the family's text encoder) besides 'empty_prompt', or leave "
+                                         "preview_prompt empty (the domain preview needs only the empty prompt).")
+            self.positive = _encode(clip, settings.prompt)
 
     @torch.no_grad()
     def render(self, state_dict: dict, meta) -> list[tuple[str, object]]:
@@ -102,13 +118,14 @@ class PreviewRenderer:
         "domain", then "prompt" when a prompt is set. The domain MODEL is built as Load Domain UNet builds it,
         by the file's form, so every form previews."""
         from ..sampling.domain_model import build_domain_model
+        from .data import decode_pictures
 
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             domain = build_domain_model(self.base, state_dict, meta, source="training preview")
             latents = [("domain", self._sample_domain(domain))]
             if self.positive is not None:
                 latents.append(("prompt", self._sample_prompt(domain)))
-            images = [(label, latents_to_pil(self.vae.decode(x))[0]) for label, x in latents]
+            images = [(label, latents_to_pil(decode_pictures(self.vae, x))[0]) for label, x in latents]
             self._release()
         return images
 
@@ -116,9 +133,10 @@ class PreviewRenderer:
     def _noise_and_latent(self, model):
         import comfy.sample
 
-        h, w = self.latent_hw
-        latent = comfy.sample.fix_empty_latent_channels(
-            model, torch.zeros(1, model.model.latent_format.latent_channels, h, w))
+        from ..forms.model import model_latent_shape
+
+        # [1, C, h, w], or a single-frame clip [1, C, 1, h, w] for the video families (Wan, Qwen-Image)
+        latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(model_latent_shape(model, self.latent_hw)))
         return comfy.sample.prepare_noise(latent, self.settings.seed), latent
 
     def _run(self, guider, model):
@@ -138,13 +156,14 @@ class PreviewRenderer:
 
         # u + 1 * (d - u) = d: the domain model's own prediction, through the pack's guider so that every form
         # (a separate UNet, or patches on the base) samples as it does in Domain KSampler
-        guider = domain_guider(self.base, domain, self.negative, self.negative, 0.0, 1.0)
+        guider = domain_guider(self.base, domain, self.negative, self.negative, 0.0, 1.0, empty_prompt=self.negative)
         return self._run(guider, self.base)
 
     def _sample_prompt(self, domain):
         from ..sampling.guider import domain_guider
 
-        guider = domain_guider(self.base, domain, self.positive, self.negative, PROMPT_CFG, PROMPT_DOMAIN_WEIGHT)
+        guider = domain_guider(self.base, domain, self.positive, self.negative, PROMPT_CFG, PROMPT_DOMAIN_WEIGHT,
+                               empty_prompt=self.negative)
         return self._run(guider, self.base)
 
     def _release(self):

@@ -260,8 +260,8 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
 
 def check_text_input(model_patcher, clip, config: TrainConfig) -> None:
     """Refuse by name, before any work, what a run cannot do: no text input at all; a flow-matching DiT with a
-    form other than 'lora' or with previews (not implemented for DiTs)."""
-    from ..forms.model import is_flow_model
+    form other than 'lora'."""
+    from ..forms.model import is_conditioning, is_flow_model
 
     family = type(model_patcher.model.model_config).__name__
     flow = is_flow_model(model_patcher)
@@ -273,13 +273,14 @@ def check_text_input(model_patcher, clip, config: TrainConfig) -> None:
                             "command line give --empty-prompt FILE or --clip FILE." if flow else
                             "calibrates its null-text constants with it). Connect the checkpoint's 'clip' (or "
                             "'empty_prompt')."))
+    if config.preview_every and config.preview_prompt.strip() and is_conditioning(clip):
+        raise TrainingInputError("preview_prompt needs a text encoder to encode the prompt: connect 'clip' (the "
+                                 "family's text encoder) besides 'empty_prompt', or leave preview_prompt empty (the "
+                                 "domain preview needs only the empty prompt).")
     if flow and config.form != "lora":
         raise TrainingInputError(f"{family} is a flow-matching DiT: its domain model is the 'lora' form (a text-free "
                                  f"LoRA in core's key format); form '{config.form}' needs an SD UNet's "
                                  "cross-attention layers. Choose form 'lora'.")
-    if flow and config.preview_every:
-        raise TrainingInputError(f"previews while training are not implemented for flow-matching DiTs ({family}) "
-                                 "yet: set preview_every to 0 and sample the saved LoRA with Domain KSampler.")
 
 
 def check_dit_conditioning(model_patcher, clip, size_hw) -> None:

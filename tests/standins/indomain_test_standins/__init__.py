@@ -26,7 +26,7 @@ from indomain.devkit import tiny_families as tf
 # family -> (latent channels, spatial factor, temporal factor or None for image VAEs, 5-D image latents)
 VAE_LAYOUT = {"qwen_image": (16, 8, None, True), "wan21": (16, 8, 4, True), "wan21_i2v": (16, 8, 4, True),
               "sd3": (16, 8, None, False), "zimage": (16, 8, None, False), "lumina2": (16, 8, None, False),
-              "flux2": (128, 16, None, False), "chroma": (16, 8, None, False)}
+              "flux2": (128, 16, None, False), "chroma": (16, 8, None, False), "wan22": (48, 16, 4, True)}
 FAMILIES = sorted(VAE_LAYOUT)
 
 
@@ -60,6 +60,16 @@ class StandInVAE:
     def __init__(self, family: str):
         self.family = family
         self.channels, self.factor, self.temporal, self.five_d = VAE_LAYOUT[family]
+        # core's VAE attributes the trainer reads: video VAEs (Wan, Qwen-Image) take a batch of pictures as the
+        # frames of one clip, and state (frames, height, width) ratios
+        self.latent_dim = 3 if (self.temporal or self.five_d) else 2
+        self.not_video = False
+        # what the trainer fingerprints for its latent cache key (core: the VAE's weights): the layout
+        self.first_stage_model = torch.nn.Module()
+        self.first_stage_model.register_buffer("layout", torch.tensor(
+            [self.channels, self.factor, self.temporal or 0, int(self.five_d), zlib.crc32(family.encode())]))
+        self.downscale_ratio = ((lambda a: max(0, (a + 3) // 4), self.factor, self.factor) if self.latent_dim == 3
+                                else self.factor)
 
     def encode(self, pixels):
         x = pixels[..., :3].movedim(-1, 1).float()  # [N,3,H,W]
