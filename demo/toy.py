@@ -32,7 +32,7 @@ def picture(columns: list[tuple[str, object]], prompts: list[str], path: Path, s
     """Grid PNG: a header row of column labels, a label column of prompts, one 8x8 latent per cell."""
     from PIL import Image, ImageDraw
 
-    from ..bench.toy_plot import _font
+    from ..bench.toy.plot import _font
 
     cell, pad, left, top = world.SIZE * scale, 8, 130, 30
     w = left + len(columns) * (cell + pad) + pad

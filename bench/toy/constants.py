@@ -29,8 +29,8 @@ def stand_in_error(model_patcher, clip, latents: torch.Tensor, prompts: list[str
                    calib_latents: torch.Tensor, seed: int = 0) -> list[dict]:
     """Per sigma: batch means of the ratios above. `latents` (model space) and their `prompts` are the held-out
     images; `calib_latents` the domain images the calibration uses (as the trainer does)."""
-    from ..guidance.nulltext import convert_to_null_text, null_text_blocks
-    from ..forms.model import calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs
+    from ...guidance.nulltext import convert_to_null_text, null_text_blocks
+    from ...forms.model import calibrate, cpu_model_sampling, detached_unet_copy, empty_prompt, noisy_inputs
 
     ms = cpu_model_sampling(model_patcher)
     prompt = empty_prompt(model_patcher, clip, tuple(latents.shape[-2:]))

@@ -1,0 +1,90 @@
+"""The benchmark's settings: the sweep grids, the experiments, ToyConfig (every training and sampling
+setting, with the cache key of the models it defines), the cache folder and the log line."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import common
+
+TOY_VERSION = 2
+
+# the sweep grids (fixed: the JSON holds one row per point)
+CFGS = (1.5, 3.0, 5.0, 7.0)                      # (a), (b)
+DOMAIN_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)       # (c) x C_CFGS
+C_CFGS = (3.0, 5.0)
+HEADLINE = ((2.0, 3.0), (1.0, 5.0))              # (c)/(d) headline points (w_d, cfg): halves, spread, forgetting
+HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
+REMEDY_POINTS = ((2.0, 3.0), (2.0, 5.0), (3.0, 5.0))  # (c): the headline loss of control, and the largest overshoot
+REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)",
+            "bound1": "domain update bounded per sample to 1x the text update's norm (Domain Guider domain_max_ratio 1)",
+            "bound0.5": "domain update bounded per sample to 0.5x the text update's norm (domain_max_ratio 0.5)"}
+BOUNDS = {"bound1": 1.0, "bound0.5": 0.5}        # the remedies that are the guider's own bound, not a core model patch
+EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies", "controlnet")  # run in this order
+# on request: "diagnose" (per step, norms of D - u and B(c) - u and their cosine); "constants" (per noise level, the
+# untrained null-text UNet's error against u with one constant per layer and with per-level constants: toy_constants)
+EXTRA_EXPERIMENTS = ("diagnose", "constants")
+DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
+# the ControlNet experiment (x seeds): (a) without the ControlNet at cfg 3 (spatial agreement by chance), then
+# (a), (b) at cfg 3 and 5 and (c) at the HEADLINE points, all with the ControlNet on the positive conditioning;
+# (c) with domain_on_controlnet off ("cn") and on ("cn+domain")
+CNET_CFGS = (3.0, 5.0)
+CNET_MODES = {"": "no ControlNet", "cn": "ControlNet on the control term",
+              "cn+domain": "ControlNet on the control term and on the domain term (domain_on_controlnet)"}
+
+
+@dataclass
+class ToyConfig:
+    coverage: str = "full"
+    base_steps: int = 400
+    base_lr: float = 8e-4
+    base_batch: int = 16
+    p_uncond: float = 0.15
+    domain_images: int = 256
+    domain_steps: int = 60
+    long_factor: int = 4
+    domain_lr: float = 2e-4
+    domain_batch: int = 8
+    ema_decay: float = 0.99
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    cnet_steps: int = 300
+    cnet_lr: float = 3e-4
+    cnet_batch: int = 16
+    cnet_p_uncond: float = 0.5
+    evaluator_steps: int = 200
+    prompts: int = 16
+    samples_per_prompt: int = 3
+    sample_steps: int = 8
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    seeds: int = 3
+    seed: int = 0
+
+    @classmethod
+    def fast(cls) -> "ToyConfig":
+        return cls(base_steps=3, base_batch=4, domain_images=8, domain_steps=2, long_factor=2, domain_batch=4,
+                   evaluator_steps=20, prompts=4, samples_per_prompt=1, sample_steps=2, seeds=2, cnet_steps=2, cnet_batch=4)
+
+    def key(self, *fields_, **extra) -> str:
+        d = dataclasses.asdict(self)
+        blob = json.dumps({"v": TOY_VERSION, **{f: d[f] for f in fields_}, **extra}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed")
+DOMAIN_FIELDS = BASE_FIELDS + ("coverage", "domain_images", "domain_lr", "domain_batch", "ema_decay")
+CNET_FIELDS = BASE_FIELDS + ("cnet_steps", "cnet_lr", "cnet_batch", "cnet_p_uncond")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INDOMAIN_CACHE", common.PACK_ROOT / ".cache")) / "toy"
+
+
+def log(msg: str) -> None:
+    print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -1,0 +1,64 @@
+"""The benchmark's tables, printed from its JSON payload."""
+from __future__ import annotations
+
+import json
+
+from .. import common
+
+
+def report(payload: dict) -> str:
+    rows = payload["points"]
+    head = ["point", "control", "domain score", "FD", "texture ratio"]
+    if payload["coverage"] == "partial":
+        head += ["control, domain content", "control, beyond the content"]
+    out = []
+    for exp, ids in payload["results"].items():
+        table_rows = []
+        spatial = exp == "controlnet"
+        for pid in ids:
+            r = rows[pid]
+            extra = [r.get("control_in_content"), r.get("control_beyond_content")] if payload["coverage"] == "partial" else []
+            extra += [r["iou"], r["iou_ge_half"]] if spatial else []
+            table_rows.append([pid, r["control"], r["domain_score"], r["fd"], r["texture_ratio"], *extra])
+        out.append(common.table(head + (["IoU with hint", "IoU >= 0.5"] if spatial else []), table_rows,
+                                f"{exp} ({payload['coverage']} coverage)"))
+    sp = payload["derived"].get("spread")
+    if sp:
+        out.append(common.table(["point", "control", "domain score", "FD", "texture ratio"],
+                                [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
+                                        ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
+                                f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
+    cn = payload["derived"].get("controlnet")
+    if cn:
+        keys = ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score", "fd", "tint_ratio")
+        out.append(common.table(["point", "IoU with hint", "IoU >= 0.5", "mask area / hint's", "control",
+                                 "domain score", "FD", "tint ratio"],
+                                [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in keys] for f, v in cn.items()],
+                                f"ControlNet experiment over {payload['config']['seeds']} seeds (mean ± sd)"))
+        ref = payload["references"]
+        out.append(f"IoU references: real plain / domain images at the hint: {ref['iou_real_plain_at_hint']:.3g} / "
+                   f"{ref['iou_real_domain_at_hint']:.3g}; the asked shape at a random position (chance): "
+                   f"{ref['iou_asked_shape_random_position']:.3g}")
+    diag = payload["derived"].get("diagnosis")
+    if diag:
+        for fam, steps in diag.items():
+            out.append(common.table(["sigma", "|D - u|", "|B(c) - u|", "|D - u| / |B(c) - u|", "cosine", "|u|"],
+                                    [[d["sigma"], d["norm_d_minus_u"], d["norm_c_minus_u"],
+                                      d["norm_d_minus_u"] / max(d["norm_c_minus_u"], 1e-12), d["cosine"], d["norm_u"]]
+                                     for d in steps], f"diagnosis along ({fam}) trajectories, x0 space, batch means"))
+    consts = payload["derived"].get("constants")
+    if consts:
+        out.append(common.table(["sigma", "|B(c) - u| / |u|", "one constant: |D0 - u| / |u|", "/ |B(c) - u|",
+                                 "per-level constants: |D0 - u| / |u|", "/ |B(c) - u|"],
+                                [[r["sigma"], r["norm_c_minus_u"] / max(r["norm_u"], 1e-12), r["single_err_over_u"],
+                                  r["single_err_over_c_minus_u"], r["per_level_err_over_u"],
+                                  r["per_level_err_over_c_minus_u"]] for r in consts],
+                                "the untrained null-text UNet D0 against the base's u, per noise level (batch means)"))
+    claim = payload["derived"].get("claim")
+    if claim:
+        out.append("claim: " + json.dumps(claim, indent=1, default=float))
+    ref = payload["references"]
+    out.append(f"FD floor (real domain vs real domain, same count): {ref['fd_real_domain_vs_real_domain']:.3g}; "
+               f"plain vs domain: {ref['fd_real_plain_vs_real_domain']:.3g}; evaluator accuracy "
+               f"{ref['evaluator_accuracy_on_fresh_real_data']}; timings {json.dumps(payload['timings_s'], default=float)}")
+    return "\n\n".join(out)
