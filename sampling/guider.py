@@ -229,13 +229,16 @@ class DecoupledGuider(comfy.samplers.CFGGuider):
     # -- host syncs (issue 24): reading sigma on the host waits for the device; only a term's interval needs it
     def step_sigma(self, timestep) -> float | None:
         """This step's sigma read on the host, or None when every term runs over the whole schedule (0-100%),
-        where the interval test cannot fail: then the step reads no tensor value."""
-        if all(st.term.start_percent <= 0 and st.term.end_percent >= 1 for st in self.terms):
+        where the interval test cannot fail: then the step reads no tensor value. Domain caching (opt-in) scales
+        a reused direction by sigma, so it reads it."""
+        if not self.domain_cache.enabled and all(st.term.start_percent <= 0 and st.term.end_percent >= 1
+                                                 for st in self.terms):
             return None
         return float(timestep.reshape(-1)[0])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        active = self.active_terms(self.step_sigma(timestep))
+        sigma = self.step_sigma(timestep)
+        active = self.active_terms(sigma)
         primary = self.primary if self.primary in active else None
         others = [st for st in active if st is not primary]
         negative = self.conds["negative"]
