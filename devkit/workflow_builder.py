@@ -88,6 +88,10 @@ class Workflow:
             inputs = {}
             for name, spec, optional in ordered_inputs(info):
                 if name not in node.values:
+                    default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                    if optional and is_widget(spec) and default is not None:
+                        inputs[name] = default  # as the UI file shows it (ui() below), so the twins agree
+                        continue
                     if optional:
                         continue
                     raise KeyError(f"{self.name}: {node.type} #{node.id} needs a value or link for {name!r}")
