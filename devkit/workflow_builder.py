@@ -88,6 +88,10 @@ class Workflow:
             inputs = {}
             for name, spec, optional in ordered_inputs(info):
                 if name not in node.values:
+                    default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                    if optional and is_widget(spec) and default is not None:
+                        inputs[name] = default  # as the UI file shows it (ui() below), so the twins agree
+                        continue
                     if optional:
                         continue
                     raise KeyError(f"{self.name}: {node.type} #{node.id} needs a value or link for {name!r}")
@@ -113,6 +117,8 @@ class Workflow:
             for name, spec, optional in ordered_inputs(info):
                 v = node.values.get(name)
                 if is_widget(spec) and not isinstance(v, Out):
+                    if v is None and optional:  # an unset optional widget shows its schema default
+                        v = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
                     if v is None:
                         raise KeyError(f"{self.name}: {node.type} #{node.id} needs a value for widget {name!r}")
                     widgets.append(v)

@@ -41,6 +41,26 @@ def test_sampling_bench_fast(comfy, tmp_path):
     assert len(mem["loaded_models_after_decoupled_sampling"]) == 2
 
 
+def test_domain_cache_bench_fast(comfy, tmp_path):
+    from indomain.bench import domain_cache
+
+    out = tmp_path / "domain_cache.json"
+    domain_cache.main(["--fast", "--setups", "flux_lora", "--out", str(out)])
+    data = json.loads(out.read_text())
+    if "flux_lora" in data["skipped"]:
+        pytest.skip(data["skipped"]["flux_lora"])
+    cases = data["results"]["flux_lora"]["cases"]
+    steps = data["results"]["flux_lora"]["steps"]
+    assert cases["core CFG"]["over_core_cfg"] == 1.0 and cases["decoupled, cache off"]["over_uncached"] == 1.0
+    assert all(_finite_positive(c["seconds"]) for c in cases.values())
+    # counted, not timed: the domain rows join the forward on every call uncached, every 2nd / 3rd call cached
+    assert cases["decoupled, cache off"]["domain_evaluations"] == steps
+    assert cases["decoupled, cache every 2"]["domain_evaluations"] == math.ceil(steps / 2)
+    assert cases["decoupled, cache every 3"]["domain_evaluations"] == math.ceil(steps / 3)
+    assert cases["decoupled, cache off"]["max_abs_diff_vs_uncached_rel"] == 0.0
+    assert {"core CFG + EasyCache", "decoupled, cache every 2 + LazyCache"} <= set(cases)
+
+
 def test_sampling_bench_full_is_skipped_without_cuda(comfy, tmp_path):
     import torch
 
