@@ -373,6 +373,24 @@ def test_previews_are_decoupled_samples_of_the_ema_lora(host, name, tmp_path):
     assert all(torch.equal(plain.state_dict[k], res.state_dict[k]) for k in plain.state_dict)
 
 
+def test_auto_learning_rate_is_the_lora_forms_1e4_for_a_dit(host):
+    """lr left to the form ("auto": None on the config, 0 on the node) trains a DiT's LoRA at 1e-4 (the LoRA form's
+    DEFAULT_LR, not the full form's 1e-5): recorded in the file's training info, and the first AdamW step moves
+    each adapter weight by about lr (Adam's first step is lr * sign(grad))."""
+    from indomain.training.trainer import train_on_latents
+
+    name = "sd3"
+    _need(name)
+    a = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=1, lr=None, ema_decay=0.0))
+    assert a.meta.training["lr"] == pytest.approx(1e-4)
+    b = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=1, lr=1e-5, ema_decay=0.0))
+    assert b.meta.training["lr"] == pytest.approx(1e-5)
+    # the adapters start at up = 0: after one step |up| is about lr (weight decay and clipping aside)
+    up_a = max(float(v.abs().max()) for k, v in a.state_dict.items() if k.endswith("lora_up.weight"))
+    up_b = max(float(v.abs().max()) for k, v in b.state_dict.items() if k.endswith("lora_up.weight"))
+    assert up_a == pytest.approx(1e-4, rel=0.05) and up_b == pytest.approx(1e-5, rel=0.05), (up_a, up_b)
+
+
 # ----------------------------------------------------------------------------- Wan: images as single-frame clips
 
 
