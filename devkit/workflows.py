@@ -47,6 +47,10 @@ STEPS, SAMPLER, SCHEDULER = 25, "dpmpp_2m", "karras"
 CFG, DOMAIN_WEIGHT, SEED = CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START, 42
 SIZE = 512
 
+# Widget values of the training node after the links and image_folder; filled from its real schema
+# (see _train_widgets) so the file follows the node.
+TRAIN_WIDGETS: dict = {}
+
 BLUE, ORANGE, GREEN, PURPLE, RED = "#3f789e", "#b58b2a", "#8A8", "#a1309b", "#b06634"
 
 COL_MODELS, COL_PROMPTS, COL_CONTROL, COL_SAMPLE, COL_OUT = 0, 400, 880, 1300, 1720
@@ -623,7 +627,111 @@ def flux2_klein() -> Workflow:
 
 
 DIT_SPECS = [qwen_image, qwen_image_edit, wan21_t2v, wan21_i2v, wan22_two_experts, z_image, sd35, flux2_klein]
-for _spec in DIT_SPECS:  # fill DIT_WORKFLOWS / DIT_FILES / DIT_ENCODERS at import
+
+
+# ----------------------------------------------------------------------------- train a DiT domain, then sample (issue 20)
+# name -> the tiny family the tests train and sample in its place
+DIT_TRAIN_WORKFLOWS: dict[str, str] = {}
+
+_DIT_TRAIN_NOTE = ("\n\nPut images from your domain in a subfolder of ComfyUI/input (e.g. input/domain_images; no "
+                   "captions) and pick it in image_folder. The Train node gets the ENCODED EMPTY PROMPT (empty_prompt; "
+                   "'clip' stays unconnected) and the VAE, which encodes each image once (cached). It trains a "
+                   "text-free LoRA (form lora, rank 32, learning rate 0 = auto 1e-4) on the model's own flow-matching "
+                   "objective with the shift set above, saves it under models/domain_unets (reload it later with Load "
+                   "Domain UNet), and hands it to Domain KSampler, whose domain pass reads the same empty prompt. "
+                   "Every 250 steps (preview_every; 0 = off) the node shows a decoupled sample of the EMA adapter.")
+
+
+def _dit_train_and_sample(name: str, family: str, unet: str, clip, clip_type, vae: str, shift_node: str,
+                          shift: float, base_title: str, resolution: int, save_name: str, latent_node: str,
+                          latent_values: dict, positive: str, negative: str, steps: int, cfg: float, sampler: str,
+                          scheduler: str, video: bool, prefix: str, note_head: str) -> Workflow:
+    """UNETLoader + shift, text encoder, VAE -> Train Domain UNet (LoRA form, on an image folder, the empty prompt)
+    -> Domain KSampler with the trained model and the same empty prompt -> output."""
+    wf = Workflow(name)
+    load = wf.add("UNETLoader", (COL_LOAD, 0), title=base_title, size=(360, 82),
+                  unet_name=_dit_file("diffusion_models", unet, family), weight_dtype="default")
+    model = wf.add(shift_node, (COL_LOAD, 130), title=f"Shift {shift} (training and sampling)", size=(360, 58),
+                   model=load[0], shift=shift)
+    if isinstance(clip, tuple):  # SD3.5: clip_l + clip_g + t5xxl
+        enc = wf.add("TripleCLIPLoader", (COL_LOAD, 230), size=(360, 106), clip_name1=clip[0], clip_name2=clip[1],
+                     clip_name3=clip[2])
+        for c in clip:
+            DIT_ENCODERS[c] = family
+    else:
+        enc = wf.add("CLIPLoader", (COL_LOAD, 230), title="Text encoder", size=(360, 106), clip_name=clip,
+                     type=clip_type, device="default")
+        DIT_ENCODERS[clip] = family
+    vae_node = wf.add("VAELoader", (COL_LOAD, 390), size=(360, 58), vae_name=vae)
+    DIT_ENCODERS[vae] = family
+    wf.group("1. Models (base, text encoder, VAE)", [load, model, enc, vae_node], BLUE)
+    empty = wf.add("CLIPTextEncode", (COL_TEXT, 0), title="Empty prompt (text-free: training and domain pass)",
+                   size=(400, 100), text="", clip=enc[0])
+    train = wf.add("InDomainTrainDomainUNet", (COL_TEXT, 160), title="Train Domain UNet, LoRA form (rank 32)",
+                   size=(400, 790), model=model[0], vae=vae_node[0], image_folder=TRAIN_FOLDER,
+                   empty_prompt=empty[0],
+                   **dict(TRAIN_WIDGETS, form="lora", rank=32, resolution=resolution, save_name=save_name,
+                          preview_every=250))
+    wf.group("2. Train the domain (text-free LoRA)", [empty, train], RED)
+    x = COL_TEXT + 440
+    pos = wf.add("CLIPTextEncode", (x, 0), title="Positive prompt (text control)", size=(400, 150), text=positive,
+                 clip=enc[0])
+    neg = wf.add("CLIPTextEncode", (x, 210), title="Negative prompt (u: the base's unconditional)", size=(400, 150),
+                 text=negative, clip=enc[0])
+    latent = wf.add(latent_node, (x, 420), size=(315, 130), **latent_values)
+    wf.group("3. Prompts", [pos, neg, latent], ORANGE)
+    ks = _dit_ksampler(wf, x + 440, 0, model, train, pos[0], neg[0], empty, latent[0], steps, cfg, sampler, scheduler)
+    wf.group("4. Sample with it (decoupled)", [ks], GREEN)
+    _dit_output(wf, ks[0], vae_node, prefix, video=video, x=x + 860)
+    wf.note(note_head + f"\n\nTraining: {TRAIN_WIDGETS.get('steps', 2000)} steps at {resolution} px, LoRA rank "
+            f"32. Sampling: cfg {cfg}, domain_weight "
+            f"{DOMAIN_WEIGHT}, {steps} steps {sampler} {scheduler}, shift {shift}." + _DIT_TRAIN_NOTE,
+            (COL_LOAD, 500), size=(360, 470))
+    DIT_TRAIN_WORKFLOWS[name] = family
+    return wf
+
+
+def train_qwen_image() -> Workflow:
+    return _dit_train_and_sample(
+        "indomain_18_train_qwen_image", "qwen_image", "qwen_image_fp8_e4m3fn.safetensors", QWEN_TE, "qwen_image",
+        QWEN_VAE, "ModelSamplingAuraFlow", 3.1, "Qwen-Image (frozen base)", 1024, "qwen_image_domain",
+        "EmptySD3LatentImage", dict(width=1328, height=1328, batch_size=1), "a cat wearing a hat, sitting on a chair",
+        "blurry, low quality", 20, 2.5, "euler", "simple", False, "indomain/train_qwen_image",
+        "Qwen-Image: train your domain, then sample in it.")
+
+
+def train_wan21() -> Workflow:
+    return _dit_train_and_sample(
+        "indomain_19_train_wan21", "wan21", "wan2.1_t2v_1.3B_fp16.safetensors", WAN_TE, "wan", WAN_VAE,
+        "ModelSamplingSD3", 8.0, "Wan 2.1 T2V (frozen base)", 512, "wan21_domain", "EmptyHunyuanLatentVideo",
+        dict(width=832, height=480, length=33, batch_size=1), "a cat walking through tall grass, sunny day",
+        WAN_NEGATIVE, 30, 6.0, "uni_pc", "simple", True, "indomain/train_wan21",
+        "Wan 2.1: train your domain from IMAGES, then make videos in it.\n\nEach image trains as a single-frame "
+        "clip (the Wan VAE encodes it alone); video clips are not needed. Wan 2.2 5B works the same with its own "
+        "model, VAE (16x: sizes follow the VAE) and shift.")
+
+
+def train_z_image() -> Workflow:
+    return _dit_train_and_sample(
+        "indomain_20_train_z_image", "zimage", "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2",
+        "ae.safetensors", "ModelSamplingAuraFlow", 3.0, "Z-Image base (frozen; Lumina 2 works the same)", 1024,
+        "z_image_domain", "EmptySD3LatentImage", dict(width=1024, height=1024, batch_size=1),
+        "a cat wearing a hat, sitting on a chair", "blurry, low quality", 30, 4.0, "euler", "simple", False,
+        "indomain/train_z_image", "Z-Image (base) / Lumina 2: train your domain, then sample in it.")
+
+
+def train_sd35() -> Workflow:
+    return _dit_train_and_sample(
+        "indomain_21_train_sd35", "sd3", "sd3.5_medium.safetensors",
+        ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"), None, "sd35_vae.safetensors",
+        "ModelSamplingSD3", 3.0, "SD3.5 (frozen base)", 1024, "sd35_domain", "EmptySD3LatentImage",
+        dict(width=1024, height=1024, batch_size=1), "a cat wearing a hat, sitting on a chair", "blurry, low quality",
+        28, 4.5, "euler", "sgm_uniform", False, "indomain/train_sd35",
+        "SD3.5 (MMDiT): train your domain, then sample in it.")
+
+
+DIT_TRAIN_SPECS = [train_qwen_image, train_wan21, train_z_image, train_sd35]
+for _spec in DIT_SPECS + DIT_TRAIN_SPECS:  # fill DIT_WORKFLOWS / DIT_TRAIN_WORKFLOWS / DIT_FILES / DIT_ENCODERS
     _spec()
 del _spec
 
@@ -633,9 +741,6 @@ DG_WEIGHT = 5.0
 GRID_DOMAIN_WEIGHTS, GRID_CFGS = "0, 1, 2, 3", "1.5, 2.5, 4"
 
 
-# Widget values of the training node after the links and image_folder; filled from its real schema
-# (see _train_widgets) so the file follows the node.
-TRAIN_WIDGETS: dict = {}
 
 
 def _train_widgets(object_info: dict) -> dict:
@@ -660,7 +765,8 @@ def _train_widgets(object_info: dict) -> dict:
 
 
 SPECS = [unconditional, text_guided, controlnet, img2img, multi_guidance, train_and_sample, train_lora_and_sample,
-         domain_guidance_preset, weight_grid] + DIT_SPECS
+         domain_guidance_preset, weight_grid] + DIT_SPECS + DIT_TRAIN_SPECS
+TRAIN_SPECS = (train_and_sample, train_lora_and_sample, *DIT_TRAIN_SPECS)
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
@@ -670,7 +776,7 @@ def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
         TRAIN_WIDGETS.clear()
         TRAIN_WIDGETS.update(_train_widgets(object_info))
     for spec in SPECS:
-        if spec in (train_and_sample, train_lora_and_sample) and "InDomainTrainDomainUNet" not in object_info:
+        if spec in TRAIN_SPECS and "InDomainTrainDomainUNet" not in object_info:
             print("skipping the training workflow: InDomainTrainDomainUNet is not registered", file=sys.stderr)
             continue
         wf = spec()

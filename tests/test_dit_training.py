@@ -12,6 +12,8 @@ devkit/dit_training.py: a colour cast in latent space).
   loads every key); decoupled samples (Domain Guider with the empty prompt, domain weight 2, cfg 0) move toward
   the domain by the domain statistic (the cast), against the base's samples (domain weight 0).
 - Resume equals an uninterrupted run (1e-6) for Wan 2.1 (5-D single-frame clips).
+- Wan 2.1 / 2.2 from an image folder: each picture a single-frame clip through a video VAE (stand-in), buckets,
+  the latent cache, sizes from the VAE's ratio (Wan 2.2's 16x).
 - Refusals by name: Wan I2V (concat latents), reference latents, no text input, a form other than lora,
   a preview prompt without a text encoder.
 - Previews (Wan 2.1, SD3): the EMA LoRA sampled through the pack's decoupled guider and decoded by the VAE (a
@@ -369,6 +371,82 @@ def test_previews_are_decoupled_samples_of_the_ema_lora(host, name, tmp_path):
     # the run's randomness is untouched: the same weights as without previews
     plain = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=6))
     assert all(torch.equal(plain.state_dict[k], res.state_dict[k]) for k in plain.state_dict)
+
+
+def test_auto_learning_rate_is_the_lora_forms_1e4_for_a_dit(host):
+    """lr left to the form ("auto": None on the config, 0 on the node) trains a DiT's LoRA at 1e-4 (the LoRA form's
+    DEFAULT_LR, not the full form's 1e-5): recorded in the file's training info, and the first AdamW step moves
+    each adapter weight by about lr (Adam's first step is lr * sign(grad))."""
+    from indomain.training.trainer import train_on_latents
+
+    name = "sd3"
+    _need(name)
+    a = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=1, lr=None, ema_decay=0.0))
+    assert a.meta.training["lr"] == pytest.approx(1e-4)
+    b = train_on_latents(tf.build(name), tf.empty_cond(name), _latents(name), _cfg(steps=1, lr=1e-5, ema_decay=0.0))
+    assert b.meta.training["lr"] == pytest.approx(1e-5)
+    # the adapters start at up = 0: after one step |up| is about lr (weight decay and clipping aside)
+    up_a = max(float(v.abs().max()) for k, v in a.state_dict.items() if k.endswith("lora_up.weight"))
+    up_b = max(float(v.abs().max()) for k, v in b.state_dict.items() if k.endswith("lora_up.weight"))
+    assert up_a == pytest.approx(1e-4, rel=0.05) and up_b == pytest.approx(1e-5, rel=0.05), (up_a, up_b)
+
+
+# ----------------------------------------------------------------------------- Wan: images as single-frame clips
+
+
+def _non_square_images(folder, n, size, seed=0):
+    """`n` striped-disc pictures, some landscape (1.5:1), some portrait, some square."""
+    from PIL import Image
+
+    from indomain.devkit.images import draw_images
+
+    src = draw_images(folder.with_name(folder.name + "_src"), n, size=size, seed=seed, style="discs")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(sorted(src.iterdir())):
+        w, h = [(size * 3 // 2, size), (size, size * 3 // 2), (size, size)][i % 3]
+        Image.open(p).convert("RGB").resize((w, h)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name,resolution,buckets", [("wan21", 64, True), ("wan22", 128, True), ("wan22", 128, False)])
+def test_wan_trains_on_an_image_folder_as_single_frame_clips_with_buckets_and_the_latent_cache(
+        host, name, resolution, buckets, tmp_path):
+    """A folder of pictures trains a Wan LoRA: the video VAE (core's kind: a batch of pictures is ONE clip) encodes
+    each picture alone as a single-frame clip (plain and mirrored latents are mirror images of each other, not two
+    frames of one clip), sizes follow the VAE's ratio (Wan 2.2: 16 px per cell, not 8), buckets keep the pictures'
+    shapes, and a second run reads every latent from the cache and trains the same weights."""
+    _need(name)
+    from safetensors.torch import load_file
+
+    from indomain.training.trainer import train
+
+    folder = _non_square_images(tmp_path / "imgs", 6, resolution)
+    vae = standin_vae(name)
+    ratio = vae.downscale_ratio[-1]
+    assert ratio == (16 if name == "wan22" else 8)
+    cache = tmp_path / "cache"
+    cfg = _cfg(steps=4, batch_size=2, resolution=resolution, buckets=buckets, cache_dir=str(cache))
+    runs = [train(tf.build(name), tf.empty_cond(name), vae, folder, cfg, tmp_path / f"out{i}.safetensors")
+            for i in range(2)]
+    first, second = runs
+    assert first.summary["latent_cache_hits"] == 0 and second.summary["latent_cache_hits"] == 6
+    assert first.losses == second.losses and all(math.isfinite(x) for x in first.losses)
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    entries = [load_file(str(p)) for p in sorted(cache.glob("*.safetensors"))]
+    assert len(entries) == 6
+    shapes = set()
+    for e in entries:
+        lat, flip = e["latent"], e["latent_flip"]
+        assert lat.ndim == 3 and lat.shape[0] == tf.latent_channels(name), lat.shape  # one frame, [C, h, w]
+        torch.testing.assert_close(flip, lat.flip(-1), rtol=0, atol=1e-5)
+        shapes.add(tuple(lat.shape[-2:]))
+    if buckets:
+        assert len(shapes) >= 2 and first.summary["buckets"], shapes  # the pictures kept (about) their shapes
+        area = (resolution // ratio) ** 2
+        assert all(0.6 * area <= h * w <= 1.5 * area for h, w in shapes), (shapes, area)
+    else:
+        assert shapes == {(resolution // ratio,) * 2}
+        assert first.summary["latent_size"] == [resolution // ratio] * 2
 
 
 # ----------------------------------------------------------------------------- node and command line

@@ -27,6 +27,10 @@ from indomain.devkit import workflows as specs
 
 STANDINS = host_mod.PACK_ROOT / "tests" / "standins" / "indomain_test_standins"
 FILES = [f for f in specs.workflow_files() if f[0] in specs.DIT_WORKFLOWS]
+# "train your domain, then sample" per trained family (issue 20)
+TRAIN_FILES = [f for f in specs.workflow_files() if f[0] in specs.DIT_TRAIN_WORKFLOWS]
+EXPECTED_TRAIN = {"indomain_18_train_qwen_image", "indomain_19_train_wan21", "indomain_20_train_z_image",
+                  "indomain_21_train_sd35"}
 EXPECTED = {"indomain_10_qwen_image", "indomain_11_qwen_image_edit", "indomain_12_wan21_t2v", "indomain_13_wan21_i2v",
             "indomain_14_wan22_two_experts", "indomain_15_z_image", "indomain_16_sd35", "indomain_17_flux2_klein"}
 
@@ -74,7 +78,7 @@ def dit_files(tmp_path_factory):
     import torch
 
     save_file({"x": torch.zeros(1)}, str(placeholder))
-    for _, ui_path, _ in FILES:
+    for _, ui_path, _ in FILES + TRAIN_FILES:
         for node in _ui(ui_path)["nodes"]:
             folder = PLACEHOLDER_FOLDERS.get(node["type"])
             for v in node.get("widgets_values") or []:
@@ -92,6 +96,7 @@ def dit_server(tmp_path_factory, dit_files):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
     srv = host_mod.ComfyServer(base, models=dit_files)
     specs.write_test_images(base / "input")
+    specs.write_train_images(base / "input" / specs.TRAIN_FOLDER, count=4)  # the train workflows' image_folder
     srv.start(timeout=600)  # measured over 180 s on the shared 2-core machine under load
     yield srv
     srv.stop()
@@ -136,7 +141,7 @@ def test_every_family_has_its_workflow_and_twin():
     assert len(doms) == 2
 
 
-@pytest.mark.parametrize("name,ui_path,api_path", FILES, ids=[f[0] for f in FILES])
+@pytest.mark.parametrize("name,ui_path,api_path", FILES + TRAIN_FILES, ids=[f[0] for f in FILES + TRAIN_FILES])
 def test_dit_workflow_matches_live_object_info(name, ui_path, api_path, object_info):
     ui, api = _ui(ui_path), json.loads(api_path.read_text())
     missing = sorted({n["type"] for n in ui["nodes"] if n["type"] not in check.FRONTEND_ONLY} - set(object_info))
@@ -193,6 +198,9 @@ def tiny_run_graph(api: dict, family: str, domain_weight: float | None = None, s
             inp["length"] = 5  # 2 latent frames
         if t in ("InDomainKSampler", "Flux2Scheduler"):
             inp["steps"] = 2
+        if t == "InDomainTrainDomainUNet":  # a short run at 64 px, previews every 2 steps
+            inp.update(steps=4, batch_size=2, resolution=64, save_every=0, preview_every=2, preview_steps=2,
+                       overwrite=True, learning_rate=1e-3, save_name=f"{inp['save_name']}_{domain_weight}")
         if t == "KSamplerAdvanced":
             inp["steps"] = 4
             inp["start_at_step" if inp["start_at_step"] else "end_at_step"] = 2
@@ -237,4 +245,114 @@ def test_dit_api_twin_runs_with_tiny_models(name, api_path, dit_server, object_i
         assert n_ok and frames[0].shape == (64, 64, 3), (len(frames), frames[0].shape)
         outs[w_d] = np.stack(frames)
     diff = np.abs(outs[0.0] - outs[specs.DOMAIN_WEIGHT]).mean()
+    assert diff > 0.05, f"{name}: domain weight {specs.DOMAIN_WEIGHT} gives the same picture as 0 ({diff})"
+
+
+# ----------------------------------------------------------------------------- train your domain, then sample
+
+
+def test_every_trained_family_has_its_train_workflow():
+    """Qwen-Image, Wan 2.1, Z-Image, SD3.5: the Train node gets the shifted model, the VAE and the encoded empty
+    prompt ('clip' unconnected), trains the LoRA form on the image folder, and Domain KSampler samples its output
+    with the same model and the same empty prompt."""
+    assert {f[0] for f in TRAIN_FILES} == EXPECTED_TRAIN == set(specs.DIT_TRAIN_WORKFLOWS)
+    for name, ui, api in TRAIN_FILES:
+        assert api.is_file() and specs.thumbnail_path(name).is_file(), name
+        twin = json.loads(api.read_text())
+        (tid, train), = [(k, n) for k, n in twin.items() if n["class_type"] == "InDomainTrainDomainUNet"]
+        inp = train["inputs"]
+        assert "clip" not in inp and inp["vae"] and inp["form"] == "lora" and inp["image_folder"] == specs.TRAIN_FOLDER
+        assert inp["learning_rate"] == 0.0 and inp["preview_every"] > 0
+        empty = twin[inp["empty_prompt"][0]]
+        assert empty["class_type"] == "CLIPTextEncode" and empty["inputs"]["text"] == ""
+        assert twin[inp["model"][0]]["class_type"].startswith("ModelSampling")
+        (ks,) = [n for n in twin.values() if n["class_type"] == "InDomainKSampler"]
+        assert ks["inputs"]["domain_model"] == [tid, 0]
+        assert ks["inputs"]["model"] == inp["model"] and ks["inputs"]["empty_prompt"] == inp["empty_prompt"]
+
+
+PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE (protocol.py, 0.3.75 and 0.33)
+
+
+async def _run_and_watch(server, graph: dict, timeout: float = 540.0) -> tuple[str, list]:
+    """Queue `graph` as a websocket client (as tests/test_training_server_watch.py): (prompt_id, events in order)."""
+    import asyncio
+    import uuid
+
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    events = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
+            async with session.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            prompt_id = body["prompt_id"]
+
+            async def read():
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        events.append(("binary", msg.data))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        m = json.loads(msg.data)
+                        events.append(("json", m))
+                        data = m.get("data", {})
+                        if data.get("prompt_id") == prompt_id and (
+                                m["type"] in ("execution_error", "execution_interrupted", "execution_success")
+                                or (m["type"] == "executing" and data.get("node") is None)):
+                            return
+
+            await asyncio.wait_for(read(), timeout)
+    return prompt_id, events
+
+
+@pytest.mark.parametrize("name,api_path", [(f[0], f[2]) for f in TRAIN_FILES], ids=[f[0] for f in TRAIN_FILES])
+def test_dit_train_workflow_trains_then_samples_with_previews_over_the_websocket(name, api_path, dit_server,
+                                                                                 object_info, tmp_path):
+    """The API twin on the 0.33 server with the tiny family: 4 training steps on the image folder (the stand-in VAE
+    encodes it; Wan: a video VAE, each picture a single-frame clip), previews at steps 2 and 4 arrive over the
+    websocket right after the Train node's progress message of that step, the trained LoRA is saved with its
+    previews, and Domain KSampler's output at domain weight 2 differs from weight 0 (the trained domain acts)."""
+    import asyncio
+    import io
+    import struct
+
+    from PIL import Image
+
+    if host_mod.host_version_tuple() < (0, 33):
+        pytest.skip(f"the DiT workflows run on the 0.33 host (issue 19); this is {host_mod.comfyui_version()}")
+    family = specs.DIT_TRAIN_WORKFLOWS[name]
+    api = json.loads(api_path.read_text())
+    outputs = {}
+    for w_d in (0.0, specs.DOMAIN_WEIGHT):
+        wf = tiny_run_graph(api, family, domain_weight=w_d)
+        tid = next(k for k, n in wf.items() if n["class_type"] == "InDomainTrainDomainUNet")
+        prompt_id, events = asyncio.run(_run_and_watch(dit_server, wf))
+        errors = [m for k, m in events if k == "json" and m["type"] == "execution_error"]
+        assert not errors, errors[0]["data"].get("exception_message")
+        previews, last_progress = [], None
+        for kind, item in events:
+            if kind == "json" and item["type"] == "progress" and item["data"].get("node") == tid:
+                last_progress = (item["data"]["value"], item["data"]["max"])
+            elif kind == "binary":
+                event, _image_type = struct.unpack(">II", item[:8])
+                if event == PREVIEW_IMAGE and last_progress is not None and last_progress[1] == 4:
+                    previews.append((last_progress, Image.open(io.BytesIO(item[8:]))))
+        train_previews = [p for p, _ in previews if p[0] in (2, 4)]
+        assert train_previews[:2] == [(2, 4), (4, 4)], [p for p, _ in previews]
+        assert all(np.asarray(im).std() > 0 for _, im in previews[:2])
+        folder = dit_server.base / "models" / "domain_unets"
+        save_name = wf[tid]["inputs"]["save_name"]
+        assert (folder / f"{save_name}.safetensors").is_file()
+        assert sorted(p.name for p in (folder / f"{save_name}.previews").iterdir()) == [
+            "step_000002_domain.png", "step_000004_domain.png"]
+        history = dit_server.get_json(f"/history/{prompt_id}")[prompt_id]
+        assert history["status"]["status_str"] == "success"
+        saved = [im for out in history["outputs"].values() for im in out.get("images", [])]
+        assert len(saved) == 1, saved
+        frames = _frames(ComfyClient(dit_server.url).download(saved[0], tmp_path / str(w_d)))
+        assert frames[0].shape == (64, 64, 3)
+        outputs[w_d] = np.stack(frames)
+    diff = np.abs(outputs[0.0] - outputs[specs.DOMAIN_WEIGHT]).mean()
     assert diff > 0.05, f"{name}: domain weight {specs.DOMAIN_WEIGHT} gives the same picture as 0 ({diff})"

@@ -13,7 +13,7 @@ from indomain.devkit import workflows as specs
 # The flow-matching DiT workflows (specs.DIT_WORKFLOWS) need their own models and loader stand-ins: validated and run
 # by tests/test_dit_workflows.py; here they only count as templates (listing, thumbnails).
 ALL_FILES = specs.workflow_files()
-FILES = [f for f in ALL_FILES if f[0] not in specs.DIT_WORKFLOWS]
+FILES = [f for f in ALL_FILES if f[0] not in specs.DIT_WORKFLOWS and f[0] not in specs.DIT_TRAIN_WORKFLOWS]
 EXPECTED = {"indomain_1_unconditional", "indomain_2_text_guided", "indomain_3_controlnet", "indomain_4_img2img",
             "indomain_5_multi_guidance", "indomain_6_train_and_sample", "indomain_7_domain_guidance",
             "indomain_8_weight_grid"}

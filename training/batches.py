@@ -19,10 +19,9 @@ from .sources import LatentSource, step_generator
 
 def model_resolution_factor(model_patcher, vae=None) -> int:
     """Pixels per latent cell times the UNet's total downsampling: resolutions must be multiples of this."""
-    vae_ratio = 8
-    if vae is not None:
-        r = getattr(vae, "downscale_ratio", 8)
-        vae_ratio = r if isinstance(r, int) else 8
+    from .data import vae_spatial_ratio
+
+    vae_ratio = 8 if vae is None else vae_spatial_ratio(vae)  # Wan 2.2 / Flux.2: 16; video VAEs state a tuple
     unet_config = model_patcher.model.model_config.unet_config
     if "channel_mult" not in unet_config:  # a transformer: latents must be whole patches
         patch = unet_config.get("patch_size", 1) or 1
@@ -74,16 +73,17 @@ class TrainingData:
 
     @classmethod
     def prepare(cls, model_patcher, latents, flipped_latents, config, data_info: dict | None,
-                bucket_hw: list | None = None) -> "TrainingData":
-        """`bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells (default: its own size)."""
+                bucket_hw: list | None = None, vae_ratio: int = 8) -> "TrainingData":
+        """`bucket_hw` (with config.buckets): each latent's bucket (h, w) in latent cells (default: its own size).
+        `vae_ratio`: pixels per latent cell of the VAE that made the latents (8; 16 for Wan 2.2's and Flux.2's)."""
         latent_format = model_patcher.model.latent_format
-        size_hw = (config.resolution // 8, config.resolution // 8)
+        size_hw = (config.resolution // vae_ratio, config.resolution // vae_ratio)
         if isinstance(latents, torch.Tensor) and config.crop == "center" and tuple(latents.shape[-2:]) != size_hw:
             size_hw = tuple(latents.shape[-2:])  # latents given at their own size (e.g. the toy world)
-        factor = model_resolution_factor(model_patcher) // 8
+        factor = model_resolution_factor(model_patcher) // 8  # latent cells per patch (no VAE: 8 px a cell)
         if size_hw[0] % factor or size_hw[1] % factor:
             raise TrainingInputError(f"latent size {size_hw} is not a multiple of {factor}, which this UNet needs "
-                                     f"(resolution must be a multiple of {8 * factor} px).")
+                                     f"(resolution must be a multiple of {vae_ratio * factor} px).")
         if latents[0].shape[0] != latent_format.latent_channels:
             raise TrainingInputError(f"latents have {latents[0].shape[0]} channels but this model uses "
                                      f"{latent_format.latent_channels}; encode them with this checkpoint's VAE.")

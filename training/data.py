@@ -204,9 +204,10 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def fit_to_size(im, size: tuple[int, int], crop: str):
+def fit_to_size(im, size: tuple[int, int], crop: str, grid: int = 8):
     """Resize a PIL image to cover (w, h) (aspect kept), then centre-crop to exactly (w, h); with crop
-    'random' keep the whole covering image on the 8-px latent grid (crops are cut from the latent)."""
+    'random' keep the whole covering image on the VAE's latent grid (`grid` px: 8, or 16 for Wan 2.2's VAE;
+    crops are cut from the latent)."""
     from PIL import Image
 
     bw, bh = size
@@ -214,7 +215,7 @@ def fit_to_size(im, size: tuple[int, int], crop: str):
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
     if crop == "random":
-        nw, nh = max(bw, nw // 8 * 8), max(bh, nh // 8 * 8)
+        nw, nh = max(bw, nw // grid * grid), max(bh, nh // grid * grid)
     im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     if crop == "center":
         left, top = (nw - bw) // 2, (nh - bh) // 2
@@ -222,13 +223,13 @@ def fit_to_size(im, size: tuple[int, int], crop: str):
     return im
 
 
-def load_resized(path: Path, resolution: int, crop: str):
+def load_resized(path: Path, resolution: int, crop: str, grid: int = 8):
     """RGB PIL image (see to_rgb), short side = resolution; centre-cropped to a square when crop == 'center'."""
     from PIL import Image
 
     with Image.open(path) as im:
         im = to_rgb(im)
-    return fit_to_size(im, (resolution, resolution), crop)
+    return fit_to_size(im, (resolution, resolution), crop, grid)
 
 
 def to_pixels(im) -> torch.Tensor:
@@ -333,7 +334,7 @@ def encode_images(vae, scan: ImageScan, resolution: int, crop: str, cache_dir: P
         digest = file_digest(path)
         cpath = None if cache_dir is None else \
             Path(cache_dir) / f"{cache_key(digest, resolution, crop, vae_fingerprint)}.safetensors"
-        entry, hit = encode_with_cache(vae, lambda: load_resized(path, resolution, crop), cpath,
+        entry, hit = encode_with_cache(vae, lambda: load_resized(path, resolution, crop, vae_spatial_ratio(vae)), cpath,
                                        {"source": display_name(path.name), "resolution": str(resolution), "crop": crop})
         out.cache_hits += hit
         out.latents.append(entry[0].float().clone())

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .data import (EncodedImages, TrainingInputError, cache_key, display_name, encode_with_cache, file_digest,
-                   fit_to_size, min_image_side)
+                   fit_to_size, min_image_side, vae_spatial_ratio)
 
 log = logging.getLogger("indomain.training")
 
@@ -108,10 +108,11 @@ def encode_items(vae, items: list[TrainingImage], sizes: list[tuple[int, int]], 
                  vae_fingerprint: str, progress=None) -> EncodedImages:
     """Encode each item (plain and mirrored) at its (width, height) through the on-disk cache."""
     out = EncodedImages([], [], [])
+    grid = vae_spatial_ratio(vae)
     for i, (item, size) in enumerate(zip(items, sizes)):
         cpath = None if cache_dir is None else \
             Path(cache_dir) / f"{cache_key(item.digest, f'{size[0]}x{size[1]}', crop, vae_fingerprint)}.safetensors"
-        entry, hit = encode_with_cache(vae, lambda: fit_to_size(item.load(), size, crop), cpath,
+        entry, hit = encode_with_cache(vae, lambda: fit_to_size(item.load(), size, crop, grid), cpath,
                                        {"source": display_name(item.name), "size": f"{size[0]}x{size[1]}", "crop": crop})
         out.cache_hits += hit
         out.latents.append(entry[0].float().clone())

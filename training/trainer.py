@@ -26,7 +26,8 @@ from ..guidance.checkpoint import cast_for_saving
 from .batches import TrainingData, model_resolution_factor
 from .config import (TrainConfig, TrainingDiverged, TrainResult, check_output_writable, default_cache_dir,
                      resume_path_for)
-from .data import EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images
+from .data import (EncodedImages, TrainingInputError, check_resolution, display_name, encode_images, scan_images,
+                   vae_spatial_ratio)
 from .distributed import (all_reduce_mean, any_rank, barrier, dist_info, gather_from_ranks, weights_digest,
                           wrap_data_parallel)
 from ..forms.model import base_meta, empty_prompt, trained_calibration
@@ -198,7 +199,8 @@ def _train_on_latents(model_patcher, clip, latents, config: TrainConfig, out_pat
     rank, world = dist_info()
     resume_file = None if out_path is None else resume_path_for(out_path)
     check_text_input(model_patcher, clip, config)
-    data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw)
+    data = TrainingData.prepare(model_patcher, latents, flipped_latents, config, data_info, bucket_hw,
+                                vae_ratio=8 if vae is None else vae_spatial_ratio(vae))
     check_dit_conditioning(model_patcher, clip, data.size_hw)
     if config.buckets:
         log.info("InDomain training: aspect-ratio buckets (latent HxW: images) %s", data.source.bucket_counts)
@@ -346,7 +348,8 @@ def train(model_patcher, clip, vae, image_dir, config: TrainConfig, out_path, re
             if config.buckets:
                 choices = bucket_sizes(config.resolution, factor)
                 sizes = [nearest_bucket(*it.size, choices) for it in more_items]
-                bucket_hw = [(h // 8, w // 8) for w, h in sizes]
+                ratio = vae_spatial_ratio(vae)  # pixels per latent cell: 8, or 16 (Wan 2.2, Flux.2)
+                bucket_hw = [(h // ratio, w // ratio) for w, h in sizes]
             else:
                 sizes = [(config.resolution, config.resolution)] * len(more_items)
             more = encode_items(vae, more_items, sizes, config.crop, cache_dir, vae_fp, progress=encode_progress)
