@@ -501,3 +501,40 @@ def test_cli_trains_a_dit_from_files(host, tmp_path):
                         "--cpu", "--form", "lora"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "--empty-prompt" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_a_dit_under_torchrun_two_processes(host, tmp_path):
+    """Data-parallel DiT LoRA training (gloo on CPU, as the SD path): two ranks, one file written by rank 0,
+    both ranks end with the same weights (their digests are gathered in the summary), and the file is the
+    LoRA form in core's key format with the flow objective recorded."""
+    import safetensors.torch
+
+    from indomain.devkit.host import free_port
+
+    name = "sd3"
+    _need(name)
+    model_file = tf.save(name, tmp_path / "tiny_sd3.safetensors")
+    safetensors.torch.save_file({"latent_tensor": _latents(name), "latent_format_version_0": torch.tensor([])},
+                                str(tmp_path / "domain.latent"))
+    cond = tf.empty_cond(name)
+    safetensors.torch.save_file({"cross_attn": cond[0][0].contiguous(),
+                                 "pooled_output": cond[0][1]["pooled_output"].contiguous()},
+                                str(tmp_path / "empty.safetensors"))
+    out = tmp_path / "ddp" / "sd3_ddp.safetensors"
+    summary = tmp_path / "ddp.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "indomain.training", "--diffusion-model", str(model_file),
+                        "--latents", str(tmp_path / "domain.latent"), "--empty-prompt", str(tmp_path / "empty.safetensors"),
+                        "--out", str(out), "--resolution", "64", "--batch-size", "2", "--lr", "1e-3", "--steps", "3",
+                        "--cpu", "--form", "lora", "--rank", "4", "--summary-json", str(summary)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                       timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    s = json.loads(summary.read_text())
+    assert s["world_size"] == 2 and s["steps_done"] == 3
+    assert len(s["rank_weight_digests"]) == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert sorted(p.name for p in out.parent.iterdir() if p.suffix == ".safetensors") == ["sd3_ddp.safetensors"]
+    sd = safetensors.torch.load_file(str(out))
+    assert sd and all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in sd), sorted(sd)[:5]
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
