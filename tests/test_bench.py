@@ -90,6 +90,45 @@ def test_training_bench_fast(comfy, tmp_path):
     assert _finite_positive(data["time_ratio"])
 
 
+def test_lora_vs_core_training_bench_fast(comfy, tmp_path):
+    """Both variants in child processes on the tiny bf16 UNet; core's side where the host has its 0.33 node.
+    The pack's run trains on the bf16 base with checkpointing; it holds no second copy of the base, so its peak
+    memory stays under core's (which re-creates the model for its own copy)."""
+    from indomain.bench import lora_vs_core_training as bench
+
+    out = tmp_path / "lvc.json"
+    bench.main(["--fast", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["bench"] == "lora_vs_core_training" and data["mode"] == "fast"
+    pack = data["pack"]
+    assert _finite_positive(pack["step_s"]) and pack["base_dtype"] == "bfloat16" and pack["grad_checkpointing"]
+    assert all(math.isfinite(x) for x in pack["runs"][0]["losses"])
+    assert data["settings"]["rank"] == 32 and data["settings"]["batch"] == 2
+    if data["core"] is None:
+        assert data["core_skipped"]
+    else:
+        assert _finite_positive(data["core"]["step_s"]) and _finite_positive(data["time_ratio"])
+        assert data["core"]["peak_rss_mib"] > pack["peak_rss_mib"]
+
+
+def test_gpu_memory_table_fast(comfy, tmp_path):
+    from indomain.bench import gpu_memory
+
+    out = tmp_path / "gpu.json"
+    gpu_memory.main(["--fast", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["kind"] == "computed" and "activations excluded" in data["rule"]
+    rows = {(r["family"], r["form"]): r for r in data["rows"]}
+    assert 855e6 < rows[("SD1.5", "lora_half")]["base_params"] < 865e6  # SD1.5's UNet: 860M
+    assert 2.5e9 < rows[("SDXL", "lora_half")]["base_params"] < 2.6e9   # SDXL's: 2.57B
+    for fam in ("SD1.5", "SDXL"):
+        half, fp32 = rows[(fam, "lora_half")], rows[(fam, "lora_fp32_base")]
+        assert half["bytes"] < fp32["bytes"] and set(fp32["fits_gib"]) <= set(half["fits_gib"])
+        assert rows[(fam, "full")]["bytes"] > fp32["bytes"]
+    assert data["goal"]["sdxl_lora_fits_12gb"] and 12 in rows[("SDXL", "lora_half")]["fits_gib"]
+    assert 12 not in rows[("SDXL", "lora_fp32_base")]["fits_gib"]
+
+
 METRICS = ("control", "domain_score", "fd", "texture_ratio", "tint_ratio")
 
 
