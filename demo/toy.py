@@ -22,7 +22,9 @@ NO_CACHE = 2
 
 
 def _missing(manifest: Path, coverage: str, fast: bool = False) -> int:
-    build = "python -m indomain.bench.toy" + ("" if coverage == "full" else " --coverage partial") + (" --fast" if fast else "")
+    # --gates report: the picture needs the cached models whatever the instrument's gates say (they are printed)
+    build = ("python -m indomain.bench.toy --gates report" + ("" if coverage == "full" else " --coverage partial")
+             + (" --fast" if fast else ""))
     print(f"No cached toy-world models ({manifest} or a model file it names is missing). Build them first with:\n"
           f"    .venv/bin/{build}\n(then run `bash scripts/demo.sh --toy` again).", file=sys.stderr)
     return NO_CACHE

@@ -11,7 +11,8 @@ mask into channel 3. Two styles:
   combination looks like in the domain style.
 
 Also the evaluators trained inside the benchmark: a small CNN with shape / colour / style
-heads whose penultimate layer is the feature space of the Fréchet distance; and, for spatial
+heads (style: plain, domain or off-data) whose penultimate layer is the feature space of the Fréchet
+distance and of KID, trained on perturbed real images (`perturb`) and off-data images (`off_data_images`); and, for spatial
 control, a fixed rule that reads a latent's shape mask (`detect_mask`), the IoU of two masks and
 the ControlNet hint image of a mask (`hint_image`).
 """
@@ -202,10 +203,47 @@ def hint_image(masks: torch.Tensor) -> torch.Tensor:
 
 
 FEATURE_DIM = 64
+STYLES = ("plain", "domain", "off-data")  # the style head's classes
+OFF_DATA = 2
+OFF_DATA_KINDS = ("noise", "saturated")
+
+
+def blur(latents: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Per image, a mix of the image and its 3x3 box blur (amount 0 = none, 1 = fully blurred), per channel."""
+    k = torch.full((latents.shape[1], 1, 3, 3), 1.0 / 9)
+    blurred = nn.functional.conv2d(nn.functional.pad(latents, (1, 1, 1, 1), mode="replicate"), k,
+                                   groups=latents.shape[1])
+    a = amount.view(-1, 1, 1, 1)
+    return (1 - a) * latents + a * blurred
+
+
+def perturb(latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """What a sampler's output may look like and still be a real image of its class: amplitude 0.7-1.5x, a blur
+    of up to 60 %, Gaussian noise of sd up to 0.25 (each drawn per image)."""
+    n = latents.shape[0]
+    amp = 0.7 + 0.8 * torch.rand(n, generator=gen)
+    x = latents * amp.view(-1, 1, 1, 1)
+    x = blur(x, 0.6 * torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) < 0.5))
+    return x + 0.25 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+
+
+def off_data_images(n: int, gen: torch.Generator, kind: str | None = None) -> torch.Tensor:
+    """Images off the data: "noise" (Gaussian, sd 0.5-1.5: what an untrained or diverged sampler returns) or
+    "saturated" (every value at +-1.5-3: a sampler that blew up, clipped); kind None mixes both."""
+    if kind is None:
+        half = n // 2
+        return torch.cat([off_data_images(half, gen, "noise"), off_data_images(n - half, gen, "saturated")])
+    shape = (n, 4, SIZE, SIZE)
+    if kind == "noise":
+        return (0.5 + torch.rand(n, 1, 1, 1, generator=gen)) * torch.randn(shape, generator=gen)
+    if kind == "saturated":
+        return (1.5 + 1.5 * torch.rand(n, 1, 1, 1, generator=gen)) * torch.randn(shape, generator=gen).sign()
+    raise ValueError(f"kind must be one of {', '.join(OFF_DATA_KINDS)} (got {kind!r})")
 
 
 class Evaluator(nn.Module):
-    """Small CNN: 64-d features (the Fréchet space) and shape / colour / style heads."""
+    """Small CNN: 64-d features (the Fréchet space) and shape / colour / style heads; the style head's third class
+    is "off-data" (noise, saturated images), which the benchmark rejects and counts."""
 
     def __init__(self):
         super().__init__()
@@ -217,7 +255,7 @@ class Evaluator(nn.Module):
         )
         self.shape = nn.Linear(FEATURE_DIM, len(SHAPES))
         self.colour = nn.Linear(FEATURE_DIM, len(COLOURS))
-        self.style = nn.Linear(FEATURE_DIM, 2)
+        self.style = nn.Linear(FEATURE_DIM, len(STYLES))
 
     def features(self, x):
         return self.body(x)
@@ -227,19 +265,24 @@ class Evaluator(nn.Module):
         return self.shape(f), self.colour(f), self.style(f)
 
 
-def train_evaluator(steps: int, seed: int, batch: int = 128, aug_noise: float = 0.15) -> tuple[Evaluator, dict]:
-    """Train on fresh procedural data from both styles, every combination; report held-out accuracy."""
+def train_evaluator(steps: int, seed: int, batch: int = 128, off_fraction: float = 0.25) -> tuple[Evaluator, dict]:
+    """Train on fresh procedural data from both styles, every combination, perturbed (`perturb`: sampled latents
+    are not perfectly clean), plus off-data images (`off_data_images`, style "off-data", no shape or colour);
+    report accuracy on fresh clean real data."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = Evaluator()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     ce = nn.CrossEntropyLoss()
+    ce_known = nn.CrossEntropyLoss(ignore_index=-100)
+    n_off = int(batch * off_fraction)
     for _ in range(steps):
-        b = sample_batch(batch, gen)
-        # noise augmentation: sampled latents are not perfectly clean
-        x = b.latents + aug_noise * torch.rand(()) * torch.randn(b.latents.shape, generator=gen)
+        b = sample_batch(batch - n_off, gen)
+        x = torch.cat([perturb(b.latents, gen), off_data_images(n_off, gen)])
+        unknown = torch.full((n_off,), -100, dtype=torch.long)
         ls, lc, lst = net(x)
-        loss = ce(ls, b.shape) + ce(lc, b.colour) + ce(lst, b.style)
+        loss = (ce_known(ls, torch.cat([b.shape, unknown])) + ce_known(lc, torch.cat([b.colour, unknown]))
+                + ce(lst, torch.cat([b.style, torch.full((n_off,), OFF_DATA, dtype=torch.long)])))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,7 +299,8 @@ def train_evaluator(steps: int, seed: int, batch: int = 128, aug_noise: float = 
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples). Biased at small counts
+    (fewer samples than a few times the dimension): compare it only with a floor at the same count, or use kid."""
     from scipy import linalg
 
     a = a.double().numpy()
@@ -272,14 +316,33 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def kid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kernel inception distance: the unbiased MMD^2 between two feature sets with the cubic polynomial kernel
+    k(x, y) = (x.y / d + 1)^3 (unbiased at any count, so small sets need no floor correction; about 0 for
+    samples of one distribution, may be slightly negative)."""
+    a, b = a.double(), b.double()
+    d = a.shape[1]
+    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    m, n = a.shape[0], b.shape[0]
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    t_aa = (kaa.sum() - kaa.diagonal().sum()) / max(1, m * (m - 1))
+    t_bb = (kbb.sum() - kbb.diagonal().sum()) / max(1, n * (n - 1))
+    return float(t_aa + t_bb - 2 * kab.mean())
+
+
 @torch.no_grad()
 def evaluate(net: Evaluator, latents: torch.Tensor, shapes: torch.Tensor, colours: torch.Tensor) -> dict:
-    """Per-sample results: does it show the asked shape / colour, and its P(domain style)."""
+    """Per-sample results: does it show the asked shape / colour, its P(domain style), its style class and whether
+    it is off the data (rejected: it then shows neither the asked shape nor colour)."""
     ls, lc, lst = net(latents)
+    style = lst.argmax(1)
+    off = style == OFF_DATA
     return {
-        "shape_ok": (ls.argmax(1) == shapes).float(),
-        "colour_ok": (lc.argmax(1) == colours).float(),
+        "shape_ok": ((ls.argmax(1) == shapes) & ~off).float(),
+        "colour_ok": ((lc.argmax(1) == colours) & ~off).float(),
         "p_domain": lst.softmax(1)[:, 1],
+        "style_pred": style,
+        "off_data": off,
         "features": net.features(latents),
     }
 

@@ -204,7 +204,7 @@ def test_toy_bench_fast(comfy, tmp_path):
     from indomain.bench import toy
 
     out = tmp_path / "toy.json"
-    toy.main(["--fast", "--evaluator-steps", "5", "--out", str(out)])
+    toy.main(["--fast", "--gates", "report", "--evaluator-steps", "5", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["bench"] == "toy" and data["fast"] is True and data["coverage"] == "full"
     assert data["complete"] is True and data["experiments_done"] == list(toy.EXPERIMENTS)
@@ -239,8 +239,15 @@ def test_toy_bench_fast(comfy, tmp_path):
     assert ft["naive seed=0 long"]["steps"] == cfg["domain_steps"] * cfg["long_factor"]
     assert ft["domain seed=0 short"]["steps"] == cfg["domain_steps"] and ft["lora seed=0 short"]["form"] == "lora"
     assert {pts[i]["remedy"] for i in data["results"]["remedies"]} == {"", *toy.REMEDIES}
-    assert {(pts[i]["domain_weight"], pts[i]["cfg"], pts[i]["remedy"]) for i in data["results"]["remedies"]} == {
+    assert {(pts[i]["domain_weight"], pts[i]["cfg"], pts[i]["remedy"]) for i in data["results"]["remedies"]
+            if pts[i]["method"] == "c"} == {
         (w, c, r) for w, c in toy.REMEDY_POINTS for r in ("", *toy.REMEDIES)}  # every remedy at every point
+    # fairness (G8): the core remedies are given to (b) too, at (c)'s cfgs
+    assert {(pts[i]["cfg"], pts[i]["remedy"]) for i in data["results"]["remedies"] if pts[i]["method"] == "b"} == {
+        (c, r) for c in {c for _, c in toy.REMEDY_POINTS} for r in ("rescale", "apg")}
+    # the gates: every one measured (reported, not enforced: --fast models are not calibrated), the reading marked
+    assert set(data["gates"]) == {f"G{i}" for i in range(1, 9)} and data["gates_mode"] == "report"
+    assert data["calibrated"] is False and data["reading"]["status"].startswith("UNCALIBRATED")
     assert data["sampled_through"]["c"].startswith("InDomainLoadDomainUNet")
     _check_controlnet(data, toy)
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pareto.png").stat().st_size > 0
@@ -273,7 +280,7 @@ def test_toy_bench_fast_controlnet(comfy, tmp_path):
     from indomain.bench import toy
 
     out = tmp_path / "toy_cn.json"
-    toy.main(["--fast", "--experiments", "controlnet", "--evaluator-steps", "5", "--out", str(out)])
+    toy.main(["--fast", "--gates", "report", "--experiments", "controlnet", "--evaluator-steps", "5", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["complete"] is True and data["experiments_done"] == ["controlnet"]
     samples = data["config"]["prompts"] * data["config"]["samples_per_prompt"]
@@ -288,7 +295,8 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
     from indomain.bench import toy
 
     out = tmp_path / "toy_partial.json"
-    toy.main(["--fast", "--coverage", "partial", "--experiments", "remedies,diagnose,constants", "--evaluator-steps", "5",
+    toy.main(["--fast", "--gates", "report", "--coverage", "partial", "--experiments", "remedies,diagnose,constants",
+              "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies"]
@@ -377,10 +385,111 @@ def test_toy_demo_picture(comfy, tmp_path, monkeypatch):
         m.setenv("INDOMAIN_CACHE", str(tmp_path / "empty"))
         assert demo_toy.main(["--fast", "--out", str(tmp_path / "none.png")]) == demo_toy.NO_CACHE
     if not (toy.cache_dir() / "latest_full_fast.json").is_file():
-        toy.main(["--fast", "--experiments", "remedies", "--evaluator-steps", "5", "--out", str(tmp_path / "t.json")])
+        toy.main(["--fast", "--gates", "report", "--experiments", "remedies", "--evaluator-steps", "5",
+                  "--out", str(tmp_path / "t.json")])
     out = tmp_path / "toy_world.png"
     assert demo_toy.main(["--fast", "--out", str(out)]) == 0
     from PIL import Image
 
     w, h = Image.open(out).size
     assert h > len(demo_toy.PROMPTS) * 8 * 8 and w > 4 * 8 * 8  # a row per prompt, four columns
+
+
+# ----------------------------------------------------------------------------- the toy benchmark's gates (issue 21)
+
+
+@pytest.fixture(scope="module")
+def toy_evaluator():
+    """The benchmark's evaluator at its default training length (seed as the run's: 0 + 7)."""
+    from indomain.bench.toy import ToyConfig
+    from indomain.devkit import toy_world as world
+
+    return world.train_evaluator(ToyConfig().evaluator_steps, 7)[0]
+
+
+def test_toy_gates_pass_good_inputs_and_fail_bad_ones(toy_evaluator):
+    """Each gate on a known-good input passes and on a known-bad one fails: real plain images stand in for a
+    base that learned the world, real domain images for a fine-tune that reached the domain; noise for a broken
+    sampler; an untrained network for a broken evaluator."""
+    import torch
+
+    from indomain.bench.toy import ToyConfig, experiment_points, gates
+    from indomain.bench.toy.metrics import Metrics
+    from indomain.devkit import toy_world as world
+
+    untrained = world.Evaluator().eval()
+    good, bad = gates.g1_evaluator(toy_evaluator, 0), gates.g1_evaluator(untrained, 0)
+    assert good["pass"] and not bad["pass"] and "shape_acc" in bad["why"], (good, bad)
+    assert good["figures"]["rejected_noise"] >= 0.95 and good["figures"]["p_domain_noise"] <= 0.05
+
+    combos = world.all_combos() * 16                      # 256 samples: 4x the 64 feature dimensions
+    refs = gates.references(toy_evaluator, combos, 0)
+    assert gates.g6_fd_sees_domain(refs["figures"])["pass"]
+    broken_fd = dict(refs["figures"], fd_noise_vs_domain=refs["figures"]["fd_plain_vs_domain"] / 2)
+    assert not gates.g6_fd_sees_domain(broken_fd)["pass"]
+
+    gen = torch.Generator().manual_seed(11)
+    m = Metrics(toy_evaluator, combos, "full", 0)
+    plain, domain = world.render_list(combos, gen, "plain"), world.render_list(combos, gen, "domain")
+    noise = world.off_data_images(len(combos), gen, "noise")
+    g2, op = gates.g2_base_control({1.0: m(noise), 3.0: m(plain)})
+    assert g2["pass"] and op == 3.0
+    assert not gates.g2_base_control({3.0: m(noise)})[0]["pass"]
+    fd = lambda x: world.frechet_distance(toy_evaluator.features(x).detach(), refs["plain_features"])  # noqa: E731
+    floor = refs["figures"]["fd_plain_vs_plain"]
+    assert gates.g3_base_quality({1.0: fd(plain)}, floor, len(combos), world.FEATURE_DIM)["pass"]
+    assert not gates.g3_base_quality({1.0: fd(domain)}, floor, len(combos), world.FEATURE_DIM)["pass"]
+    assert not gates.g3_base_quality({1.0: fd(plain)}, floor, 48, world.FEATURE_DIM)["pass"]  # too few samples
+    assert gates.g4_base_domain({3.0: m(plain)})["pass"] and not gates.g4_base_domain({3.0: m(domain)})["pass"]
+    flat = [0.1 + 0.01 * ((i * 7) % 5) for i in range(100)]
+    falling = [1.0 - i / 100 for i in range(100)]
+    assert gates.g5_naive(m(domain), flat)["pass"]
+    assert not gates.g5_naive(m(domain), falling)["pass"] and not gates.g5_naive(m(plain), flat)["pass"]
+    same = {"per_sample": m.per_sample(plain)}
+    assert gates.g7_sampler({"(a)": (same, same)})["pass"]
+    assert not gates.g7_sampler({"(a)": (same, {"per_sample": m.per_sample(noise)})})["pass"]
+    cfg = ToyConfig()
+    plan = experiment_points(cfg, ["sweep", "remedies"])
+    g8 = gates.g8_fairness(cfg, plan, 3.0, {"a": (1.5, 3.0), "b": (1.5, 3.0), "c": (3.0, 5.0)})
+    assert g8["pass"], g8
+    unfair = {"remedies": [p for p in plan["remedies"] if p.method == "c"]}  # (b) denied the core remedies
+    assert not gates.g8_fairness(cfg, unfair, 3.0, {"a": (3.0,)})["pass"]
+    assert not gates.g8_fairness(ToyConfig(seeds=1), plan, None, {})["pass"]
+    assert gates.verdict([good]) == "" and gates.verdict([good, bad]).startswith("instrument not calibrated: G1 (")
+
+
+def _refused(data: dict, gate: str, capsys) -> None:
+    assert data["reading"] is None and data["calibrated"] is False
+    assert data["verdict"].startswith("instrument not calibrated: ") and f"{gate} (" in data["verdict"]
+    assert data["gates"][gate]["pass"] is False and "points" not in data
+    assert "instrument not calibrated: " in capsys.readouterr().out
+
+
+def test_toy_run_refuses_with_a_broken_evaluator(comfy, tmp_path, monkeypatch, capsys):
+    """An untrained evaluator fails G1: the run stops before any model is trained, says why, reads nothing."""
+    from indomain.bench import toy
+
+    monkeypatch.setenv("INDOMAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "toy.json"
+    data = toy.main(["--fast", "--evaluator-steps", "0", "--out", str(out)])
+    _refused(data, "G1", capsys)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["reading"] is None and on_disk["verdict"] == data["verdict"]
+    assert set(on_disk["gates"]) == {"G1", "G6", "G8"} and "not measured: G2" in on_disk["verdict"]
+    assert not list((tmp_path / "cache" / "toy" / "models" / "checkpoints").glob("*.safetensors"))  # no base trained
+
+
+def test_toy_run_refuses_with_an_untrained_base(comfy, tmp_path, monkeypatch, capsys, toy_evaluator):
+    """A base that never trained fails G2 (control near chance) and G3; with a working evaluator (G1, G6 and G8
+    pass) the run still refuses before any fine-tune, and `--gates report` reads anyway, marked uncalibrated."""
+    from indomain.bench import toy
+
+    monkeypatch.setenv("INDOMAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "toy.json"
+    args = ["--fast", "--base-steps", "0", "--evaluator-steps", str(toy.ToyConfig().evaluator_steps),
+            "--gate-samples", "64", "--out", str(out)]
+    data = toy.main(args)
+    _refused(data, "G2", capsys)
+    assert all(data["gates"][g]["pass"] for g in ("G1", "G6", "G8")), data["gates"]
+    assert not data["gates"]["G3"]["pass"] and data["gates"]["G3"]["figures"]["n"] == 256
+    assert json.loads(out.read_text())["reading"] is None and not data["models"]["fine_tunes"]

@@ -32,8 +32,14 @@ Evaluators: a small CNN trained here (shape / colour / style).
     python -m indomain.bench.toy --coverage partial    # prompts beyond the domain's content
     python -m indomain.bench.toy --experiments sweep   # the sweep alone (models cached)
     python -m indomain.bench.toy --fast                # smoke run for the test suite (figures meaningless)
+    python -m indomain.bench.toy --gates only          # the instrument's gates alone, no reading
 
-A package by idea: config (settings, grids, cache keys), world (the benchmark's view of devkit/toy_world.py),
+Gates first (gates.py, issue 21): G1-G8 check that the instrument can tell a good method from a bad one, are
+printed before any reading and carried in the JSON (`gates`, `verdict`, `calibrated`); a failed gate stops the
+run ("instrument not calibrated: ...", `"reading": null`). `--gates report` reads anyway, the reading marked
+UNCALIBRATED; `--gates only` measures the gates and stops.
+
+A package by idea: config (settings, grids, cache keys), gates (the instrument's checks), world (the benchmark's view of devkit/toy_world.py),
 models (training: base, ControlNet, fine-tunes), experiments (points and the sampler), metrics (the evaluator's
 reading, references, the claim's questions), constants (the null-text stand-in check), report (tables), plot
 (pictures), run (`main`: a short list of steps).
@@ -46,4 +52,5 @@ from .config import (BASE_FIELDS, BOUNDS, C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, 
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points  # noqa: F401
 from .metrics import Metrics, dominates, mean_sd, summarise  # noqa: F401
 from .report import report  # noqa: F401
+from . import gates  # noqa: F401
 from .run import main  # noqa: F401

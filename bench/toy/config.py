@@ -12,7 +12,9 @@ from pathlib import Path
 
 from .. import common
 
-TOY_VERSION = 2
+# 3: the evaluator has an off-data class and trains on perturbed images; fine-tune records keep their losses (G5);
+#    the base's lr schedule is a setting (cosine by default)
+TOY_VERSION = 3
 
 # the sweep grids (fixed: the JSON holds one row per point)
 CFGS = (1.5, 3.0, 5.0, 7.0)                      # (a), (b)
@@ -21,6 +23,7 @@ C_CFGS = (3.0, 5.0)
 HEADLINE = ((2.0, 3.0), (1.0, 5.0))              # (c)/(d) headline points (w_d, cfg): halves, spread, forgetting
 HALVES = ((0.0, 0.5, "first half"), (0.5, 1.0, "second half"))
 REMEDY_POINTS = ((2.0, 3.0), (2.0, 5.0), (3.0, 5.0))  # (c): the headline loss of control, and the largest overshoot
+# rescale and apg are core model patches: given to (c) on the base and to (b) on its fine-tune (G8)
 REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 0, no norm threshold, momentum 0)",
             "bound1": "domain update bounded per sample to 1x the text update's norm (Domain Guider domain_max_ratio 1)",
             "bound0.5": "domain update bounded per sample to 0.5x the text update's norm (domain_max_ratio 0.5)"}
@@ -41,12 +44,13 @@ CNET_MODES = {"": "no ControlNet", "cn": "ControlNet on the control term",
 @dataclass
 class ToyConfig:
     coverage: str = "full"
-    base_steps: int = 400
+    base_steps: int = 1050                       # with the cosine decay: the base learns the world (issue 21)
+    base_schedule: str = "cosine"                # cosine | constant (the lr after the 50-step warm-up)
     base_lr: float = 8e-4
     base_batch: int = 16
     p_uncond: float = 0.15
     domain_images: int = 256
-    domain_steps: int = 60
+    domain_steps: int = 240                      # 60 measured forgetting before (b) converged (issue 21, G5)
     long_factor: int = 4
     domain_lr: float = 2e-4
     domain_batch: int = 8
@@ -57,19 +61,20 @@ class ToyConfig:
     cnet_lr: float = 3e-4
     cnet_batch: int = 16
     cnet_p_uncond: float = 0.5
-    evaluator_steps: int = 200
+    evaluator_steps: int = 400
     prompts: int = 16
     samples_per_prompt: int = 3
     sample_steps: int = 8
     sampler: str = "euler"
     scheduler: str = "normal"
     seeds: int = 3
+    gate_samples: int = 16                       # samples per prompt for the sampled gates: 16 x 16 = 4x the FD's 64 dims
     seed: int = 0
 
     @classmethod
     def fast(cls) -> "ToyConfig":
         return cls(base_steps=3, base_batch=4, domain_images=8, domain_steps=2, long_factor=2, domain_batch=4,
-                   evaluator_steps=20, prompts=4, samples_per_prompt=1, sample_steps=2, seeds=2, cnet_steps=2, cnet_batch=4)
+                   evaluator_steps=20, prompts=4, samples_per_prompt=1, gate_samples=1, sample_steps=2, seeds=2, cnet_steps=2, cnet_batch=4)
 
     def key(self, *fields_, **extra) -> str:
         d = dataclasses.asdict(self)
@@ -77,7 +82,7 @@ class ToyConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed")
+BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed", "base_schedule")
 DOMAIN_FIELDS = BASE_FIELDS + ("coverage", "domain_images", "domain_lr", "domain_batch", "ema_decay")
 CNET_FIELDS = BASE_FIELDS + ("cnet_steps", "cnet_lr", "cnet_batch", "cnet_p_uncond")
 

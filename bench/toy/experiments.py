@@ -72,6 +72,9 @@ def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
         out["spread"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
     if "remedies" in experiments:
         out["remedies"] = [Point("c", c, wd, remedy=r) for wd, c in REMEDY_POINTS for r in ("", *REMEDIES)]
+        # fairness (G8): the core remedies (model patches) given to (c) are given to (b) too, at (c)'s cfgs
+        out["remedies"] += [Point("b", c, remedy=r) for c in sorted({c for _, c in REMEDY_POINTS})
+                            for r in REMEDIES if r not in BOUNDS]
     if "controlnet" in experiments:
         fam = [Point("a", 3.0)] + [Point(m, c, cnet="cn") for m in "ab" for c in CNET_CFGS]
         fam += [Point("c", c, wd, cnet=mode) for wd, c in HEADLINE for mode in ("cn", "cn+domain")]
@@ -126,12 +129,18 @@ class ToySampler:
                 m = self.nodes.UNETLoader().load_unet(arg, "default")[0]
             elif kind == "domain":
                 m = _first(self.runner.node("InDomainLoadDomainUNet").execute(model=self.base, domain_unet_name=arg))
-            elif arg == "rescale":
-                m = self.runner.node("RescaleCFG")().patch(self.base, 0.7)[0]
-            else:
-                m = _first(self.runner.node("APG").execute(model=self.base, eta=0.0, norm_threshold=0.0, momentum=0.0))
+            elif kind == "remedy":
+                m = self.patched(self.base, arg)
+            else:  # ("naive+remedy", (remedy, file)): (b)'s model with the same core patch
+                m = self.patched(self.model(("naive", arg[1])), arg[0])
             self.models[key] = m
         return self.models[key]
+
+    def patched(self, model, remedy: str):
+        """A core remedy (RescaleCFG, APG) applied to `model`."""
+        if remedy == "rescale":
+            return self.runner.node("RescaleCFG")().patch(model, 0.7)[0]
+        return _first(self.runner.node("APG").execute(model=model, eta=0.0, norm_threshold=0.0, momentum=0.0))
 
     def release(self) -> None:
         import comfy.model_management
@@ -190,7 +199,10 @@ class ToySampler:
                 latent_image=latent, denoise=1.0, domain_on_controlnet=pt.cnet == "cn+domain", domain_start_percent=pt.start,
                 domain_end_percent=pt.end)
             return _first(out)["samples"].float()
-        model = self.model(("naive", names["naive"])) if pt.method == "b" else self.base
+        if pt.method == "b":
+            model = self.model(("naive+remedy", (pt.remedy, names["naive"])) if pt.remedy else ("naive", names["naive"]))
+        else:
+            model = self.base
         out = self.nodes.common_ksampler(model, seed, c.sample_steps, pt.cfg, c.sampler, c.scheduler, positive,
                                          self.negative, latent, denoise=1.0)
         return out[0]["samples"].float()

@@ -28,6 +28,7 @@ class Metrics:
         self.ref_texture = float(world.texture_level(self.ref).mean())
         self.ref_tint = float(world.tint_level(self.ref).mean())
         self.references = {"fd_real_domain_vs_real_domain": self.fd(ref2), "fd_real_plain_vs_real_domain": self.fd(plain),
+                           "kid_real_domain_vs_real_domain": self.kid(ref2), "kid_real_plain_vs_real_domain": self.kid(plain),
                            "texture_ratio_real_plain": float(world.texture_level(plain).mean()) / self.ref_texture,
                            "texture_ratio_real_domain_second_set": float(world.texture_level(ref2).mean()) / self.ref_texture}
         self.hint_masks = None
@@ -61,12 +62,24 @@ class Metrics:
         with torch.no_grad():
             return self.world.frechet_distance(self.net.features(x), self.ref_feat)
 
+    def kid(self, x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return self.world.kid(self.net.features(x), self.ref_feat)
+
+    def per_sample(self, lat: torch.Tensor) -> dict:
+        """Per sample: control (asked shape and colour, 0 for a rejected off-data sample) and P(domain)."""
+        ev = self.world.evaluate(self.net, lat, self.ask_shape, self.ask_colour)
+        return {"control": ev["shape_ok"] * ev["colour_ok"], "p_domain": ev["p_domain"]}
+
     def __call__(self, lat: torch.Tensor) -> dict:
+        """The reading of one point. A sample the evaluator rejects as off the data (noise, saturated) counts as
+        showing neither the asked shape nor colour, and `off_data` counts them."""
         ev = self.world.evaluate(self.net, lat, self.ask_shape, self.ask_colour)
         both = ev["shape_ok"] * ev["colour_ok"]
         row = {"samples": len(lat), "control": float(both.mean()),
                "shape_acc": float(ev["shape_ok"].mean()), "colour_acc": float(ev["colour_ok"].mean()),
-               "domain_score": float(ev["p_domain"].mean()), "fd": self.fd(lat),
+               "domain_score": float(ev["p_domain"].mean()), "off_data": float(ev["off_data"].float().mean()),
+               "fd": self.fd(lat), "kid": self.kid(lat),
                "texture_ratio": float(self.world.texture_level(lat).mean()) / self.ref_texture,
                "tint_ratio": float(self.world.tint_level(lat).mean()) / self.ref_tint}
         if not bool(self.in_content.all()):

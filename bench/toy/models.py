@@ -3,6 +3,7 @@ and the fine-tunes (b), (c), (d) through the pack's trainer; each cached by its 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from .config import DOMAIN_FIELDS, ToyConfig, log
 def encode(clip, text: str) -> torch.Tensor:
     cond, _pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
     return cond.detach().float().cpu()
+
+
+def base_lr_at(cfg: ToyConfig, step: int) -> float:
+    """The base's learning rate at `step`: linear warm-up over 50 steps (a stable from-scratch start), then
+    ("cosine") a cosine decay to 0 at base_steps, or ("constant") the peak rate throughout."""
+    lr = cfg.base_lr * min(1.0, (step + 1) / 50)
+    if cfg.base_schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.base_steps) / max(1, cfg.base_steps)))
+    return lr
 
 
 def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
@@ -44,9 +54,8 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
             sigma = sample_sigmas(ms, cfg.base_batch, gen)
             noise = torch.randn(b.latents.shape, generator=gen)
             xc, t, x_noisy = noisy_inputs(ms, b.latents, sigma, noise)
-            # linear warm-up keeps the from-scratch start stable
             for g in opt.param_groups:
-                g["lr"] = cfg.base_lr * min(1.0, (step + 1) / 50)
+                g["lr"] = base_lr_at(cfg, step)
             pred = unet(xc, t, context=ctx)
             loss = torch.nn.functional.mse_loss(pred, native_target(ms, sigma, b.latents, noise, x_noisy))
             opt.zero_grad(set_to_none=True)
@@ -160,7 +169,7 @@ def finetune(cfg: ToyConfig, which: str, seed: int, steps: int, base_model, base
     summary = {"form": FORM_OF[which], "seed": cfg.seed + seed, "steps": res.steps_done,
                "first_loss": res.losses[0], "last_loss": res.losses[-1],
                "mean_loss_last_10": sum(res.losses[-10:]) / len(res.losses[-10:]),
-               "seconds": time.perf_counter() - t}
+               "seconds": time.perf_counter() - t, "losses": [float(x) for x in res.losses]}
     common.write_json(record, summary)
     import comfy.model_management
 

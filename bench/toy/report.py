@@ -9,9 +9,13 @@ from .. import common
 def report(payload: dict) -> str:
     rows = payload["points"]
     head = ["point", "control", "domain score", "FD", "texture ratio"]
+
     if payload["coverage"] == "partial":
         head += ["control, domain content", "control, beyond the content"]
     out = []
+    reading = payload.get("reading")
+    if reading and not reading.get("calibrated"):
+        out.append(f"READING NOT CALIBRATED: {reading.get('status')}")
     for exp, ids in payload["results"].items():
         table_rows = []
         spatial = exp == "controlnet"

@@ -19,8 +19,11 @@ from .config import (C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, CNET_MODES, DIAGNOSE_
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points
 from .metrics import Metrics, mean_sd, summarise
 from .models import FOLDER_OF, finetune, finetune_name, train_base, train_controlnet
+from . import gates as G
 from .plot import write_controlnet_grid, write_grid, write_pareto
 from .report import report
+
+GATE_MODES = ("enforce", "only", "report")
 
 
 def main(argv=None) -> dict:
@@ -28,10 +31,17 @@ def main(argv=None) -> dict:
     if args.replot:
         return replot(args)
     run = Run(args, cfg, experiments)
-    run.base()
-    run.controlnet()
-    run.domain_images()
     run.evaluator()
+    if not run.gates(run.cheap_gates()):        # G1, G6, G8: no diffusion model needed
+        return run.stop()
+    run.base()
+    run.domain_images()
+    run.sampling()
+    if not run.gates(run.base_gates()):         # G2, G3, G4: the base's samples
+        return run.stop()
+    if not run.gates(run.finetune_gates()):     # G5, G7, and G8 again with the operating cfg
+        return run.stop()
+    run.controlnet()
     run.sample_experiments()
     run.diagnose()
     run.constants()
@@ -54,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--docs", type=Path, default=common.PACK_ROOT / "docs",
                    help="full runs also write toy_pareto[_partial].png and toy_grid[_partial].png here")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
+    p.add_argument("--gates", choices=GATE_MODES, default="enforce",
+                   help="enforce (default): check the instrument's gates first and refuse to read when one fails; "
+                        "only: check the gates and stop; report: read anyway, the reading marked uncalibrated")
     p.add_argument("--replot", type=Path, default=None,
                    help="only redraw the Pareto plot and print the tables from a JSON this script wrote")
     args = p.parse_args(argv)
@@ -116,6 +129,8 @@ class Run:
         self.extra_derived = {}  # the extra experiments' results ("diagnosis", "constants")
         self.cnet_name, self.cnet_summary = None, None
         self.out, self.payload = None, None
+        self.base_name, self.base_losses, self.prompts = None, [], []
+        self.gate_results, self.gate_readings, self.operating_cfg = {}, {}, None
 
     # -- (1) base model, cached by its settings
     def base(self) -> None:
@@ -213,8 +228,6 @@ class Run:
 
     # -- (3) evaluator (cheap, retrained every run from its seed) and references; the sampler
     def evaluator(self) -> None:
-        from ...devkit import host
-
         cfg = self.cfg
         t = time.perf_counter()
         log(f"training the evaluator ({cfg.evaluator_steps} steps)")
@@ -224,10 +237,128 @@ class Run:
         self.prompts = [world.prompt(s, c) for s, c in combos]
         self.metrics = Metrics(self.net, combos * cfg.samples_per_prompt, cfg.coverage, cfg.seed,
                                hint_offsets=world.hint_offsets(cfg, len(combos)) if "controlnet" in self.points else None)
-        # (4) sampling through the product (runner created now, so the node lists see the new model files)
+
+    # (4) sampling through the product (the node lists see model files written later: ComfyUI rescans a folder
+    # whose mtime changed)
+    def sampling(self) -> None:
+        from ...devkit import host
+
+        cfg = self.cfg
         self.runner = host.InProcessComfy(models_dir=self.models_dir, default_dirs=False)  # don't redirect a test's writes
         hint = world.hint_image(self.metrics.hint_masks) if self.metrics.hint_masks is not None else None
         self.sampler = ToySampler(self.runner, cfg, self.base_name, self.prompts, hint=hint)
+
+    # -- the gates (gates.py): checked and printed before any reading
+    def cheap_gates(self) -> list[dict]:
+        """G1 (the evaluator), G6 (the FD sees the domain) and G8 (the plan's fairness): no diffusion model."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        self.gate_combos = world.asked_combos(cfg) * cfg.gate_samples
+        self.gate_refs = G.references(self.net, self.gate_combos, cfg.seed)
+        out = [G.g1_evaluator(self.net, cfg.seed), G.g6_fd_sees_domain(self.gate_refs["figures"]), self.g8()]
+        self.timings["gates_cheap_s"] = time.perf_counter() - t
+        return out
+
+    def g8(self) -> dict:
+        planned = experiment_points(self.cfg, [e for e in self.experiments if e in EXPERIMENTS])
+        return G.g8_fairness(self.cfg, planned, self.operating_cfg, {"a": CFGS, "b": CFGS, "c": C_CFGS})
+
+    def gate_read(self, pt: Point, names=None) -> tuple[torch.Tensor, dict]:
+        """Sample `pt` at gate_samples per prompt (the gate sampler's steps) and read it; the reading is kept."""
+        lat = self.latent_format.process_in(self.gate_sampler.sample(pt, names or {}))
+        row = {"id": pt.id, **self.gate_metrics(lat)}
+        self.gate_readings[f"{pt.id} steps={self.gate_sampler.cfg.sample_steps}"] = row
+        return lat, row
+
+    def base_gates(self) -> list[dict]:
+        """G2-G4 from the base at cfg 1 and every cfg of the sweep, gate_samples per prompt; sets the operating
+        cfg (the base's best control, G2)."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        self.gate_metrics = Metrics(self.net, self.gate_combos, cfg.coverage, cfg.seed)
+        self.gate_sampler = ToySampler(self.runner, dataclasses.replace(cfg, samples_per_prompt=cfg.gate_samples),
+                                       self.base_name, self.prompts)
+        read = self.gate_read
+        base = {c: read(Point("a", c)) for c in (1.0, *CFGS)}
+        self.gate_base_latents = {c: lat for c, (lat, _) in base.items()}
+        g2, op = G.g2_base_control({c: r for c, (_, r) in base.items()})
+        self.operating_cfg = op
+        plain = self.gate_refs["plain_features"]
+        with torch.no_grad():
+            fd = {c: world.frechet_distance(self.net.features(base[c][0]), plain) for c in sorted({1.0, op})}
+        refs = self.gate_refs["figures"]
+        g3 = G.g3_base_quality(fd, refs["fd_plain_vs_plain"], len(self.gate_combos), world.FEATURE_DIM)
+        g4 = G.g4_base_domain({c: r for c, (_, r) in base.items()})
+        self.timings["gates_base_s"] = time.perf_counter() - t
+        return [g2, g3, g4]
+
+    def finetune_gates(self) -> list[dict]:
+        """G5 ((b) at the operating cfg, its loss), G7 ((a), (b), (c) at the largest w_d, N vs 2N steps), G8 again
+        with the operating cfg."""
+        cfg, op, read, sampler = self.cfg, self.operating_cfg, self.gate_read, self.gate_sampler
+        gm = self.gate_metrics
+        t = time.perf_counter()
+        wmax = max(DOMAIN_WEIGHTS)
+        pb, pc = Point("b", op), Point("c", op, wmax)
+        self.ensure_finetunes([pb, pc])
+        names = {"naive": self.names[(0, "short", "naive")], "domain": self.names[(0, "short", "domain")]}
+        b_lat, b_row = read(pb, names)
+        g5 = G.g5_naive(b_row, self.fine_tunes["naive seed=0 short"].get("losses"))
+        c_lat, _ = read(pc, names)
+        sampler.release()
+        sampler.cfg = dataclasses.replace(sampler.cfg, sample_steps=2 * cfg.sample_steps)
+        pairs = {}
+        for label, pt, lat in (("(a)", Point("a", op), self.gate_base_latents[op]), ("(b)", pb, b_lat),
+                               (f"(c) w_d {wmax:g}", pc, c_lat)):
+            lat2, _ = read(pt, names)
+            pairs[label] = ({"per_sample": gm.per_sample(lat)}, {"per_sample": gm.per_sample(lat2)})
+        sampler.release()
+        g7 = G.g7_sampler(pairs)
+        self.timings["gates_finetune_s"] = time.perf_counter() - t
+        return [g5, g7, self.g8()]
+
+    def gates(self, results: list[dict]) -> bool:
+        """Record and print the gates; whether the run goes on (enforce: all passed so far; only: until every
+        gate is measured; report: always)."""
+        for g in results:
+            self.gate_results[g["gate"]] = g
+        G.print_gates(results)
+        mode = self.args.gates
+        if mode == "only" and len(self.gate_results) < len(G.GATES):
+            self.stop(final=False)  # the gates measured so far, in case the run is cut short
+        if mode == "report":
+            return True
+        if mode == "only":
+            return len(self.gate_results) < len(G.GATES)
+        return all(g["pass"] for g in self.gate_results.values())
+
+    def gate_summary(self) -> dict:
+        done = [self.gate_results[k] for k in G.GATES if k in self.gate_results]
+        missing = [k for k in G.GATES if k not in self.gate_results]
+        text = G.verdict(done)
+        if missing:
+            text = (text or "gates measured so far passed") + f"; not measured: {', '.join(missing)}"
+        return {"gates": {g["gate"]: g for g in done}, "gate_readings": self.gate_readings,
+                "calibrated": not missing and all(g["pass"] for g in done), "verdict": text or "calibrated: every gate passed",
+                "gates_mode": self.args.gates}
+
+    def stop(self, final: bool = True) -> dict:
+        """No reading: a gate failed (enforce) or only the gates were asked for (only). `final` False: write the
+        JSON of the gates so far and say nothing."""
+        summary = self.gate_summary()
+        self.timings["total_s"] = time.perf_counter() - self.t_all
+        self.timings["total_cpu_s"] = time.process_time() - self.t_cpu
+        payload = {"bench": "toy", "version": TOY_VERSION, "fast": self.args.fast, "coverage": self.cfg.coverage,
+                   "experiments": self.experiments, "config": dataclasses.asdict(self.cfg),
+                   "environment": common.environment(), **summary,
+                   "models": {"base": self.base_name, "fine_tunes": self.fine_tunes},
+                   "reading": None, "timings_s": self.timings}
+        self.out, self.payload = common.write_json(self.args.out, payload), payload
+        if not final:
+            return payload
+        print("\n" + summary["verdict"], flush=True)
+        print(f"no reading ({'--gates only' if self.args.gates == 'only' else 'refused'}); JSON: {self.out}", flush=True)
+        return payload
 
     def sample_experiments(self) -> None:
         cfg, sampler = self.cfg, self.sampler
@@ -350,6 +481,11 @@ class Run:
                            "texture_level_real_domain": self.metrics.ref_texture},
             "timings_s": timings,
         }
+        summary = self.gate_summary()
+        payload.update(summary)
+        payload["reading"] = {"calibrated": summary["calibrated"], "experiments_done": done,
+                              "status": "calibrated" if summary["calibrated"] else
+                              "UNCALIBRATED (--gates report): " + summary["verdict"]}
         self.out, self.payload = common.write_json(args.out, payload), payload
         return self.out, payload
 
