@@ -651,8 +651,9 @@ def _dit_train_and_sample(name: str, family: str, unet: str, clip, clip_type, va
     wf = Workflow(name)
     load = wf.add("UNETLoader", (COL_LOAD, 0), title=base_title, size=(360, 82),
                   unet_name=_dit_file("diffusion_models", unet, family), weight_dtype="default")
-    model = wf.add(shift_node, (COL_LOAD, 130), title=f"Shift {shift} (training and sampling)", size=(360, 58),
-                   model=load[0], shift=shift)
+    # no shift node: the model's own sampling shift (Chroma: 1.0) for training and sampling
+    model = (wf.add(shift_node, (COL_LOAD, 130), title=f"Shift {shift} (training and sampling)", size=(360, 58),
+                    model=load[0], shift=shift) if shift_node else load)
     if isinstance(clip, tuple):  # SD3.5: clip_l + clip_g + t5xxl
         enc = wf.add("TripleCLIPLoader", (COL_LOAD, 230), size=(360, 106), clip_name1=clip[0], clip_name2=clip[1],
                      clip_name3=clip[2])
@@ -664,7 +665,7 @@ def _dit_train_and_sample(name: str, family: str, unet: str, clip, clip_type, va
         DIT_ENCODERS[clip] = family
     vae_node = wf.add("VAELoader", (COL_LOAD, 390), size=(360, 58), vae_name=vae)
     DIT_ENCODERS[vae] = family
-    wf.group("1. Models (base, text encoder, VAE)", [load, model, enc, vae_node], BLUE)
+    wf.group("1. Models (base, text encoder, VAE)", [load] + ([model] if shift_node else []) + [enc, vae_node], BLUE)
     empty = wf.add("CLIPTextEncode", (COL_TEXT, 0), title="Empty prompt (text-free: training and domain pass)",
                    size=(400, 100), text="", clip=enc[0])
     train = wf.add("InDomainTrainDomainUNet", (COL_TEXT, 160), title="Train Domain UNet, LoRA form (rank 32)",
@@ -685,7 +686,8 @@ def _dit_train_and_sample(name: str, family: str, unet: str, clip, clip_type, va
     _dit_output(wf, ks[0], vae_node, prefix, video=video, x=x + 860)
     wf.note(note_head + f"\n\nTraining: {TRAIN_WIDGETS.get('steps', 2000)} steps at {resolution} px, LoRA rank "
             f"32. Sampling: cfg {cfg}, domain_weight "
-            f"{DOMAIN_WEIGHT}, {steps} steps {sampler} {scheduler}, shift {shift}." + _DIT_TRAIN_NOTE,
+            f"{DOMAIN_WEIGHT}, {steps} steps {sampler} {scheduler}" + (f", shift {shift}." if shift_node else
+                                                                     ", the model's own shift.") + _DIT_TRAIN_NOTE,
             (COL_LOAD, 500), size=(360, 470))
     DIT_TRAIN_WORKFLOWS[name] = family
     return wf
@@ -730,7 +732,16 @@ def train_sd35() -> Workflow:
         "SD3.5 (MMDiT): train your domain, then sample in it.")
 
 
-DIT_TRAIN_SPECS = [train_qwen_image, train_wan21, train_z_image, train_sd35]
+def train_chroma() -> Workflow:
+    return _dit_train_and_sample(
+        "indomain_22_train_chroma", "chroma", "chroma-unlocked-v50.safetensors", "t5xxl_fp16.safetensors", "chroma",
+        "ae.safetensors", None, 1.0, "Chroma (frozen base)", 1024, "chroma_domain", "EmptySD3LatentImage",
+        dict(width=1024, height=1024, batch_size=1), "a cat wearing a hat, sitting on a chair", "blurry, low quality",
+        26, 4.0, "euler", "beta", False, "indomain/train_chroma",
+        "Chroma (a Flux-shaped base with real CFG): train your domain, then sample in it.")
+
+
+DIT_TRAIN_SPECS = [train_qwen_image, train_wan21, train_z_image, train_sd35, train_chroma]
 for _spec in DIT_SPECS + DIT_TRAIN_SPECS:  # fill DIT_WORKFLOWS / DIT_TRAIN_WORKFLOWS / DIT_FILES / DIT_ENCODERS
     _spec()
 del _spec

@@ -30,7 +30,7 @@ FILES = [f for f in specs.workflow_files() if f[0] in specs.DIT_WORKFLOWS]
 # "train your domain, then sample" per trained family (issue 20)
 TRAIN_FILES = [f for f in specs.workflow_files() if f[0] in specs.DIT_TRAIN_WORKFLOWS]
 EXPECTED_TRAIN = {"indomain_18_train_qwen_image", "indomain_19_train_wan21", "indomain_20_train_z_image",
-                  "indomain_21_train_sd35"}
+                  "indomain_21_train_sd35", "indomain_22_train_chroma"}
 EXPECTED = {"indomain_10_qwen_image", "indomain_11_qwen_image_edit", "indomain_12_wan21_t2v", "indomain_13_wan21_i2v",
             "indomain_14_wan22_two_experts", "indomain_15_z_image", "indomain_16_sd35", "indomain_17_flux2_klein"}
 
@@ -252,7 +252,8 @@ def test_dit_api_twin_runs_with_tiny_models(name, api_path, dit_server, object_i
 
 
 def test_every_trained_family_has_its_train_workflow():
-    """Qwen-Image, Wan 2.1, Z-Image, SD3.5: the Train node gets the shifted model, the VAE and the encoded empty
+    """Qwen-Image, Wan 2.1, Z-Image, SD3.5, Chroma: the Train node gets the shifted model (Chroma: the loader's, at
+    its own shift), the VAE and the encoded empty
     prompt ('clip' unconnected), trains the LoRA form on the image folder, and Domain KSampler samples its output
     with the same model and the same empty prompt."""
     assert {f[0] for f in TRAIN_FILES} == EXPECTED_TRAIN == set(specs.DIT_TRAIN_WORKFLOWS)
@@ -265,7 +266,9 @@ def test_every_trained_family_has_its_train_workflow():
         assert inp["learning_rate"] == 0.0 and inp["preview_every"] > 0
         empty = twin[inp["empty_prompt"][0]]
         assert empty["class_type"] == "CLIPTextEncode" and empty["inputs"]["text"] == ""
-        assert twin[inp["model"][0]]["class_type"].startswith("ModelSampling")
+        assert twin[inp["model"][0]]["class_type"] == ("UNETLoader" if specs.DIT_TRAIN_WORKFLOWS[name] == "chroma"
+                                                       else "ModelSamplingSD3" if "wan" in name or "sd35" in name
+                                                       else "ModelSamplingAuraFlow"), name
         (ks,) = [n for n in twin.values() if n["class_type"] == "InDomainKSampler"]
         assert ks["inputs"]["domain_model"] == [tid, 0]
         assert ks["inputs"]["model"] == inp["model"] and ks["inputs"]["empty_prompt"] == inp["empty_prompt"]
