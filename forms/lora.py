@@ -242,7 +242,7 @@ class LoRAForm(DomainModelForm):
 
     def base_dtype(self, base_patcher, device) -> torch.dtype:
         """The dtype the frozen base trains in on `device` (training/optim.base_dtype of the setting)."""
-        from ..training.optim import base_dtype
+        from .precision import base_dtype
 
         if device is None:
             import comfy.model_management

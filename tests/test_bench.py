@@ -202,9 +202,10 @@ def _check_claim(data: dict) -> None:
 def test_toy_bench_fast(comfy, tmp_path):
     """Every experiment of the full-coverage benchmark runs and every sweep point is in the JSON."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
 
     out = tmp_path / "toy.json"
-    toy.main(["--fast", "--gates", "report", "--evaluator-steps", "5", "--out", str(out)])
+    toy_main(["--fast", "--gates", "report", "--evaluator-steps", "5", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["bench"] == "toy" and data["fast"] is True and data["coverage"] == "full"
     assert data["complete"] is True and data["experiments_done"] == list(toy.EXPERIMENTS)
@@ -278,9 +279,10 @@ def test_toy_bench_fast_controlnet(comfy, tmp_path):
     """The ControlNet experiment alone: its ControlNet is trained (or cached) and loaded by core's loader, and
     every point over every seed lands in the JSON."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
 
     out = tmp_path / "toy_cn.json"
-    toy.main(["--fast", "--gates", "report", "--experiments", "controlnet", "--evaluator-steps", "5", "--out", str(out)])
+    toy_main(["--fast", "--gates", "report", "--experiments", "controlnet", "--evaluator-steps", "5", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["complete"] is True and data["experiments_done"] == ["controlnet"]
     samples = data["config"]["prompts"] * data["config"]["samples_per_prompt"]
@@ -293,9 +295,10 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
     """The partial-coverage experiment reports control beyond the domain's content separately; the
     diagnosis records every step."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
 
     out = tmp_path / "toy_partial.json"
-    toy.main(["--fast", "--gates", "report", "--coverage", "partial", "--experiments", "remedies,diagnose,constants",
+    toy_main(["--fast", "--gates", "report", "--coverage", "partial", "--experiments", "remedies,diagnose,constants",
               "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
@@ -379,13 +382,14 @@ def test_toy_demo_picture(comfy, tmp_path, monkeypatch):
     """`demo.sh --toy` renders the toy world from the benchmark's cached models; with none it exits 2
     naming the command that builds them."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
     from indomain.demo import toy as demo_toy
 
     with monkeypatch.context() as m:
         m.setenv("INDOMAIN_CACHE", str(tmp_path / "empty"))
         assert demo_toy.main(["--fast", "--out", str(tmp_path / "none.png")]) == demo_toy.NO_CACHE
     if not (toy.cache_dir() / "latest_full_fast.json").is_file():
-        toy.main(["--fast", "--gates", "report", "--experiments", "remedies", "--evaluator-steps", "5",
+        toy_main(["--fast", "--gates", "report", "--experiments", "remedies", "--evaluator-steps", "5",
                   "--out", str(tmp_path / "t.json")])
     out = tmp_path / "toy_world.png"
     assert demo_toy.main(["--fast", "--out", str(out)]) == 0
@@ -468,10 +472,11 @@ def _refused(data: dict, gate: str, capsys) -> None:
 def test_toy_run_refuses_with_a_broken_evaluator(comfy, tmp_path, monkeypatch, capsys):
     """An untrained evaluator fails G1: the run stops before any model is trained, says why, reads nothing."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
 
     monkeypatch.setenv("INDOMAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "toy.json"
-    data = toy.main(["--fast", "--evaluator-steps", "0", "--out", str(out)])
+    data = toy_main(["--fast", "--evaluator-steps", "0", "--out", str(out)])
     _refused(data, "G1", capsys)
     on_disk = json.loads(out.read_text())
     assert on_disk["reading"] is None and on_disk["verdict"] == data["verdict"]
@@ -483,12 +488,13 @@ def test_toy_run_refuses_with_an_untrained_base(comfy, tmp_path, monkeypatch, ca
     """A base that never trained fails G2 (control near chance) and G3; with a working evaluator (G1, G6 and G8
     pass) the run still refuses before any fine-tune, and `--gates report` reads anyway, marked uncalibrated."""
     from indomain.bench import toy
+    from indomain.bench.toy.run import main as toy_main
 
     monkeypatch.setenv("INDOMAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "toy.json"
     args = ["--fast", "--base-steps", "0", "--evaluator-steps", str(toy.ToyConfig().evaluator_steps),
             "--gate-samples", "64", "--out", str(out)]
-    data = toy.main(args)
+    data = toy_main(args)
     _refused(data, "G2", capsys)
     assert all(data["gates"][g]["pass"] for g in ("G1", "G6", "G8")), data["gates"]
     assert not data["gates"]["G3"]["pass"] and data["gates"]["G3"]["figures"]["n"] == 256

@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import datetime
-import inspect
 import logging
 import os
 
 import torch
+
+from ..forms.precision import auto_amp_dtype, native_bf16_supported  # noqa: F401  (re-exported)
 
 log = logging.getLogger("indomain")
 
@@ -22,32 +23,6 @@ RANK0_IO_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("INDOMAIN_RAN
 
 
 # ----------------------------------------------------------------------------- mixed precision
-
-
-def native_bf16_supported(probe=None) -> bool:
-    """True when the CUDA device runs bf16 natively (Ampere or newer).
-
-    torch.cuda.is_bf16_supported() also answers True where bf16 is only emulated (pre-Ampere cards, much
-    slower than fp16); torch >= 2.3 can be asked to leave emulation out. `probe` defaults to that torch
-    function (a parameter only so the choice can be checked without a GPU).
-    """
-    probe = probe or torch.cuda.is_bf16_supported
-    try:
-        params = inspect.signature(probe).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "including_emulation" in params:
-        return bool(probe(including_emulation=False))
-    # older torch: no way to exclude emulation; require compute capability 8.0+ ourselves
-    if not probe():
-        return False
-    major, _minor = torch.cuda.get_device_capability()
-    return major >= 8
-
-
-def auto_amp_dtype(probe=None) -> torch.dtype:
-    """The autocast dtype "auto" mixed precision uses on CUDA: bf16 where native, else fp16 (with a GradScaler)."""
-    return torch.bfloat16 if native_bf16_supported(probe) else torch.float16
 
 
 # ----------------------------------------------------------------------------- GradScaler state

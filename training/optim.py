@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..forms.precision import HALF, base_dtype  # noqa: F401  (re-exported)
 from .gpu import auto_amp_dtype
 
 log = logging.getLogger("indomain.training")
@@ -103,27 +104,6 @@ def autocast_dtype(mixed_precision: str, device: torch.device):
     if mp == "auto":
         return auto_amp_dtype()  # bf16 only where the card runs it natively (training/gpu.py)
     return torch.bfloat16 if mp == "bf16" else torch.float16
-
-
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def base_dtype(base_precision: str, device: torch.device, weights_dtype=None, probe=None) -> torch.dtype:
-    """The dtype the LoRA form's frozen base trains in (`base_precision`: auto | bf16 | fp16 | fp32).
-
-    auto: the base's own dtype when it is already bf16/fp16 and the device runs it (no cast, no copy); else bf16
-    where the device runs it natively (Ampere or newer; the CPU), fp16 on older GPUs (with a GradScaler).
-    `weights_dtype`: the dtype the base is loaded in; `probe`: torch.cuda.is_bf16_supported (see gpu.py)."""
-    if base_precision != "auto":
-        return HALF[base_precision]
-    if device.type == "cuda":
-        native_bf16 = auto_amp_dtype(probe) == torch.bfloat16
-        if weights_dtype == torch.float16 or (weights_dtype == torch.bfloat16 and native_bf16):
-            return weights_dtype
-        return torch.bfloat16 if native_bf16 else torch.float16
-    if weights_dtype in (torch.bfloat16, torch.float16) and device.type != "cpu":
-        return weights_dtype
-    return torch.bfloat16  # CPU: bf16 matmuls have native kernels; fp16 ones are slow there
 
 
 def frozen_dtype(module: torch.nn.Module):

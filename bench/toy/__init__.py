@@ -52,5 +52,3 @@ from .config import (BASE_FIELDS, BOUNDS, C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, 
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points  # noqa: F401
 from .metrics import Metrics, dominates, mean_sd, summarise  # noqa: F401
 from .report import report  # noqa: F401
-from . import gates  # noqa: F401
-from .run import main  # noqa: F401
