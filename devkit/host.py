@@ -248,3 +248,38 @@ class ComfyServer:
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+async def run_and_watch(server, graph: dict, timeout: float = 540.0) -> tuple[str, list]:
+    """Queue `graph` on `server` (a ComfyServer) as a websocket client; return (prompt_id, [("json", message) | ("binary", bytes)]) in order,
+    up to the end of the prompt."""
+    import asyncio
+    import json
+    import uuid
+
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    events = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
+            async with session.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            prompt_id = body["prompt_id"]
+
+            async def read():
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        events.append(("binary", msg.data))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        m = json.loads(msg.data)
+                        events.append(("json", m))
+                        data = m.get("data", {})
+                        if data.get("prompt_id") == prompt_id and (
+                                m["type"] in ("execution_error", "execution_interrupted", "execution_success")
+                                or (m["type"] == "executing" and data.get("node") is None)):
+                            return
+
+            await asyncio.wait_for(read(), timeout)
+    return prompt_id, events

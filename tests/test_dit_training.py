@@ -472,7 +472,9 @@ def test_node_trains_a_dit_from_latents_and_the_empty_prompt(comfy, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_trains_a_dit_from_files(host, tmp_path):
+def _sd3_cli_files(tmp_path):
+    """The command line's inputs for the tiny SD3: its model file, domain.latent (core's latent file format) and
+    empty.safetensors (the encoded empty prompt). Returns the model file."""
     import safetensors.torch
 
     name = "sd3"
@@ -483,6 +485,12 @@ def test_cli_trains_a_dit_from_files(host, tmp_path):
     safetensors.torch.save_file({"cross_attn": cond[0][0].contiguous(),
                                  "pooled_output": cond[0][1]["pooled_output"].contiguous()},
                                 str(tmp_path / "empty.safetensors"))
+    return model_file
+
+
+def test_cli_trains_a_dit_from_files(host, tmp_path):
+    name = "sd3"
+    model_file = _sd3_cli_files(tmp_path)
     out = tmp_path / "out" / "sd3_domain.safetensors"
     summary = tmp_path / "s.json"
     r = subprocess.run([sys.executable, "-m", "indomain.training", "--diffusion-model", str(model_file),
@@ -514,13 +522,7 @@ def test_cli_trains_a_dit_under_torchrun_two_processes(host, tmp_path):
 
     name = "sd3"
     _need(name)
-    model_file = tf.save(name, tmp_path / "tiny_sd3.safetensors")
-    safetensors.torch.save_file({"latent_tensor": _latents(name), "latent_format_version_0": torch.tensor([])},
-                                str(tmp_path / "domain.latent"))
-    cond = tf.empty_cond(name)
-    safetensors.torch.save_file({"cross_attn": cond[0][0].contiguous(),
-                                 "pooled_output": cond[0][1]["pooled_output"].contiguous()},
-                                str(tmp_path / "empty.safetensors"))
+    model_file = _sd3_cli_files(tmp_path)
     out = tmp_path / "ddp" / "sd3_ddp.safetensors"
     summary = tmp_path / "ddp.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

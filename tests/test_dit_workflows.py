@@ -277,39 +277,6 @@ def test_every_trained_family_has_its_train_workflow():
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE (protocol.py, 0.3.75 and 0.33)
 
 
-async def _run_and_watch(server, graph: dict, timeout: float = 540.0) -> tuple[str, list]:
-    """Queue `graph` as a websocket client (as tests/test_training_server_watch.py): (prompt_id, events in order)."""
-    import asyncio
-    import uuid
-
-    import aiohttp
-
-    client_id = uuid.uuid4().hex
-    events = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
-            async with session.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
-                body = await r.json()
-                assert r.status == 200, body
-            prompt_id = body["prompt_id"]
-
-            async def read():
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        events.append(("binary", msg.data))
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
-                        m = json.loads(msg.data)
-                        events.append(("json", m))
-                        data = m.get("data", {})
-                        if data.get("prompt_id") == prompt_id and (
-                                m["type"] in ("execution_error", "execution_interrupted", "execution_success")
-                                or (m["type"] == "executing" and data.get("node") is None)):
-                            return
-
-            await asyncio.wait_for(read(), timeout)
-    return prompt_id, events
-
-
 @pytest.mark.parametrize("name,api_path", [(f[0], f[2]) for f in TRAIN_FILES], ids=[f[0] for f in TRAIN_FILES])
 def test_dit_train_workflow_trains_then_samples_with_previews_over_the_websocket(name, api_path, dit_server,
                                                                                  object_info, tmp_path):
@@ -331,7 +298,7 @@ def test_dit_train_workflow_trains_then_samples_with_previews_over_the_websocket
     for w_d in (0.0, specs.DOMAIN_WEIGHT):
         wf = tiny_run_graph(api, family, domain_weight=w_d)
         tid = next(k for k, n in wf.items() if n["class_type"] == "InDomainTrainDomainUNet")
-        prompt_id, events = asyncio.run(_run_and_watch(dit_server, wf))
+        prompt_id, events = asyncio.run(host_mod.run_and_watch(dit_server, wf))
         errors = [m for k, m in events if k == "json" and m["type"] == "execution_error"]
         assert not errors, errors[0]["data"].get("exception_message")
         previews, last_progress = [], None

@@ -5,49 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import struct
-import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from indomain.devkit.host import run_and_watch
+
 pytestmark = pytest.mark.slow
 
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE (protocol.py, 0.3.75 and 0.33)
 JPEG = 1
-
-
-async def run_and_watch(server, graph: dict, timeout: float = 540.0) -> tuple[str, list]:
-    """Queue `graph` as a websocket client; return (prompt_id, [("json", message) | ("binary", bytes)]) in order,
-    up to the end of the prompt."""
-    import aiohttp
-
-    client_id = uuid.uuid4().hex
-    events = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
-            async with session.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
-                body = await r.json()
-                assert r.status == 200, body
-            prompt_id = body["prompt_id"]
-
-            async def read():
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        events.append(("binary", msg.data))
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
-                        m = json.loads(msg.data)
-                        events.append(("json", m))
-                        data = m.get("data", {})
-                        if data.get("prompt_id") == prompt_id and (
-                                m["type"] in ("execution_error", "execution_interrupted", "execution_success")
-                                or (m["type"] == "executing" and data.get("node") is None)):
-                            return
-
-            await asyncio.wait_for(read(), timeout)
-    return prompt_id, events
 
 
 def test_server_progress_carries_previews_at_the_configured_steps_and_a_loss_curve_is_written(server):
