@@ -207,6 +207,28 @@ def count_syncs(setting: dict, steps: int) -> dict:
             "whole_sample": whole.count, "whole_places": dict(whole.places)}
 
 
+def count_patch_syncs(setting: dict, steps: int, patched: bool = True, **patch_kw) -> dict:
+    """Syncs per guider call (core CFGGuider.predict_noise) of core KSampler on the base, with Apply Domain
+    Guidance's patch (`patched`) or without it (core CFG: the baseline the patch must not add to)."""
+    import comfy.samplers
+    import nodes
+
+    model = setting["model"]
+    if patched:
+        apply = nodes.NODE_CLASS_MAPPINGS["InDomainApplyGuidance"]
+        kw = dict(model=model, domain_model=setting["domain"], domain_weight=2.0, **patch_kw)
+        if setting["empty_prompt"] is not None:
+            kw["empty_prompt"] = setting["empty_prompt"]
+        model = call_node(apply, **kw)[0]
+    with per_call_syncs(comfy.samplers.CFGGuider) as calls:
+        nodes.common_ksampler(model, 0, steps, 3.0, "euler", "normal", setting["positive"], setting["negative"],
+                              setting["latent"], denoise=1.0)
+    places = collections.Counter()
+    for c in calls:
+        places.update(c.places)
+    return {"per_step": [c.count for c in calls], "places": dict(places)}
+
+
 def with_sdpa(model):
     """A clone of `model` whose attention is PyTorch's SDPA (what ComfyUI picks on a GPU; on the CPU it picks the
     sub-quadratic attention, which asks psutil for the free memory inside the forward: a graph break, and a

@@ -265,10 +265,25 @@ class Evaluator(nn.Module):
         return self.shape(f), self.colour(f), self.style(f)
 
 
+_TRAINED: dict[tuple, tuple[dict, dict]] = {}   # train_evaluator's results in this process, by its arguments
+
+
 def train_evaluator(steps: int, seed: int, batch: int = 128, off_fraction: float = 0.25) -> tuple[Evaluator, dict]:
     """Train on fresh procedural data from both styles, every combination, perturbed (`perturb`: sampled latents
     are not perfectly clean), plus off-data images (`off_data_images`, style "off-data", no shape or colour);
-    report accuracy on fresh clean real data."""
+    report accuracy on fresh clean real data. Deterministic in its arguments, so a second call in the same
+    process (the test suite) gets a fresh copy of the first call's weights instead of training again."""
+    key = (steps, seed, batch, off_fraction)
+    if key not in _TRAINED:
+        net, acc = _train_evaluator(steps, seed, batch, off_fraction)
+        _TRAINED[key] = ({k: v.detach().clone() for k, v in net.state_dict().items()}, acc)
+    state, acc = _TRAINED[key]
+    net = Evaluator()
+    net.load_state_dict(state)
+    return net.eval(), dict(acc)
+
+
+def _train_evaluator(steps: int, seed: int, batch: int, off_fraction: float) -> tuple[Evaluator, dict]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = Evaluator()

@@ -7,7 +7,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.combine import CONTROL_WEIGHT_START, DOMAIN_WEIGHT_START
-from ..guidance.domain_cache import DEFAULT_THRESHOLD, MODES as CACHE_MODES, OFF as CACHE_OFF
+from ..guidance.domain_cache import DEFAULT_THRESHOLD, MODES as CACHE_MODES, OFF as CACHE_OFF, DomainCache
 from .validation import check_finite, check_interval, combo_problem, first_problem
 from ..sampling.domain_model import ensure_base_model
 from ..sampling.guider import DecoupledGuider, Term, domain_guider, sample_with_guider
@@ -236,13 +236,19 @@ class MultiTermGuider(io.ComfyNode):
                 io.Model.Input("model", tooltip=TIP_BASE),
                 io.Conditioning.Input("negative", tooltip="Empty prompt or your negative prompt: the unconditional ∅."),
                 Terms.Input("terms", tooltip="The Guidance Term chain."),
+                *_cache_inputs(),
             ],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
-    def execute(cls, model, negative, terms) -> io.NodeOutput:
+    def execute(cls, model, negative, terms, domain_cache=CACHE_OFF,
+                domain_cache_threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
         ensure_base_model(model)
         if not terms:
             raise ValueError("Multi-Term Guider: the term chain is empty; connect at least one Guidance Term.")
-        return io.NodeOutput(DecoupledGuider(model, negative, terms))
+        check_finite("Multi-Term Guider", domain_cache_threshold=domain_cache_threshold)
+        guider = DecoupledGuider(model, negative, terms)
+        # the terms on another model than the base (domain models) are the cached ones; the base's own run every call
+        guider.domain_cache = DomainCache(domain_cache, domain_cache_threshold)
+        return io.NodeOutput(guider)

@@ -38,6 +38,7 @@ class PatchTerm:
     cond_key: str = ""            # the key of its conds in the sampler's conds (empty_prompt models)
     cache_mode: str = OFF         # domain caching of this term (guidance/domain_cache.py)
     cache_threshold: float = DEFAULT_THRESHOLD
+    full_range: bool = False      # on from 0 % to 100 % of the schedule: its interval test cannot fail
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,8 +86,12 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
                         bool(domain_on_control), float(ms.percent_to_sigma(start_percent)),
                         float(ms.percent_to_sigma(end_percent)), trained_y(domain_info(domain_model).meta),
                         empty_prompt=source, cond_key=f"indomain_domain_{len(terms)}" if source is not None else "",
-                        cache_mode=domain_cache, cache_threshold=float(domain_cache_threshold)),)
+                        cache_mode=domain_cache, cache_threshold=float(domain_cache_threshold),
+                        full_range=start_percent <= 0 and end_percent >= 1),)
     caches = [DomainCache(t.cache_mode, t.cache_threshold) for t in terms]   # per term, reset per sampling run
+    # host syncs (issue 24): reading sigma on the host waits for the device; only a partial interval or caching
+    # (which scales a reused direction by sigma) needs its value
+    read_sigma = any(not t.full_range or t.cache_mode != OFF for t in terms)
     run = {}   # the guider of the sampling run in progress (set by the OUTER_SAMPLE wrapper)
 
     def add_domain_conds(executor, *args, **kwargs):
@@ -124,8 +129,8 @@ def patch_model_for_domain_guidance(model, domain_model, domain_weight: float, d
     def pre_cfg(args):
         conds_out = args["conds_out"]
         sigma = args["sigma"]
-        s = float(sigma.reshape(-1)[0])
-        active = [t for t in terms if term_active(s, t.sigma_start, t.sigma_end)]
+        s = float(sigma.reshape(-1)[0]) if read_sigma else None
+        active = [t for t in terms if s is None or term_active(s, t.sigma_start, t.sigma_end)]
         if len(conds_out) < 2 or conds_out[1] is None or not active:
             return conds_out
         cond, uncond = args["conds"][0], args["conds"][1]

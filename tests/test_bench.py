@@ -250,7 +250,7 @@ def test_toy_bench_fast(comfy, tmp_path):
     assert set(data["gates"]) == {f"G{i}" for i in range(1, 9)} and data["gates_mode"] == "report"
     assert data["calibrated"] is False and data["reading"]["status"].startswith("UNCALIBRATED")
     assert data["sampled_through"]["c"].startswith("InDomainLoadDomainUNet")
-    _check_controlnet(data, toy)
+    assert "controlnet" not in data["results"] and data["models"]["controlnet"] is None  # its own command
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pareto.png").stat().st_size > 0
 
 
@@ -298,11 +298,27 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
     from indomain.bench.toy.run import main as toy_main
 
     out = tmp_path / "toy_partial.json"
-    toy_main(["--fast", "--gates", "report", "--coverage", "partial", "--experiments", "remedies,diagnose,constants",
+    toy_main(["--fast", "--gates", "report", "--coverage", "partial", "--experiments", "remedies,diagnose,constants,cache",
               "--evaluator-steps", "5",
               "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies"]
+    assert data["coverage"] == "partial" and data["experiments_done"] == ["remedies", "cache"]
+    # domain caching (issue 24): every (c), (d) headline point cached three ways beside the same point uncached,
+    # per seed; the verdict is recomputed here from the rows
+    cache = data["derived"]["cache"]
+    assert len(cache) == 2 * len(toy.HEADLINE) * len(toy.config.CACHE_MODES)
+    moved = False
+    for fam, v in cache.items():
+        uncached_fam = fam.split(" +cache ", 1)[0]
+        for key, stats in (("cached", v["cached"]), ("uncached", v["uncached"])):
+            rows = [data["points"][pid] for pid in data["results"]["cache"]
+                    if data["points"][pid]["family"] == (fam if key == "cached" else uncached_fam)]
+            assert len(rows) == data["config"]["seeds"]
+            assert stats["fd"]["mean"] == pytest.approx(sum(r["fd"] for r in rows) / len(rows))
+        for k, ok in v["within_uncached_spread"].items():
+            assert ok == (abs(v["cached"][k]["mean"] - v["uncached"][k]["mean"]) <= v["uncached"][k]["sd"])
+        moved |= v["cached"]["fd"]["mean"] != v["uncached"]["fd"]["mean"]
+    assert moved, "no cached point differs from its uncached twin: the cache setting did not reach the sampler"
     # the diagnosis: one row per sampling step along each (c) trajectory, D - u recovered from the guider's pair
     diag = data["derived"]["diagnosis"]
     assert len(diag) == len(toy.DIAGNOSE_POINTS)
@@ -493,7 +509,7 @@ def test_toy_run_refuses_with_an_untrained_base(comfy, tmp_path, monkeypatch, ca
     monkeypatch.setenv("INDOMAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "toy.json"
     args = ["--fast", "--base-steps", "0", "--evaluator-steps", str(toy.ToyConfig().evaluator_steps),
-            "--gate-samples", "64", "--out", str(out)]
+            "--gate-samples", "64", "--sample-steps", "1", "--out", str(out)]
     data = toy_main(args)
     _refused(data, "G2", capsys)
     assert all(data["gates"][g]["pass"] for g in ("G1", "G6", "G8")), data["gates"]

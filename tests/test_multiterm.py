@@ -91,3 +91,31 @@ def test_chain_errors_name_the_fix(comfy, parts):
     with pytest.raises(ValueError, match="not a domain UNet"):
         comfy.node("InDomainKSampler").execute(p["model"], p["model"], 0, 1, 2.5, 2.0, "euler", "normal", p["pos"],
                                                p["neg"], {"samples": torch.zeros(1, 4, 8, 8)}, 1.0)
+
+
+def test_domain_cache_on_the_chain_equals_the_domain_guider_and_skips_domain_calls(comfy, parts):
+    """Multi-Term Guider's domain_cache (issue 24): the chain text + domain with 'every 2' samples what the Domain
+    Guider samples with the same setting, runs the domain model on ceil(calls / 2) calls and the base on every
+    call, and moves the result away from the uncached chain (the setting reaches the guider)."""
+    import math
+
+    from indomain.sampling.guider import domain_guider
+
+    p, steps = parts, 5
+    terms = _chain(comfy, (p["model"], p["pos"], 2.5), (p["dom_a"], p["neg"], 2.0))
+    node = comfy.node("InDomainMultiGuider")
+    cached = node.execute(p["model"], p["neg"], terms, domain_cache="every 2").result[0]
+    base_calls, h1 = _count_forwards(p["model"].model.diffusion_model)
+    dom_calls, h2 = _count_forwards(p["dom_a"].model.diffusion_model)
+    try:
+        out = _sample(cached, p["model"], steps)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(base_calls) == steps and len(dom_calls) == math.ceil(steps / 2)
+    ref = domain_guider(p["model"], p["dom_a"], p["pos"], p["neg"], 2.5, 2.0, domain_cache="every 2")
+    torch.testing.assert_close(out, _sample(ref, p["model"], steps), rtol=0, atol=1e-5)
+    uncached = node.execute(p["model"], p["neg"], terms).result[0]
+    assert (out - _sample(uncached, p["model"], steps)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="domain_cache"):
+        node.execute(p["model"], p["neg"], terms, domain_cache="every 4")

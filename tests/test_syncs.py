@@ -88,6 +88,20 @@ def test_no_host_sync_per_decoupled_step(settings, name, record_property):
 
 
 @pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_apply_domain_guidance_adds_no_host_sync_to_core_ksampler(settings, name, record_property):
+    """Apply Domain Guidance + the plain core KSampler: per step, the patch's pre-CFG function adds no sync to core
+    CFG's own count; a partial interval (which needs sigma's value) costs exactly the one read it needs."""
+    s = _setting(settings, name)
+    core = S.count_patch_syncs(s, STEPS, patched=False)
+    full = S.count_patch_syncs(s, STEPS)
+    record_property("outcome", f"syncs per step: core CFG {core['per_step']}, patched {full['per_step']}")
+    assert len(full["per_step"]) == len(core["per_step"]) == STEPS
+    assert full["per_step"] == core["per_step"], (full["places"], core["places"])
+    partial = S.count_patch_syncs(s, STEPS, domain_start_percent=0.0, domain_end_percent=0.5)
+    assert [p - c for p, c in zip(partial["per_step"], core["per_step"])] == [1] * STEPS, partial["places"]
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
 def test_torch_compile_one_graph_no_recompile_and_equals_eager(comfy, settings, name, record_property):
     if "TorchCompileModel" not in comfy.nodes.NODE_CLASS_MAPPINGS:
         pytest.skip("n/a: core node TorchCompileModel does not exist on this host")

@@ -31,6 +31,7 @@ Evaluators: a small CNN trained here (shape / colour / style).
     python -m indomain.bench.toy                       # full coverage (writes docs/toy_pareto.png)
     python -m indomain.bench.toy --coverage partial    # prompts beyond the domain's content
     python -m indomain.bench.toy --experiments sweep   # the sweep alone (models cached)
+    python -m indomain.bench.toy --experiments controlnet   # spatial control (its own command)
     python -m indomain.bench.toy --fast                # smoke run for the test suite (figures meaningless)
     python -m indomain.bench.toy --gates only          # the instrument's gates alone, no reading
 
@@ -47,7 +48,7 @@ reading, references, the claim's questions), constants (the null-text stand-in c
 from __future__ import annotations
 
 from .config import (BASE_FIELDS, BOUNDS, C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, CNET_MODES, DIAGNOSE_POINTS,  # noqa: F401
-                     DOMAIN_FIELDS, DOMAIN_WEIGHTS, EXPERIMENTS, EXTRA_EXPERIMENTS, HALVES, HEADLINE, REMEDIES,
+                     DOMAIN_FIELDS, DOMAIN_WEIGHTS, EXPERIMENTS, EXTRA_EXPERIMENTS, OWN_COMMAND_EXPERIMENTS, HALVES, HEADLINE, REMEDIES,
                      REMEDY_POINTS, TOY_VERSION, ToyConfig, cache_dir, log)
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points  # noqa: F401
 from .metrics import Metrics, dominates, mean_sd, summarise  # noqa: F401

@@ -28,10 +28,16 @@ REMEDIES = {"rescale": "core RescaleCFG 0.7 on the base", "apg": "core APG (eta 
             "bound1": "domain update bounded per sample to 1x the text update's norm (Domain Guider domain_max_ratio 1)",
             "bound0.5": "domain update bounded per sample to 0.5x the text update's norm (domain_max_ratio 0.5)"}
 BOUNDS = {"bound1": 1.0, "bound0.5": 0.5}        # the remedies that are the guider's own bound, not a core model patch
-EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies", "controlnet")  # run in this order
+EXPERIMENTS = ("sweep", "forgetting", "spread", "remedies")  # the default run, in this order
+# its own command (`--experiments controlnet`): it trains a ControlNet, which the other experiments do not need
+OWN_COMMAND_EXPERIMENTS = ("controlnet",)
 # on request: "diagnose" (per step, norms of D - u and B(c) - u and their cosine); "constants" (per noise level, the
-# untrained null-text UNet's error against u with one constant per layer and with per-level constants: toy_constants)
-EXTRA_EXPERIMENTS = ("diagnose", "constants")
+# untrained null-text UNet's error against u with one constant per layer and with per-level constants: toy_constants);
+# "cache" (below)
+EXTRA_EXPERIMENTS = ("diagnose", "constants", "cache")
+# "cache" (issue 24's quality check): (c) and (d) at the HEADLINE points, every seed, with the sampler's domain caching
+# (guidance/domain_cache.py) against the same points uncached (the spread experiment's points)
+CACHE_MODES = ("every 2", "every 3", "adaptive")
 DIAGNOSE_POINTS = ((1.0, 3.0), (2.0, 3.0))
 # the ControlNet experiment (x seeds): (a) without the ControlNet at cfg 3 (spatial agreement by chance), then
 # (a), (b) at cfg 3 and 5 and (c) at the HEADLINE points, all with the ControlNet on the positive conditioning;

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BOUNDS, C_CFGS, CFGS, CNET_CFGS, DOMAIN_WEIGHTS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, ToyConfig
+from .config import BOUNDS, CACHE_MODES, C_CFGS, CFGS, CNET_CFGS, DOMAIN_WEIGHTS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, ToyConfig
 
 METHODS = {
     "a": "(a) base + CFG",
@@ -33,6 +33,7 @@ class Point:
     seed: int = 0               # seed index: fine-tune seed and sampling seeds
     length: str = "short"       # fine-tune length: short (domain_steps) | long (x long_factor)
     cnet: str = ""              # a key of CNET_MODES: "" | "cn" | "cn+domain"
+    cache: str = ""             # "" (off) | a domain_cache mode of CACHE_MODES ((c), (d))
 
     @property
     def id(self) -> str:
@@ -47,6 +48,8 @@ class Point:
             s += f" {self.length}"
         if self.cnet:
             s += f" +{self.cnet}"
+        if self.cache:
+            s += f" +cache {self.cache}"
         return s + f" seed={self.seed}"
 
     @property
@@ -79,6 +82,9 @@ def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
         fam = [Point("a", 3.0)] + [Point(m, c, cnet="cn") for m in "ab" for c in CNET_CFGS]
         fam += [Point("c", c, wd, cnet=mode) for wd, c in HEADLINE for mode in ("cn", "cn+domain")]
         out["controlnet"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
+    if "cache" in experiments:
+        fam = [Point(m, c, wd, cache=mode) for m in ("c", "d") for wd, c in HEADLINE for mode in ("", *CACHE_MODES)]
+        out["cache"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
     return out
 
 
@@ -184,7 +190,9 @@ class ToySampler:
         positive = self.controlled_positive(names["controlnet"]) if pt.cnet else self.positive
         if pt.method in ("c", "d"):
             dom = self.model(("domain", names["domain" if pt.method == "c" else "lora"]))
-            if pt.remedy in BOUNDS:  # the pack's guider with its bound set: what InDomainKSampler runs, plus the bound
+            if pt.remedy in BOUNDS:
+                assert not pt.cache, "the bound remedies are sampled uncached"
+                # the pack's guider with its bound set: what InDomainKSampler runs, plus the bound
                 from ...sampling.guider import domain_guider, sample_with_guider
 
                 guider = domain_guider(self.base, dom, positive, self.negative, pt.cfg, pt.wd, pt.cnet == "cn+domain",
@@ -197,7 +205,7 @@ class ToySampler:
                 model=base, domain_model=dom, seed=seed, steps=c.sample_steps, cfg=pt.cfg, domain_weight=pt.wd,
                 sampler_name=c.sampler, scheduler=c.scheduler, positive=positive, negative=self.negative,
                 latent_image=latent, denoise=1.0, domain_on_controlnet=pt.cnet == "cn+domain", domain_start_percent=pt.start,
-                domain_end_percent=pt.end)
+                domain_end_percent=pt.end, **({"domain_cache": pt.cache} if pt.cache else {}))
             return _first(out)["samples"].float()
         if pt.method == "b":
             model = self.model(("naive+remedy", (pt.remedy, names["naive"])) if pt.remedy else ("naive", names["naive"]))

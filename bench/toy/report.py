@@ -32,6 +32,17 @@ def report(payload: dict) -> str:
                                 [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
                                         ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
                                 f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
+    cache = payload["derived"].get("cache")
+    if cache:
+        keys = ("control", "domain_score", "fd", "texture_ratio")
+        out.append(common.table(["point", *keys, "within the uncached spread"],
+                                [[f] + [f"{v['cached'][k]['mean']:.3g} ± {v['cached'][k]['sd']:.2g} (uncached "
+                                        f"{v['uncached'][k]['mean']:.3g} ± {v['uncached'][k]['sd']:.2g})" for k in keys]
+                                 + ["all" if v["all_within"] else
+                                    "no: " + ", ".join(k for k in keys if not v["within_uncached_spread"][k])]
+                                 for f, v in cache.items()],
+                                f"domain caching against the uncached sampler over {payload['config']['seeds']} seeds "
+                                "(mean ± sd)"))
     cn = payload["derived"].get("controlnet")
     if cn:
         keys = ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score", "fd", "tint_ratio")

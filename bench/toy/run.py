@@ -14,7 +14,7 @@ import torch
 from .. import common
 from . import world
 from .config import (C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, CNET_MODES, DIAGNOSE_POINTS, DOMAIN_WEIGHTS, EXPERIMENTS,
-                     EXTRA_EXPERIMENTS, BASE_FIELDS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, TOY_VERSION, ToyConfig,
+                     EXTRA_EXPERIMENTS, OWN_COMMAND_EXPERIMENTS, BASE_FIELDS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, TOY_VERSION, ToyConfig,
                      cache_dir, log)
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points
 from .metrics import Metrics, mean_sd, summarise
@@ -57,7 +57,8 @@ def parse_args(argv):
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                            help=f"override {f.name} (default {f.default}; --fast uses smaller values)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
-                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all); also 'diagnose' "
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all of them); also "
+                        "'controlnet' (its own command: trains a ControlNet on the base's world; spatial control), 'diagnose' "
                         "(per step: norms of D - u and B(c) - u and their cosine along (c)'s trajectories) and "
                         "'constants' (per noise level: the untrained null-text UNet against u, one constant per "
                         "layer vs per-level constants)")
@@ -73,9 +74,10 @@ def parse_args(argv):
     if args.replot:
         return args, None, []
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
-    bad = [e for e in experiments if e not in EXPERIMENTS + EXTRA_EXPERIMENTS]
+    known = EXPERIMENTS + OWN_COMMAND_EXPERIMENTS + EXTRA_EXPERIMENTS
+    bad = [e for e in experiments if e not in known]
     if bad:
-        p.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS + EXTRA_EXPERIMENTS)}")
+        p.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(known)}")
     common.enable_stack_dumps()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +106,27 @@ def replot(args) -> dict:
         print(f"Pareto plot: {plot}")
     print(report(payload))
     return payload
+
+
+QUALITY = ("control", "domain_score", "fd", "texture_ratio")
+
+
+def cache_reading(rows: dict, ids: list[str]) -> dict:
+    """Per cached family: mean ± sd over seeds of each quality figure, the same uncached family's, and whether the
+    cached mean lies within the uncached spread (|difference of means| <= the uncached sd over seeds)."""
+    fams = {}
+    for pid in ids:
+        fams.setdefault(rows[pid]["family"], []).append(rows[pid])
+    stats = {f: {k: mean_sd([r[k] for r in rs]) for k in QUALITY} for f, rs in fams.items()}
+    out = {}
+    for fam, st in stats.items():
+        if " +cache " not in fam:
+            continue
+        ref = stats[fam.split(" +cache ", 1)[0]]
+        within = {k: abs(st[k]["mean"] - ref[k]["mean"]) <= ref[k]["sd"] for k in QUALITY}
+        out[fam] = {"cached": st, "uncached": ref, "within_uncached_spread": within,
+                    "all_within": all(within.values())}
+    return out
 
 
 class Run:
@@ -260,7 +283,7 @@ class Run:
         return out
 
     def g8(self) -> dict:
-        planned = experiment_points(self.cfg, [e for e in self.experiments if e in EXPERIMENTS])
+        planned = experiment_points(self.cfg, [e for e in self.experiments if e in EXPERIMENTS + OWN_COMMAND_EXPERIMENTS])
         return G.g8_fairness(self.cfg, planned, self.operating_cfg, {"a": CFGS, "b": CFGS, "c": C_CFGS})
 
     def gate_read(self, pt: Point, names=None) -> tuple[torch.Tensor, dict]:
@@ -445,6 +468,8 @@ class Run:
                  "steps": cfg.domain_steps * (cfg.long_factor if rows[pid]["length"] == "long" else 1),
                  **{k: rows[pid][k] for k in ("control", "domain_score", "fd", "texture_ratio")}}
                 for pid in results["forgetting"]]
+        if "cache" in results:
+            derived["cache"] = cache_reading(rows, results["cache"])
         if "controlnet" in results:
             fams = {}
             for pid in results["controlnet"]:
