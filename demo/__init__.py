@@ -7,8 +7,9 @@
    trained on a plain world (a "red / green / blue / yellow disc" on a cream ground, text-conditioned),
 3. trains the naive way with the pack's trainer: a plain fine-tune of the base UNet on the domain pictures
    with empty captions (form "plain"),
-4. trains the text-free domain model on the same pictures, steps and seed (the full form by default: the
-   paper's null-text UNet copy; `--form lora` a rank-8 adapter, `--form plain` reuses step 3's file),
+4. takes the text-free domain model: by default step 3's file itself (so the naive and the decoupled rows use
+   the same weights, only differently); `--form full` trains the paper's null-text UNet copy on the same
+   pictures, steps and seed, `--form lora` a rank-8 adapter,
 5. starts a real ComfyUI server headless with the pack installed,
 6. runs the text-guided workflow (workflows/api/indomain_2_text_guided.json) through the HTTP API with
    the headless client, three rows with the same seeds and prompts: the base with plain CFG (domain weight 0),

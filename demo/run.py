@@ -28,8 +28,10 @@ class DemoConfig:
     base_lr: float = 1e-3            # peak; warm-up then cosine decay (demo_world.base_lr_at)
     train_steps: int = 150           # the fine-tunes (naive and domain model), trained by the pack's trainer
     train_batch: int = 8
-    form: str = "full"               # the decoupled row's domain model: "full" (the paper's null-text UNet copy),
-                                     # "plain" (the naive row's own file, used as the domain term) or "lora"
+    form: str = "plain"              # the decoupled row's domain model: "plain" (the naive row's own file, used as
+                                     # the domain term: the two rows differ only in how the same weights are used;
+                                     # one fine-tune instead of two), "full" (the paper's null-text UNet copy,
+                                     # trained with the same steps, lr and seed) or "lora"
     lora_rank: int = 8
     lr: float | None = None          # None: the form's toy-scale rate, see learning_rate()
     sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
@@ -133,7 +135,7 @@ def train_domain_unet(base_ckpt: Path, images: Path, out_path: Path, cfg: DemoCo
 
 
 def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path, columns: list[str] = (),
-                 cell: int = 160) -> Path:
+                 cell: int = 160, footer: str = "") -> Path:
     """A grid: one labelled row per setting, one column per seed (nearest-neighbour upscaled)."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -158,9 +160,7 @@ def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path,
             with Image.open(p) as im:
                 tile = im.convert("RGB").resize((cell, cell), Image.NEAREST)
             sheet.paste(tile, (label_w + c * (cell + pad) + pad, y))
-    d.text((pad, H - 20), "each column: the same seed, prompt and steps in every row; the plain fine-tune and the domain "
-                          "model were trained on the same pictures, steps and seed",
-           fill=(90, 90, 90), font=small)
+    d.text((pad, H - 20), footer, fill=(90, 90, 90), font=small)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.stem + ".partial.png")
     sheet.save(tmp)
@@ -172,7 +172,7 @@ def side_by_side(rows: list[tuple[str, list[Path]]], title: str, out_path: Path,
 
 
 ROWS = (("base", "base model + CFG"), ("naive", "plain fine-tune + CFG"),
-        ("decoupled", "decoupled guidance"))
+        ("decoupled", "decoupled guidance:\nbase + domain model"))
 
 
 def row_workflow(key: str, cfg: DemoConfig, text: str, seed: int) -> dict:
@@ -301,7 +301,10 @@ def run_demo(cfg: DemoConfig) -> Path:
                      shown[key]))
     rows.append((f"the domain (training images:\nred and blue discs only)\nstripe {stats['domain images']['stripe']:+.2f}",
                  refs[:len(cfg.seeds)]))
-    sheet = side_by_side(rows, title, out / "indomain_demo.png",
+    footer = ("each column: the same seed, prompt and steps in every row; " +
+              ("the decoupled row's domain model is the plain fine-tune's own file" if domain == naive else
+               "the plain fine-tune and the domain model: the same pictures, steps and seed"))
+    sheet = side_by_side(rows, title, out / "indomain_demo.png", footer=footer,
                          columns=[f"seed {s}: {t}" if not cfg.prompt else f"seed {s}" for s, t in zip(cfg.seeds, prompts)])
     report = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "prompts": prompts, "image": str(sheet),
               "statistics": {"control": "follows_ask (devkit/demo_world.py)", "stripe": "stripe_score (devkit/demo_world.py)"},
@@ -330,9 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
     ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
     ap.add_argument("--naive-unet", type=Path, help="use this plain fine-tune (a UNet file) instead of training one")
-    ap.add_argument("--form", choices=("full", "lora", "plain"), default="full",
-                    help="the decoupled row's domain model (default full: the paper's null-text UNet copy; lora: a "
-                         "rank-8 adapter on the base's own weights; plain: the naive row's fine-tune itself)")
+    ap.add_argument("--form", choices=("plain", "full", "lora"), default="plain",
+                    help="the decoupled row's domain model (default plain: the naive row's fine-tune itself; full: "
+                         "the paper's null-text UNet copy; lora: a rank-8 adapter on the base's own weights)")
     ap.add_argument("--batch", type=int, help="pictures per column (default 4; the statistics use all of them)")
     ap.add_argument("--lr", type=float, help="fine-tune learning rate (default: 3e-4; 2e-3 for the lora form)")
     args = ap.parse_args(argv)
