@@ -23,7 +23,7 @@ class DemoConfig:
     out_dir: Path = PACK_ROOT / "out" / "demo"
     images: int = 32                 # built-in domain images (red and blue discs only: partial coverage)
     image_px: int = demo_world.PX    # 64 px = 8x8 latents for the tiny SD1.5-layout UNet
-    base_steps: int = 400            # the tiny base UNet's training on the plain world (cached in .cache/models)
+    base_steps: int = 300            # the tiny base UNet's training on the plain world (cached in .cache/models)
     base_batch: int = 16
     base_lr: float = 1e-3            # peak; warm-up then cosine decay (demo_world.base_lr_at)
     train_steps: int = 150           # the fine-tunes (naive and domain model), trained by the pack's trainer
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-steps", type=int, help="the built tiny base UNet's training steps (cached per setting)")
     ap.add_argument("--sample-steps", type=int)
     ap.add_argument("--domain-weight", type=float)
-    ap.add_argument("--prompt", help="one prompt for every column (default: 'a red disc', 'a green disc', ...)")
+    ap.add_argument("--prompt", help="one prompt for every column (default: 'a green disc', 'a red disc', 'a yellow disc', 'a blue disc'; the control statistic needs 'a <colour> disc')")
     ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
     ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
     ap.add_argument("--naive-unet", type=Path, help="use this plain fine-tune (a UNet file) instead of training one")
