@@ -1,23 +1,29 @@
 """The InDomain demo, end to end on a laptop CPU: `python -m indomain.demo` (or `bash scripts/demo.sh`).
 
-1. draws the built-in domain: 32 unlabelled "sunset stripes" pictures (coloured discs on warm bands over
-   dark violet),
+1. draws the built-in domain: 32 unlabelled "sunset stripes" pictures (a red or blue disc on pink bands over
+   dark violet): a style the base never saw, covering only part of what it can draw (no green, no yellow),
 2. builds the tiny SD1.5-layout base checkpoint (devkit/demo_world.py; deterministic, cached in .cache/models):
    a *linear* VAE (each 8x8 pixel block <-> one latent cell, so decoded latents are pictures) and a UNet
-   trained briefly on a plain world (a "red / green / blue / yellow disc" on a cream ground, text-conditioned),
-3. trains a text-free domain model on the domain pictures with the pack's trainer (LoRA form by default: a
-   rank-8 adapter on the base's own weights; `--form full` trains a null-text UNet copy),
-4. starts a real ComfyUI server headless with the pack installed,
-5. runs the text-guided workflow (workflows/api/indomain_2_text_guided.json) through the HTTP API
-   with the headless client, twice with the same seeds and prompts: domain_weight 0 (= plain CFG on the
-   base) and the decoupled setting,
-6. measures the domain statistic of both rows (the stripe score: the domain's 32-px horizontal banding),
-   prints it, writes it to demo.json, and writes a labelled side-by-side PNG and prints its path.
+   trained on a plain world (a "red / green / blue / yellow disc" on a cream ground, text-conditioned),
+3. trains the naive way with the pack's trainer: a plain fine-tune of the base UNet on the domain pictures
+   with empty captions (form "plain"),
+4. takes the text-free domain model: by default step 3's file itself (so the naive and the decoupled rows use
+   the same weights, only differently); `--form full` trains the paper's null-text UNet copy on the same
+   pictures, steps and seed, `--form lora` a rank-8 adapter,
+5. starts a real ComfyUI server headless with the pack installed,
+6. runs the text-guided workflow (workflows/api/indomain_2_text_guided.json) through the HTTP API with
+   the headless client, three rows with the same seeds and prompts: the base with plain CFG (domain weight 0),
+   the plain fine-tune with plain CFG (its MODEL through core's UNETLoader), and decoupled guidance (the
+   base and the domain model at domain weight 2),
+7. measures two statistics per row: control (the fraction of pictures with a disc of the asked colour,
+   a fixed per-cell colour rule) and the domain (the stripe score: the domain's 32-px horizontal banding),
+   prints them, writes them to demo.json and into the row labels of a side-by-side PNG, and prints its path.
 
-The models are tiny and trained for a minute or two on CPU, so the pictures are 8x8-cell mosaics, not
-photographs; what they show is the method: the same seeds and prompts, and the domain term adds the
-domain's look while the prompt's colour comes from the base. Pass --base/--domain-unet to use your own files
-(the stripe score then measures nothing about your domain).
+The models are tiny and trained for minutes on CPU, so the pictures are 8x8-cell mosaics, not photographs;
+what they show is the paper's claim: the plain fine-tune gets the domain and loses the ask (it draws the
+domain's red and blue discs whatever colour is asked), decoupled guidance draws the asked colour in the
+domain. Pass --base/--domain-unet/--naive-unet to use your own files (the statistics then measure nothing
+about your domain).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ import torch
 from .host import PACK_ROOT, import_comfy
 from .tiny_models import SD_VAE_DDCONFIG, init_weights_, tiny_unet_state_dict
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2              # 2: pink bands, red/blue-only domain, cosine-decayed base
 CACHE_DIR = Path(os.environ.get("INDOMAIN_CACHE", PACK_ROOT / ".cache")) / "models"
 
 CELLS = 8                      # latent side; pictures are CELLS * 8 = 64 px
@@ -45,8 +45,12 @@ CARRIER = 100.0                # the constant beside each signal in the linear V
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40)}
 CREAM = (235, 232, 220)
 VIOLET = (40, 16, 60)
-WARM = (245, 140, 40)
+WARM = (240, 120, 180)          # the bands' colour: a sunset pink, far from every disc colour (orange was close to yellow)
 STRIPE_PERIOD = 4              # cells (2 warm, 2 violet)
+DOMAIN_COLOURS = ("red", "blue")   # the domain covers only part of what the base can be asked for
+GROUNDS = {"cream": CREAM, "violet": VIOLET, "warm": WARM}
+MIN_DISC_CELLS = 4             # the control rule: the asked colour covers at least this many cells ...
+MIN_GROUND_CELLS = 32          # ... on a ground covering at least half the picture
 
 # model-space latent = RGB_MIX @ pixel (pixel in [-1, 1]); the decoder uses its pseudo-inverse
 RGB_MIX = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
@@ -178,16 +182,19 @@ def render(colour: str, style: str, cx: float, cy: float, radius: float, phase: 
     return disc * _rgb(COLOURS[colour]).view(3, 1, 1) + (1 - disc) * ground
 
 
-def random_pictures(n: int, style: str, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """n random pictures of a style as (n, 3, 8, 8) cells, and the colour of each disc."""
-    names = list(COLOURS)
+def random_pictures(n: int, style: str, gen: torch.Generator,
+                    colours=None) -> tuple[torch.Tensor, list[str]]:
+    """n random pictures of a style as (n, 3, 8, 8) cells, and the colour of each disc (drawn from `colours`,
+    default all four)."""
+    names = list(colours or COLOURS)
     cells, colours = [], []
     for _ in range(n):
         colour = names[int(torch.randint(0, len(names), (1,), generator=gen))]
         r = 1.6 + 0.9 * float(torch.rand((), generator=gen))
         cx, cy = (r + (CELLS - 2 * r) * torch.rand(2, generator=gen)).tolist()
         phase = int(torch.randint(0, STRIPE_PERIOD, (1,), generator=gen))
-        warm = (245, 110 + int(torch.randint(0, 60, (1,), generator=gen)), 30 + int(torch.randint(0, 30, (1,), generator=gen)))
+        warm = (WARM[0], WARM[1] - 20 + int(torch.randint(0, 40, (1,), generator=gen)),
+                WARM[2] - 20 + int(torch.randint(0, 40, (1,), generator=gen)))
         cells.append(render(colour, style, cx, cy, r, phase, warm))
         colours.append(colour)
     return torch.stack(cells), colours
@@ -212,8 +219,8 @@ def write_pictures(folder: Path, cells: torch.Tensor, prefix: str) -> Path:
 
 
 def draw_domain_pictures(folder: Path, count: int, seed: int = 0) -> Path:
-    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs."""
-    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed))
+    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs: red and blue discs only."""
+    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed), DOMAIN_COLOURS)
     return write_pictures(folder, cells, "sunset")
 
 
@@ -239,6 +246,41 @@ def stripe_score(pictures: np.ndarray) -> np.ndarray:
     return down.mean(axis=1) - across.mean(axis=1)
 
 
+def cell_classes(pictures: np.ndarray) -> np.ndarray:
+    """Per picture and 8x8-pixel cell, the nearest palette colour (RGB distance of the cell's mean):
+    indices into PALETTE = the four disc colours, then the grounds (cream, violet, warm). (N, 8, 8) ints."""
+    x = np.asarray(pictures, dtype=np.float64)
+    if x.max() <= 1.5:
+        x = x * 255.0
+    n, h, w, _ = x.shape
+    cells = x.reshape(n, CELLS, h // CELLS, CELLS, w // CELLS, 3).mean(axis=(2, 4))       # (N, 8, 8, 3)
+    palette = np.array([COLOURS[c] for c in COLOURS] + list(GROUNDS.values()), dtype=np.float64)
+    return np.argmin(((cells[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+
+
+PALETTE = list(COLOURS) + list(GROUNDS)
+
+
+def follows_ask(pictures: np.ndarray, asked: list[str]) -> np.ndarray:
+    """The control rule (fixed, not learned), per picture: True when the asked disc colour covers at least
+    MIN_DISC_CELLS cells, more than any other disc colour, and the grounds cover at least MIN_GROUND_CELLS
+    (so a picture flooded with the colour, or blotches of every colour, does not count)."""
+    cls = cell_classes(pictures).reshape(len(asked), -1)
+    counts = np.stack([(cls == i).sum(axis=1) for i in range(len(PALETTE))], axis=1)   # (N, palette)
+    discs = counts[:, :len(COLOURS)]
+    out = []
+    for row, d, colour in zip(counts, discs, asked):
+        k = list(COLOURS).index(colour)
+        others = np.delete(d, k)
+        out.append(bool(d[k] >= MIN_DISC_CELLS and d[k] > others.max() and row[len(COLOURS):].sum() >= MIN_GROUND_CELLS))
+    return np.array(out)
+
+
+def control_score(pictures: np.ndarray, asked: list[str]) -> float:
+    """The fraction of pictures that follow the ask (follows_ask)."""
+    return float(follows_ask(pictures, asked).mean())
+
+
 def load_pictures(paths) -> np.ndarray:
     from PIL import Image
 
@@ -255,6 +297,12 @@ def load_pictures(paths) -> np.ndarray:
 def _encode(clip, text: str) -> torch.Tensor:
     cond, _pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
     return cond.detach().float().cpu()
+
+
+def base_lr_at(lr: float, step: int, steps: int, warmup: int = 30) -> float:
+    """The base's learning rate: linear warm-up, then a cosine decay to 0 at `steps` (a constant rate left
+    the loss stalling and the pictures blotchy; the toy benchmark found the same)."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(1, steps)))
 
 
 def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: float = 0.15, log=print):
@@ -295,7 +343,7 @@ def train_base_unet(steps: int, batch: int, lr: float, seed: int = 0, p_uncond: 
             noise = torch.randn(x0.shape, generator=gen)
             xc, t, x_noisy = noisy_inputs(ms, x0, sigma, noise)
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 30)
+                g["lr"] = base_lr_at(lr, step, steps)
             loss = torch.nn.functional.mse_loss(unet(xc, t, context=ctx), native_target(ms, sigma, x0, noise, x_noisy))
             opt.zero_grad(set_to_none=True)
             loss.backward()

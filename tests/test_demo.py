@@ -1,7 +1,8 @@
 """The demo (python -m indomain.demo) end to end in its fast mode: real trainer, real server, the shared
-text-guided workflow over HTTP, a labelled side-by-side image, and the decoupled row carrying the built-in
-domain (its stripe score above the base row's by a margin). Plus the pieces that make the picture mean
-something: the linear VAE through ComfyUI's own VAE class, and the statistic itself."""
+text-guided workflow over HTTP, a labelled picture with three rows, and the claim in two statistics per row: the
+base follows the asked colour, the plain fine-tune carries the domain and loses the ask, decoupled guidance
+carries the domain and keeps the base's control. Plus the pieces that make the picture mean something: the
+linear VAE through ComfyUI's own VAE class, and both statistics on pictures whose answer is known."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,10 @@ from indomain.devkit import host as host_mod
 # the decoupled row's mean stripe score must beat the base row's by this much (the domain images score
 # about 0.24, plain discs about 0.00; see docs/performance.md "The demo" for measured values)
 MARGIN = 0.08
+# decoupled guidance keeps the base's control to within this (control = fraction of pictures following the ask)
+CONTROL_MARGIN = 0.25
+# the base must follow the ask for the comparison to mean anything
+BASE_CONTROL = 0.75
 
 
 def test_linear_vae_maps_cell_pictures_to_latents_and_back_through_comfyui():
@@ -52,15 +57,56 @@ def test_stripe_score_separates_the_domain_from_plain_pictures():
     assert np.abs(demo_world.stripe_score(noise)).max() < 0.03
 
 
-def test_demo_fast_mode_shows_the_domain_in_the_decoupled_row(tmp_path):
-    out = tmp_path / "demo"
+def test_control_rule_passes_the_asked_colour_and_fails_the_others():
+    gen = torch.Generator().manual_seed(1)
+    names = list(demo_world.COLOURS)
+    for style in ("plain", "sunset"):
+        cells, colours = demo_world.random_pictures(48, style, gen)
+        pictures = demo_world.to_pixels(cells)
+        assert demo_world.follows_ask(pictures, colours).all(), style
+        for shift in (1, 2, 3):
+            wrong = [names[(names.index(c) + shift) % len(names)] for c in colours]
+            assert not demo_world.follows_ask(pictures, wrong).any(), (style, shift)
+    # the domain pictures have only red and blue discs, and they follow their own colours
+    cells, colours = demo_world.random_pictures(16, "sunset", gen, demo_world.DOMAIN_COLOURS)
+    assert set(colours) <= set(demo_world.DOMAIN_COLOURS)
+    assert demo_world.control_score(demo_world.to_pixels(cells), colours) == 1.0
+    # no disc (a bare ground), a flood of the asked colour, or blotches of every colour do not follow any ask
+    cream = demo_world.render("red", "plain", 4, 4, 0.0)[None]
+    flood = demo_world.render("green", "plain", 4, 4, 8.0)[None]
+    blotches = torch.stack([demo_world._rgb(demo_world.COLOURS[names[(i + j) % 4]]) for i in range(8)
+                            for j in range(8)]).T.reshape(1, 3, 8, 8)
+    for picture in (cream, flood, blotches):
+        assert not demo_world.follows_ask(demo_world.to_pixels(picture), ["green"]).any()
+    noise = (np.random.RandomState(0).rand(8, 64, 64, 3) * 255).astype(np.uint8)
+    assert demo_world.control_score(noise, ["red"] * 8) == 0.0
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+    """One --fast run of the demo; its output folder, report and both statistics per row recomputed from the
+    saved pictures (not trusted from the demo's print)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     r = subprocess.run([sys.executable, "-m", "indomain.demo", "--fast", "--out", str(out)], capture_output=True,
                        text=True, timeout=2400, cwd=str(host_mod.PACK_ROOT))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "demo.json").read_text())
+    batch = int(report["config"]["batch"])
+    asked = [t.split()[1] for t in report["prompts"] for _ in range(batch)]
+    rows, stats = {}, {}
+    for key in ("base", "naive", "decoupled"):
+        rows[key] = sorted((out / "images").glob(f"demo_{key}_s*.png"))
+        pictures = demo_world.load_pictures(rows[key])  # sorted: seed-major, then the batch index
+        stats[key] = (demo_world.control_score(pictures, asked), float(demo_world.stripe_score(pictures).mean()))
+    return out, r.stdout, report, rows, asked, stats
+
+
+def test_demo_fast_mode_runs_three_rows_and_reports_both_statistics(fast_demo):
+    out, stdout, report, rows, asked, stats = fast_demo
     # progress is shown, stage by stage, and the last line names the picture
-    for stage in ("[1/6]", "[3/6]", "train step", "[5/6]", "[6/6]", "stripe score", "decoupled minus base"):
-        assert stage in r.stdout
-    line = [l for l in r.stdout.splitlines() if l.startswith("Demo image: ")][-1]
+    for stage in ("[1/7]", "[3/7]", "train step", "[6/7]", "[7/7]", "control", "stripe", "decoupled minus base"):
+        assert stage in stdout
+    line = [l for l in stdout.splitlines() if l.startswith("Demo image: ")][-1]
     path = line.split("Demo image: ", 1)[1].strip()
     assert path == str(out / "indomain_demo.png")
 
@@ -68,23 +114,37 @@ def test_demo_fast_mode_shows_the_domain_in_the_decoupled_row(tmp_path):
 
     with Image.open(path) as im:
         sheet = np.asarray(im.convert("RGB"), dtype=np.float32)
-    assert sheet.shape[0] > 300 and sheet.shape[1] > 500
+    assert sheet.shape[0] > 500 and sheet.shape[1] > 500
     assert sheet.std() > 10  # not a flat colour
-    # both generated rows exist, were made over HTTP from the same seeds, and differ
-    gen = sorted((out / "images").glob("demo_w*.png"))
-    assert len(gen) == 4
-    base = [p for p in gen if p.name.startswith("demo_w0_")]
-    dec = [p for p in gen if p.name.startswith("demo_w2_")]
-    assert len(base) == len(dec) == 2
-    assert [p.name.split("_")[2] for p in base] == [p.name.split("_")[2] for p in dec]  # same seeds
+    batch, seeds = int(report["config"]["batch"]), 2
+    # three generated rows, made over HTTP from the same seeds and prompts
+    for key, files in rows.items():
+        assert [p.name for p in files] == sorted(report["rows"][key])
+        assert len(files) == seeds * batch, key
+        assert sorted({p.name.split("_")[2] for p in files}) == ["s1", "s2"]
+    assert "green" in asked  # at least one column asks for a colour the domain pictures lack
+    for key, (control, stripe) in stats.items():
+        assert report["scores"][key]["control"] == pytest.approx(control, abs=1e-3), key
+        assert report["scores"][key]["stripe"] == pytest.approx(stripe, abs=1e-3), key
+    assert report["scores"]["domain images"]["stripe"] > 0.15
 
-    # the domain statistic, recomputed here from the saved pictures (not trusted from the demo's print)
-    b = demo_world.stripe_score(demo_world.load_pictures(base))
-    d = demo_world.stripe_score(demo_world.load_pictures(dec))
-    report = json.loads((out / "demo.json").read_text())
-    assert report["scores"]["base"]["mean"] == pytest.approx(float(b.mean()), abs=1e-3)
-    assert report["scores"]["decoupled"]["mean"] == pytest.approx(float(d.mean()), abs=1e-3)
-    assert report["scores"]["domain images"]["mean"] > 0.15
-    # the check that matters: the decoupled row carries the domain's banding, the base row does not
-    assert d.mean() - b.mean() >= MARGIN, (b, d)
-    assert d.min() > b.max(), (b, d)
+
+def test_demo_base_follows_the_ask_and_plain_fine_tuning_gets_the_domain_and_loses_it(fast_demo):
+    stats = fast_demo[-1]
+    (base_c, base_s), (naive_c, naive_s), (dec_c, dec_s) = stats["base"], stats["naive"], stats["decoupled"]
+    assert base_c >= BASE_CONTROL, stats
+    assert naive_c < base_c, stats
+    assert naive_s - base_s >= MARGIN, stats
+    assert dec_s - base_s >= MARGIN, stats
+
+
+@pytest.mark.xfail(strict=True, reason="not shown at this scale yet: measured --fast base control 1.00, plain fine-tune "
+                   "0.12, decoupled 0.25 (default run 0.94 / 0.19 / 0.25); the base's text direction does not carry onto "
+                   "the domain's ground (docs/performance.md, The demo)")
+def test_demo_decoupled_guidance_keeps_the_base_control_in_the_domain(fast_demo):
+    """The paper's claim on the demo's picture: decoupled guidance reaches the domain (above) and keeps the
+    base's control to within CONTROL_MARGIN."""
+    stats = fast_demo[-1]
+    (base_c, _), (naive_c, _), (dec_c, _) = stats["base"], stats["naive"], stats["decoupled"]
+    assert dec_c >= base_c - CONTROL_MARGIN, stats
+    assert dec_c > naive_c, stats
