@@ -51,6 +51,11 @@ def _cache_inputs() -> list:
     ]
 
 
+def _cache_problem(domain_cache=None) -> str | None:
+    """The domain_cache combo checked at queue time (ComfyUI 0.3.75 does not check a V3 node's combo values)."""
+    return combo_problem("domain_cache", domain_cache, CACHE_MODES)
+
+
 def _empty_prompt_input():
     return io.Conditioning.Input("empty_prompt", optional=True, tooltip=TIP_EMPTY)
 
@@ -104,9 +109,10 @@ class DomainKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None) -> bool | str:
+    def validate_inputs(cls, sampler_name=None, scheduler=None, domain_cache=None) -> bool | str:
         return first_problem(combo_problem("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES),
-                             combo_problem("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES))
+                             combo_problem("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES),
+                             _cache_problem(domain_cache))
 
     @classmethod
     def execute(cls, model, domain_model, seed, steps, cfg, domain_weight, sampler_name, scheduler, positive, negative,
@@ -146,6 +152,10 @@ class DomainGuider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, domain_cache=None) -> bool | str:
+        return first_problem(_cache_problem(domain_cache))
+
+    @classmethod
     def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
                 domain_start_percent=0.0, domain_end_percent=1.0, extra_terms=None, empty_prompt=None,
                 domain_cache=CACHE_OFF, domain_cache_threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
@@ -176,6 +186,10 @@ class ApplyDomainGuidance(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The base model with decoupled guidance; connect to KSampler's model.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, domain_cache=None) -> bool | str:
+        return first_problem(_cache_problem(domain_cache))
 
     @classmethod
     def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
@@ -240,6 +254,10 @@ class MultiTermGuider(io.ComfyNode):
             ],
             outputs=[io.Guider.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, domain_cache=None) -> bool | str:
+        return first_problem(_cache_problem(domain_cache))
 
     @classmethod
     def execute(cls, model, negative, terms, domain_cache=CACHE_OFF,

@@ -318,3 +318,15 @@ def test_lora_form_leaves_the_domain_rows_out_and_matches_the_merged_full_form(c
             tol = 1e-5 * max(1.0, scale)  # float32 rounding of injected vs merged (tests/test_lora_sampling.py)
             assert float((lo[form] - full[form]).abs().max()) <= tol, (extra, mode, form)
             assert float((lo[form] - lo["core_ksampler"]).abs().max()) >= 100 * tol
+
+
+@pytest.mark.parametrize("node_id", ["InDomainKSampler", "InDomainGuider", "InDomainApplyGuidance",
+                                     "InDomainMultiGuider"])
+def test_a_bad_domain_cache_value_is_refused_when_queued(comfy, node_id):
+    """ComfyUI 0.3.75 does not check a V3 node's combo values, so each node checks domain_cache in validate_inputs
+    (the workflow fuzz found a bad value reaching execution)."""
+    node = comfy.node(node_id)
+    assert node.validate_inputs(domain_cache="every 2") is True and node.validate_inputs() is True
+    for bad in (5, "every 4", ""):
+        why = node.validate_inputs(domain_cache=bad)
+        assert isinstance(why, str) and why.startswith("domain_cache ") and "'every 3'" in why
