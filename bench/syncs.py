@@ -200,11 +200,7 @@ def count_syncs(setting: dict, steps: int) -> dict:
     """Syncs per decoupled step (DecoupledGuider.predict_noise) and per whole sample."""
     with per_call_syncs(node_guider_class()) as calls, SyncCounter() as whole:
         domain_ksampler(setting, steps)
-    places = collections.Counter()
-    for c in calls:
-        places.update(c.places)
-    return {"per_step": [c.count for c in calls], "places": dict(places),
-            "whole_sample": whole.count, "whole_places": dict(whole.places)}
+    return {**_per_call(calls), "whole_sample": whole.count, "whole_places": dict(whole.places)}
 
 
 def count_patch_syncs(setting: dict, steps: int, patched: bool = True, **patch_kw) -> dict:
@@ -223,6 +219,11 @@ def count_patch_syncs(setting: dict, steps: int, patched: bool = True, **patch_k
     with per_call_syncs(comfy.samplers.CFGGuider) as calls:
         nodes.common_ksampler(model, 0, steps, 3.0, "euler", "normal", setting["positive"], setting["negative"],
                               setting["latent"], denoise=1.0)
+    return _per_call(calls)
+
+
+def _per_call(calls: list) -> dict:
+    """The syncs of each counted call, and where they were, summed over the calls."""
     places = collections.Counter()
     for c in calls:
         places.update(c.places)

@@ -56,6 +56,11 @@ def _cache_problem(domain_cache=None) -> str | None:
     return combo_problem("domain_cache", domain_cache, CACHE_MODES)
 
 
+def _validate_domain_cache(cls, domain_cache=None) -> bool | str:
+    """validate_inputs of the nodes whose only queue-time check is domain_cache."""
+    return first_problem(_cache_problem(domain_cache))
+
+
 def _empty_prompt_input():
     return io.Conditioning.Input("empty_prompt", optional=True, tooltip=TIP_EMPTY)
 
@@ -151,9 +156,7 @@ class DomainGuider(io.ComfyNode):
             outputs=[io.Guider.Output()],
         )
 
-    @classmethod
-    def validate_inputs(cls, domain_cache=None) -> bool | str:
-        return first_problem(_cache_problem(domain_cache))
+    validate_inputs = classmethod(_validate_domain_cache)
 
     @classmethod
     def execute(cls, model, domain_model, positive, negative, cfg, domain_weight, domain_on_controlnet=False,
@@ -187,9 +190,7 @@ class ApplyDomainGuidance(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The base model with decoupled guidance; connect to KSampler's model.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, domain_cache=None) -> bool | str:
-        return first_problem(_cache_problem(domain_cache))
+    validate_inputs = classmethod(_validate_domain_cache)
 
     @classmethod
     def execute(cls, model, domain_model, domain_weight, domain_on_controlnet=False, domain_start_percent=0.0,
@@ -255,9 +256,7 @@ class MultiTermGuider(io.ComfyNode):
             outputs=[io.Guider.Output()],
         )
 
-    @classmethod
-    def validate_inputs(cls, domain_cache=None) -> bool | str:
-        return first_problem(_cache_problem(domain_cache))
+    validate_inputs = classmethod(_validate_domain_cache)
 
     @classmethod
     def execute(cls, model, negative, terms, domain_cache=CACHE_OFF,

@@ -111,13 +111,18 @@ def replot(args) -> dict:
 QUALITY = ("control", "domain_score", "fd", "texture_ratio")
 
 
-def cache_reading(rows: dict, ids: list[str]) -> dict:
-    """Per cached family: mean ± sd over seeds of each quality figure, the same uncached family's, and whether the
-    cached mean lies within the uncached spread (|difference of means| <= the uncached sd over seeds)."""
+def family_stats(rows: dict, ids: list[str], keys=QUALITY) -> dict:
+    """Per family (a point's id without its seed): mean ± sd over its seeds of each of `keys`."""
     fams = {}
     for pid in ids:
         fams.setdefault(rows[pid]["family"], []).append(rows[pid])
-    stats = {f: {k: mean_sd([r[k] for r in rs]) for k in QUALITY} for f, rs in fams.items()}
+    return {f: {k: mean_sd([r[k] for r in rs]) for k in keys} for f, rs in fams.items()}
+
+
+def cache_reading(rows: dict, ids: list[str]) -> dict:
+    """Per cached family: mean ± sd over seeds of each quality figure, the same uncached family's, and whether the
+    cached mean lies within the uncached spread (|difference of means| <= the uncached sd over seeds)."""
+    stats = family_stats(rows, ids)
     out = {}
     for fam, st in stats.items():
         if " +cache " not in fam:
@@ -457,27 +462,19 @@ class Run:
         if "sweep" in results:
             derived["claim"] = summarise(rows, results["sweep"])
         if "spread" in results:
-            fams = {}
-            for pid in results["spread"]:
-                fams.setdefault(rows[pid]["family"], []).append(rows[pid])
-            derived["spread"] = {f: {k: mean_sd([r[k] for r in rs]) for k in
-                                     ("control", "domain_score", "fd", "texture_ratio")} for f, rs in fams.items()}
+            derived["spread"] = family_stats(rows, results["spread"])
         if "forgetting" in results:
             derived["forgetting"] = [
                 {"family": rows[pid]["family"].replace(" long", ""), "length": rows[pid]["length"],
                  "steps": cfg.domain_steps * (cfg.long_factor if rows[pid]["length"] == "long" else 1),
-                 **{k: rows[pid][k] for k in ("control", "domain_score", "fd", "texture_ratio")}}
+                 **{k: rows[pid][k] for k in QUALITY}}
                 for pid in results["forgetting"]]
         if "cache" in results:
             derived["cache"] = cache_reading(rows, results["cache"])
         if "controlnet" in results:
-            fams = {}
-            for pid in results["controlnet"]:
-                fams.setdefault(rows[pid]["family"], []).append(rows[pid])
-            derived["controlnet"] = {f: {k: mean_sd([r[k] for r in rs]) for k in
-                                         ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score", "fd",
-                                          "texture_ratio", "tint_ratio")}
-                                     for f, rs in fams.items()}
+            derived["controlnet"] = family_stats(rows, results["controlnet"],
+                                                 ("iou", "iou_ge_half", "mask_area_ratio", "control", "domain_score",
+                                                  "fd", "texture_ratio", "tint_ratio"))
         return derived
 
     def write_payload(self, done: list[str]) -> tuple[Path, dict]:
