@@ -44,6 +44,11 @@ def environment() -> dict:
     return env
 
 
+def first_output(out):
+    """Output 0 of a node called in-process: a V1 tuple or a V3 NodeOutput."""
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
 def write_json(path: Path, payload: dict) -> Path:
     """Atomic write (temp + rename)."""
     path = Path(path)

@@ -515,3 +515,20 @@ def test_toy_run_refuses_with_an_untrained_base(comfy, tmp_path, monkeypatch, ca
     assert all(data["gates"][g]["pass"] for g in ("G1", "G6", "G8")), data["gates"]
     assert not data["gates"]["G3"]["pass"] and data["gates"]["G3"]["figures"]["n"] == 256
     assert json.loads(out.read_text())["reading"] is None and not data["models"]["fine_tunes"]
+
+
+def test_demo_sweep_bench_fast(comfy, tmp_path):
+    """The demo's rows over control and domain weights: one row per setting, statistics in range, the per-colour
+    control consistent with the overall figure (equal pictures per colour)."""
+    from indomain.bench import demo_sweep
+
+    out = tmp_path / "demo_sweep.json"
+    data = demo_sweep.main(["--fast", "--coverage", "full", "--settings", "base:2.5:0,decoupled:2.5:1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == data["rows"]
+    assert [(r["row"], r["cfg"], r["domain_weight"]) for r in data["rows"]] == [("base", 2.5, 0.0), ("decoupled", 2.5, 1.0)]
+    for r in data["rows"]:
+        assert r["pictures"] == 2 * 4 and 0.0 <= r["control"] <= 1.0 and math.isfinite(r["stripe"])
+        assert r["control"] == pytest.approx(sum(r["control_by_colour"].values()) / len(r["control_by_colour"]))
+    assert (tmp_path / "demo_sweep_full_fast" / "domain_images").is_dir()
+    with pytest.raises(SystemExit):
+        demo_sweep.main(["--fast", "--settings", "nonsense:1:1", "--out", str(out)])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import common
 from .config import BOUNDS, CACHE_MODES, C_CFGS, CFGS, CNET_CFGS, DOMAIN_WEIGHTS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, ToyConfig
 
 METHODS = {
@@ -91,9 +92,7 @@ def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _first(out):
-    """Output 0 of a node call: a V1 tuple or a V3 NodeOutput."""
-    return out.result[0] if hasattr(out, "result") else out[0]
+_first = common.first_output
 
 
 class ToySampler:
