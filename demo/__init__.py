@@ -20,10 +20,11 @@
    prints them, writes them to demo.json and into the row labels of a side-by-side PNG, and prints its path.
 
 The models are tiny and trained for minutes on CPU, so the pictures are 8x8-cell mosaics, not photographs;
-what they show is the paper's claim: the plain fine-tune gets the domain and loses the ask (it draws the
-domain's red and blue discs whatever colour is asked), decoupled guidance draws the asked colour in the
-domain. Pass --base/--domain-unet/--naive-unet to use your own files (the statistics then measure nothing
-about your domain).
+what they test is the paper's claim: the plain fine-tune gets the domain and loses the ask (it draws the
+domain's red and blue discs whatever colour is asked); decoupled guidance should draw the asked colour in the
+domain, and at this scale it does not (it reaches the domain, not the base's control: docs/performance.md,
+"The demo"; `python -m indomain.demo.sweep` sweeps its weights). Pass --base/--domain-unet/--naive-unet to
+use your own files (the statistics then measure nothing about your domain).
 """
 from __future__ import annotations
 

@@ -520,7 +520,7 @@ def test_toy_run_refuses_with_an_untrained_base(comfy, tmp_path, monkeypatch, ca
 def test_demo_sweep_bench_fast(comfy, tmp_path):
     """The demo's rows over control and domain weights: one row per setting, statistics in range, the per-colour
     control consistent with the overall figure (equal pictures per colour)."""
-    from indomain.bench import demo_sweep
+    from indomain.demo import sweep as demo_sweep
 
     out = tmp_path / "demo_sweep.json"
     data = demo_sweep.main(["--fast", "--coverage", "full", "--settings", "base:2.5:0,decoupled:2.5:1", "--out", str(out)])

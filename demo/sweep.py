@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import common
+from ..bench import common
 
 SETTINGS = ("base:2.5:0", "naive:2.5:0", "decoupled:2.5:2", "decoupled:2.5:1", "decoupled:5:1")
 
 
 def main(argv=None) -> dict:
     p = common.parser("demo_sweep", __doc__.split("\n\n")[0])
+    p.prog = "python -m indomain.demo.sweep"
     p.add_argument("--coverage", choices=("partial", "full"), default="partial",
                    help="the domain pictures' disc colours: partial = red and blue (the demo), full = all four")
     p.add_argument("--settings", default=",".join(SETTINGS),
@@ -34,7 +35,7 @@ def main(argv=None) -> dict:
     from ..devkit import demo_world, host
 
     host.import_comfy()
-    from ..demo.run import COLUMN_COLOURS, DemoConfig, Progress, train_domain_unet
+    from .run import COLUMN_COLOURS, DemoConfig, Progress, train_domain_unet
 
     torch.set_flush_denormal(True)  # as the demo: subnormal Adam moments are slow on CPU
     # the domain pictures and the fine-tune go beside the JSON
