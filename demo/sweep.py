@@ -30,6 +30,10 @@ def main(argv=None) -> dict:
                    help="comma-separated row:cfg:domain_weight, row one of base, naive, decoupled")
     p.add_argument("--seeds", type=int, default=8, help="columns (one seed and prompt each; 4 pictures per column)")
     args = p.parse_args(argv)
+    settings = [s.strip().split(":") for s in args.settings.split(",") if s.strip()]
+    bad = [":".join(s) for s in settings if len(s) != 3 or s[0] not in ("base", "naive", "decoupled")]
+    if bad:  # before any training
+        p.error(f"bad --settings {', '.join(bad)}: each is row:cfg:domain_weight, row one of base, naive, decoupled")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..devkit import demo_world, host
@@ -46,8 +50,7 @@ def main(argv=None) -> dict:
     colours = tuple(demo_world.COLOURS) if args.coverage == "full" else demo_world.DOMAIN_COLOURS
     progress = Progress(1)
     base = demo_world.demo_checkpoint(cfg.base_steps, cfg.base_batch, cfg.base_lr, log=progress.say)
-    cells, _ = demo_world.random_pictures(cfg.images, "sunset", torch.Generator().manual_seed(0), colours)
-    images = demo_world.write_pictures(cfg.out_dir / "domain_images", cells, "sunset")
+    images = demo_world.draw_domain_pictures(cfg.out_dir / "domain_images", cfg.images, colours=colours)
     models = cfg.out_dir / "models"
     naive = models / "domain_unets" / f"naive_b{cfg.base_steps}_t{cfg.train_steps}_{args.coverage}.safetensors"
     if not naive.exists():
@@ -88,10 +91,8 @@ def main(argv=None) -> dict:
         return np.concatenate(out), asked
 
     rows = []
-    for spec in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        row, cfg_, weight = spec.split(":")
-        if row not in ("base", "naive", "decoupled"):
-            p.error(f"unknown row {row!r} in --settings (base, naive or decoupled)")
+    for row, cfg_, weight in settings:
+        spec = f"{row}:{cfg_}:{weight}"
         t = time.perf_counter()
         px, asked = pictures(row, float(cfg_), float(weight))
         follows = demo_world.follows_ask(px, asked)

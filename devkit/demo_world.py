@@ -218,9 +218,9 @@ def write_pictures(folder: Path, cells: torch.Tensor, prefix: str) -> Path:
     return folder
 
 
-def draw_domain_pictures(folder: Path, count: int, seed: int = 0) -> Path:
-    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs: red and blue discs only."""
-    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed), DOMAIN_COLOURS)
+def draw_domain_pictures(folder: Path, count: int, seed: int = 0, colours=DOMAIN_COLOURS) -> Path:
+    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs: red and blue discs only (or `colours`)."""
+    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed), colours)
     return write_pictures(folder, cells, "sunset")
 
 
