@@ -369,6 +369,43 @@ def test_toy_texture_statistic():
     assert float(world.texture_level(1.5 * dom).mean() / level) > 1.4  # exaggeration reads above 1
 
 
+def test_toy_domain_marks_read_the_texture_at_any_phase():
+    """The domain score's rule: real domain images carry both marks whatever their checker's phase, and so does a
+    texture made of patches of both phases; plain images, exaggerated and noisy plain images (what a base's CFG
+    samples look like) and a tint without texture carry none; evaluate's P(domain) is the rule."""
+    import torch
+
+    from indomain.devkit import toy_world as world
+
+    gen = torch.Generator().manual_seed(3)
+    dom = world.sample_batch(256, gen, style="domain")
+    phases = torch.stack([(x[3] * world._checker(0)).sum() > 0 for x in dom.latents])
+    assert 0.3 < float(phases.float().mean()) < 0.7  # both phases are drawn
+    level = world.texture_level(dom.latents)
+    for ph in (True, False):
+        assert float(level[phases == ph].mean()) == pytest.approx(world.DOMAIN_TEXTURE_AMPLITUDE, rel=0.1)
+    assert bool(world.domain_marks(dom.latents).all())
+
+    patchy = world.render("square", "red", "domain", 0, 0, gen)
+    patchy[3, :, 4:] = -patchy[3, :, 4:]            # the right half in the other phase (the square sits left)
+    assert float(world.texture_level(patchy[None])) > 0.8 * world.DOMAIN_TEXTURE_AMPLITUDE
+    assert bool(world.domain_marks(patchy[None]).all())
+
+    plain = world.sample_batch(256, gen, style="plain").latents
+    imperfect = 1.3 * plain + 0.1 * torch.randn(plain.shape, generator=gen)
+    tint_only = dom.latents.clone()
+    tint_only[:, 3] = torch.where(world.colour_mask(tint_only), tint_only[:, 3], torch.zeros(()))  # texture gone
+    for x in (plain, imperfect, tint_only):
+        assert not bool(world.domain_marks(x).any())
+    assert float(world.texture_level(plain).mean()) < 0.05 and float(world.tint_level(plain).abs().mean()) < 0.05
+
+    net = world.Evaluator().eval()   # P(domain) does not depend on the network's style head
+    both = torch.cat([dom.latents[:8], plain[:8]])
+    ev = world.evaluate(net, both, torch.zeros(16, dtype=torch.long), torch.zeros(16, dtype=torch.long))
+    expect = world.domain_marks(both) & ~ev["off_data"]
+    assert torch.equal(ev["p_domain"], expect.float())
+
+
 def test_toy_mask_rule_and_hint():
     """Spatial control's reading: the mask rule finds the shape of real images of both styles (IoU 1 with
     the mask they were drawn with), IoU is 1 for equal masks and 0 for disjoint ones, and a hint image is the

@@ -56,7 +56,7 @@ class ToyConfig:
     base_batch: int = 16
     p_uncond: float = 0.15
     domain_images: int = 256
-    domain_steps: int = 240                      # 60 measured forgetting before (b) converged (issue 21, G5)
+    domain_steps: int = 480                      # G5: 240 left (b) short of the domain texture (docs/claim.md, Gates)
     long_factor: int = 4
     domain_lr: float = 2e-4
     domain_batch: int = 8
@@ -70,7 +70,7 @@ class ToyConfig:
     evaluator_steps: int = 400
     prompts: int = 16
     samples_per_prompt: int = 3
-    sample_steps: int = 8
+    sample_steps: int = 16                       # G7: at 8, (c) at w_d 3 moved between 8 and 16 steps
     sampler: str = "euler"
     scheduler: str = "normal"
     seeds: int = 3

@@ -143,7 +143,10 @@ FOLDER_OF = {"naive": "diffusion_models", "domain": "domain_unets", "lora": "dom
 
 
 def finetune_name(cfg: ToyConfig, which: str, seed: int, steps: int) -> str:
-    extra = {"form": FORM_OF[which], "ft_seed": cfg.seed + seed, "steps": steps}
+    from .world import DOMAIN_WORLD_VERSION
+
+    # the domain images' world is in the key: a fine-tune of other domain images is another model
+    extra = {"form": FORM_OF[which], "ft_seed": cfg.seed + seed, "steps": steps, "domain_world": DOMAIN_WORLD_VERSION}
     if which == "lora":
         extra.update(lora_rank=cfg.lora_rank, lora_lr=cfg.lora_lr)
     return f"toy_{which}_{cfg.key(*DOMAIN_FIELDS, **extra)}.safetensors"

@@ -331,7 +331,7 @@ class Run:
         self.ensure_finetunes([pb, pc])
         names = {"naive": self.names[(0, "short", "naive")], "domain": self.names[(0, "short", "domain")]}
         b_lat, b_row = read(pb, names)
-        g5 = G.g5_naive(b_row, self.fine_tunes["naive seed=0 short"].get("losses"))
+        g5 = G.g5_naive(self.unprompted_naive(names["naive"]), self.fine_tunes["naive seed=0 short"].get("losses"), b_row)
         c_lat, _ = read(pc, names)
         sampler.release()
         sampler.cfg = dataclasses.replace(sampler.cfg, sample_steps=2 * cfg.sample_steps)
@@ -344,6 +344,20 @@ class Run:
         g7 = G.g7_sampler(pairs)
         self.timings["gates_finetune_s"] = time.perf_counter() - t
         return [g5, g7, self.g8()]
+
+    def unprompted_naive(self, naive: str) -> dict:
+        """G5's reading: the naive fine-tune's samples with the empty prompt at cfg 1, gate_samples per prompt slot."""
+        cfg = self.cfg
+        sampler = ToySampler(self.runner, dataclasses.replace(cfg, samples_per_prompt=cfg.gate_samples), self.base_name,
+                             [""] * len(self.prompts))
+        pt = Point("b", 1.0)
+        lat = self.latent_format.process_in(sampler.sample(pt, {"naive": naive}))
+        sampler.release()
+        m = self.gate_metrics(lat)
+        row = {"id": f"{pt.id} no prompt", **{k: m[k] for k in ("samples", "domain_score", "off_data", "fd", "kid",
+                                                                "texture_ratio", "tint_ratio")}}
+        self.gate_readings[f"{row['id']} steps={cfg.sample_steps}"] = row
+        return row
 
     def gates(self, results: list[dict]) -> bool:
         """Record and print the gates; whether the run goes on (enforce: all passed so far; only: until every
