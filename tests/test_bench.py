@@ -569,3 +569,33 @@ def test_demo_sweep_bench_fast(comfy, tmp_path):
     assert (tmp_path / "demo_sweep_full_fast" / "domain_images").is_dir()
     with pytest.raises(SystemExit):
         demo_sweep.main(["--fast", "--settings", "nonsense:1:1", "--out", str(out)])
+
+
+def test_toy_base_ema_option(comfy):
+    """The base's EMA option: off, the weights returned are the last ones; at decay 1 the average never moves from
+    the initial weights; at 0.5 it lies between (neither); the raw last weights reach `raw_out` in every case."""
+    import dataclasses
+
+    import torch
+
+    from indomain.bench.toy.config import ToyConfig
+    from indomain.bench.toy.models import train_base
+    from indomain.devkit import tiny_models
+    from indomain.devkit.domain import load_checkpoint
+
+    cfg = dataclasses.replace(ToyConfig.fast(), base_steps=3)
+    model, clip, _ = load_checkpoint(tiny_models.tiny_checkpoint(cfg.seed))
+    init = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    out = {}
+    for decay in (0.0, 1.0, 0.5):
+        raw = {}
+        sd, losses = train_base(dataclasses.replace(cfg, base_ema=decay), model, clip, raw_out=raw)
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+        out[decay] = (sd, raw)
+    key = next(k for k, v in init.items() if v.is_floating_point() and "weight" in k and v.dim() > 1)
+    sd0, raw0 = out[0.0]
+    assert torch.equal(sd0[key], raw0[key]) and not torch.equal(raw0[key], init[key])
+    sd1, raw1 = out[1.0]
+    assert torch.equal(sd1[key], init[key]) and torch.equal(raw1[key], raw0[key])  # same seed: same raw run
+    sdh, _ = out[0.5]
+    assert not torch.equal(sdh[key], init[key]) and not torch.equal(sdh[key], raw0[key])

@@ -50,9 +50,10 @@ CNET_MODES = {"": "no ControlNet", "cn": "ControlNet on the control term",
 @dataclass
 class ToyConfig:
     coverage: str = "full"
-    base_steps: int = 2100                       # with the cosine decay; 1,050 left G2 failing (docs/claim.md, Gates)
+    base_steps: int = 4200                       # cosine decay; 2,100 left G3 failing, 1,050 G2 (docs/claim.md, Gates)
     base_schedule: str = "cosine"                # cosine | constant (the lr after the 50-step warm-up)
     base_lr: float = 8e-4
+    base_ema: float = 0.0                        # EMA of the base's weights (0: the last); 0.998 read a worse FD (claim.md)
     base_batch: int = 16
     p_uncond: float = 0.15
     domain_images: int = 256
@@ -88,7 +89,7 @@ class ToyConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed", "base_schedule")
+BASE_FIELDS = ("base_steps", "base_lr", "base_batch", "p_uncond", "seed", "base_schedule", "base_ema")
 DOMAIN_FIELDS = BASE_FIELDS + ("coverage", "domain_images", "domain_lr", "domain_batch", "ema_decay")
 CNET_FIELDS = BASE_FIELDS + ("cnet_steps", "cnet_lr", "cnet_batch", "cnet_p_uncond")
 

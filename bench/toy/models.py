@@ -26,8 +26,9 @@ def base_lr_at(cfg: ToyConfig, step: int) -> float:
     return lr
 
 
-def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
-    """Train the tiny UNet from its deterministic init on the plain world, text-conditioned."""
+def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None) -> tuple[dict, list[float]]:
+    """Train the tiny UNet from its deterministic init on the plain world, text-conditioned. With cfg.base_ema the
+    weights returned are the exponential moving average (the raw last weights go to `raw_out` when given)."""
     from ...devkit import toy_world as world
     from ...forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
 
@@ -40,6 +41,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
         p.requires_grad_(True)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.base_lr, weight_decay=1e-2)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if cfg.base_ema else None
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     losses = []
@@ -62,11 +64,18 @@ def train_base(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[float]]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in unet.state_dict().items():
+                        ema[k].lerp_(v, 1.0 - cfg.base_ema) if v.is_floating_point() else ema[k].copy_(v)
             losses.append(float(loss.detach()))
             if step % 20 == 0 or step == cfg.base_steps - 1:
                 log(f"base step {step + 1}/{cfg.base_steps} loss {losses[-1]:.4f} "
                     f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}, losses
+    raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    if raw_out is not None:
+        raw_out.update(raw)
+    return (ema if ema is not None else raw), losses
 
 
 def controlnet_init(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
