@@ -31,6 +31,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
     weights returned are the exponential moving average (the raw last weights go to `raw_out` when given)."""
     from ...devkit import toy_world as world
     from ...forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
+    from ...training.optim import EMA
 
     ms = model_patcher.get_model_object("model_sampling")
     combos = world.all_combos()
@@ -41,7 +42,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
         p.requires_grad_(True)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.base_lr, weight_decay=1e-2)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if cfg.base_ema else None
+    ema = EMA(unet) if cfg.base_ema else None  # the trainer's own EMA, at a constant decay
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     losses = []
@@ -65,9 +66,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
             if ema is not None:
-                with torch.no_grad():
-                    for k, v in unet.state_dict().items():
-                        ema[k].lerp_(v, 1.0 - cfg.base_ema) if v.is_floating_point() else ema[k].copy_(v)
+                ema.update(unet, cfg.base_ema)
             losses.append(float(loss.detach()))
             if step % 20 == 0 or step == cfg.base_steps - 1:
                 log(f"base step {step + 1}/{cfg.base_steps} loss {losses[-1]:.4f} "
@@ -75,7 +74,7 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
     raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     if raw_out is not None:
         raw_out.update(raw)
-    return (ema if ema is not None else raw), losses
+    return (ema.state_dict(unet) if ema is not None else raw), losses
 
 
 def controlnet_init(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
