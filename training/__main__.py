@@ -372,10 +372,9 @@ def _run(args, config, scan, base, rank, out_path) -> int:
     if rank == 0:
         print_summary(result, config, args.summary_json)
     try:
-        import torch.distributed as dist
+        from .distributed import finish_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed()
     except Exception:
         pass
     return EXIT_INTERRUPTED if result.interrupted else 0

@@ -68,6 +68,26 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def finish_distributed(timeout_s: float = 120.0) -> None:
+    """Leave the process group on the success path: every rank waits for the others first, because a gloo rank
+    that tears down while its peer is still talking to it can die with "terminate called without an active
+    exception" (seen on CPU under torchrun). The wait is bounded, so a peer that already left cannot hang this one."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # a peer gone or timed out: still leave the group
+        pass
+    dist.destroy_process_group()
+
+
 def gather_from_ranks(value, world: int) -> list:
     if world <= 1:
         return [value]
