@@ -431,6 +431,26 @@ def test_toy_mask_rule_and_hint():
     assert torch.equal(img[:, ::world.HINT_SCALE, ::world.HINT_SCALE, 0], b.masks[:2])
 
 
+def test_toy_sampler_check_reads_each_candidate_at_n_and_2n_steps(comfy, tmp_path):
+    """G7's diagnosis tool: per candidate, the readings at N and 2N steps, and G7's verdict on exactly that pair
+    (checked here against the figures' own difference and standard error)."""
+    from indomain.bench.toy import sampler_check
+
+    out = tmp_path / "check.json"
+    data = sampler_check.main(["--fast", "--candidates", "euler:1,heun:0.5", "--out", str(out)])
+    assert json.loads(out.read_text())["candidates"].keys() == data["candidates"].keys() == {"euler:1", "heun:0.5"}
+    n = data["sample_steps"]
+    for key, cand in data["candidates"].items():
+        assert set(cand["readings"]) == {str(n), str(2 * n)}
+        (fig,) = cand["figures"].values()
+        for name in ("control", "domain_score"):
+            f = fig[name]
+            assert f["N"] == pytest.approx(cand["readings"][str(n)][name])
+            assert f["2N"] == pytest.approx(cand["readings"][str(2 * n)][name])
+            assert f["diff"] == pytest.approx(f["2N"] - f["N"])
+        assert cand["agree"] == all(abs(fig[k]["diff"]) <= 2 * fig[k]["se"] for k in ("control", "domain_score"))
+
+
 def test_toy_demo_picture(comfy, tmp_path, monkeypatch):
     """`demo.sh --toy` renders the toy world from the benchmark's cached models; with none it exits 2
     naming the command that builds them."""
