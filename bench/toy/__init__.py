@@ -34,6 +34,7 @@ Evaluators: a small CNN trained here (shape / colour / style).
     python -m indomain.bench.toy --experiments controlnet   # spatial control (its own command)
     python -m indomain.bench.toy --fast                # smoke run for the test suite (figures meaningless)
     python -m indomain.bench.toy --gates only          # the instrument's gates alone, no reading
+    python -m indomain.bench.toy.sampler_check         # G7's diagnosis: (c) at N and 2N steps per sampler:w_d
 
 Gates first (gates.py, issue 21): G1-G8 check that the instrument can tell a good method from a bad one, are
 printed before any reading and carried in the JSON (`gates`, `verdict`, `calibrated`); a failed gate stops the
