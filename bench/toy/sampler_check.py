@@ -13,6 +13,7 @@ import sys
 
 from .. import common
 from . import gates as G
+from . import world
 from .config import log
 from .experiments import Point, ToySampler
 from .metrics import Metrics
@@ -35,7 +36,7 @@ def main(argv=None) -> dict:
     targs, cfg, experiments = parse_args(toy_args)
     run = Run(targs, cfg, experiments)
     run.evaluator()
-    run.cheap_gates()  # the gates' prompts and references
+    run.gate_combos = world.asked_combos(cfg) * cfg.gate_samples  # the gates' prompts (their gates not needed here)
     run.base()
     run.domain_images()
     run.sampling()
