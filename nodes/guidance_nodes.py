@@ -38,8 +38,7 @@ TIP_CACHE = ("Domain caching: evaluate the domain model on fewer steps and reuse
              "(scaled to the noise level). off = every step (exact). every 2 / every 3 = on every 2nd / 3rd model "
              "call. adaptive = again when the base's own u has moved by more than domain_cache_threshold since the "
              "last evaluation. Saves up to a third of the sampling time, but is not exact: the reused direction "
-             "weakens the domain term (less domain look; on the toy benchmark a lower domain_weight, uncached, "
-             "read better at the same domain score; docs/performance.md).")
+             "weakens the domain term (less domain look; docs/performance.md).")
 TIP_CACHE_THRESHOLD = ("adaptive domain caching only: the relative change of the base's unconditional prediction u "
                        "(||u - u_eval|| / ||u_eval||) after which the domain model is evaluated again. Lower = more "
                        "evaluations (closer to off), higher = fewer.")
