@@ -21,12 +21,14 @@ WORKFLOW = PACK_ROOT / "workflows" / "api" / "indomain_2_text_guided.json"
 @dataclass
 class DemoConfig:
     out_dir: Path = PACK_ROOT / "out" / "demo"
-    images: int = 32                 # built-in domain images (red and blue discs only: partial coverage)
+    images: int = 32                 # built-in domain images
+    coverage: str = "full"           # their disc colours: "full" all four (the paper's setting: the domain holds what
+                                     # the prompts ask for), "partial" red and blue only
     image_px: int = demo_world.PX    # 64 px = 8x8 latents for the tiny SD1.5-layout UNet
     base_steps: int = 300            # the tiny base UNet's training on the plain world (cached in .cache/models)
     base_batch: int = 16
     base_lr: float = 1e-3            # peak; warm-up then cosine decay (demo_world.base_lr_at)
-    train_steps: int = 150           # the fine-tunes (naive and domain model), trained by the pack's trainer
+    train_steps: int = 600           # the fine-tunes (naive and domain model), trained by the pack's trainer
     train_batch: int = 8
     form: str = "plain"              # the decoupled row's domain model: "plain" (the naive row's own file, used as
                                      # the domain term: the two rows differ only in how the same weights are used;
@@ -37,16 +39,19 @@ class DemoConfig:
     sample_steps: int = 25           # the paper's setting: 25 steps dpmpp_2m karras
     cfg: float = CONTROL_WEIGHT_START
     domain_weight: float = DOMAIN_WEIGHT_START
+    domain_start: float = 0.5        # the domain term's domain_start_percent: the base alone lays out the first half
+                                     # of the steps (from the start, the domain term floods or recolours discs; see
+                                     # docs/performance.md "The demo", where the plain fine-tune gets the same hand-over)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     batch: int = 4                   # pictures per column (the statistics use all; the picture shows the first)
     prompt: str | None = None        # None: one colour per column (COLUMN_COLOURS)
     base: Path | None = None         # use this checkpoint instead of the built tiny one
     domain_unet: Path | None = None  # use this domain UNet instead of training one
     naive_unet: Path | None = None   # use this plain fine-tune (a UNet file) instead of training one
-    fast: bool = False               # quick mode for tests: fewer steps and seeds, the domain still learned
+    fast: bool = False               # quick mode for tests: half the fine-tune, 12 sampling steps
 
     def shrink(self) -> "DemoConfig":
-        self.images, self.train_steps, self.sample_steps, self.seeds = 16, 60, 12, [1, 2]
+        self.train_steps, self.sample_steps = 300, 12
         return self
 
     def learning_rate(self, form: str | None = None) -> float:
@@ -55,13 +60,18 @@ class DemoConfig:
         form = form or self.form
         return self.lr if self.lr is not None else {"lora": 2e-3}.get(form, 3e-4)
 
+    def domain_colours(self) -> tuple[str, ...]:
+        return demo_world.PARTIAL_COLOURS if self.coverage == "partial" else tuple(demo_world.COLOURS)
+
+    def domain_discs_text(self) -> str:
+        return "red and blue discs only" if self.coverage == "partial" else "discs of all four colours"
+
     def prompts(self) -> list[str]:
         return [self.prompt or demo_world.prompt(COLUMN_COLOURS[i % len(COLUMN_COLOURS)])
                 for i in range(len(self.seeds))]
 
 
-# the columns ask for a colour the domain lacks first, then one it has: a naive fine-tune on red and blue
-# discs draws red and blue whatever is asked; the base's text term keeps the ask
+# one colour per column (with --coverage partial the first asks for a colour the domain lacks)
 COLUMN_COLOURS = ("green", "red", "yellow", "blue")
 
 
@@ -82,11 +92,11 @@ class Progress:
 # ----------------------------------------------------------------------------- 1. the built-in domain
 
 
-def draw_domain_images(folder: Path, count: int, seed: int = 0) -> Path:
-    """'Sunset stripes': pink horizontal bands over a dark violet ground, one red or blue disc each (unlabelled),
-    drawn on the 8x8-cell grid the linear VAE maps exactly to latents; a style the base never saw, and only
-    part of what the base can draw (no green, no yellow)."""
-    return demo_world.draw_domain_pictures(folder, count, seed)
+def draw_domain_images(folder: Path, count: int, seed: int = 0, colours=None) -> Path:
+    """'Sunset stripes': pink horizontal bands across the cream ground, one disc each (unlabelled), drawn on the
+    8x8-cell grid the linear VAE maps exactly to latents; a style the base never saw. `colours`: the discs'
+    colours (default all four)."""
+    return demo_world.draw_domain_pictures(folder, count, seed, colours)
 
 
 def row_statistics(paths, asked: list[str] | None) -> dict:
@@ -185,8 +195,10 @@ def row_workflow(key: str, cfg: DemoConfig, text: str, seed: int) -> dict:
                     domain_weight=weight, checkpoint="demo_base.safetensors", domain_unet="demo_domain.safetensors",
                     width=cfg.image_px, height=cfg.image_px, batch_size=cfg.batch,
                     filename_prefix=f"demo_{key}_s{seed}")
+    sampler = next(k for k, n in wf.items() if n["class_type"] == "InDomainKSampler")
+    if key == "decoupled":
+        wf[sampler]["inputs"]["domain_start_percent"] = cfg.domain_start
     if key == "naive":
-        sampler = next(k for k, n in wf.items() if n["class_type"] == "InDomainKSampler")
         wf["90"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "demo_naive.safetensors",
                                                            "weight_dtype": "default"},
                     "_meta": {"title": "Load Diffusion Model (the plain fine-tune)"}}
@@ -195,7 +207,8 @@ def row_workflow(key: str, cfg: DemoConfig, text: str, seed: int) -> dict:
 
 
 def row_label(key: str, title: str, cfg: DemoConfig, st: dict) -> str:
-    setting = (f"cfg {cfg.cfg:g}, domain weight {cfg.domain_weight:g}" if key == "decoupled"
+    setting = (f"cfg {cfg.cfg:g}, domain weight {cfg.domain_weight:g}\nfrom {cfg.domain_start:.0%} of the steps"
+               if key == "decoupled"
                else f"cfg {cfg.cfg:g}, domain weight 0")
     return f"{title}\n({setting})\ncontrol {st['control']:.2f}  stripe {st['stripe']:+.2f}"
 
@@ -213,9 +226,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     prompts = cfg.prompts()
 
-    progress.step(f"drawing {cfg.images} built-in domain images ('sunset stripes': red and blue discs on pink "
-                  f"bands, {cfg.image_px} px)")
-    images = draw_domain_images(out / "domain_images", cfg.images)
+    progress.step(f"drawing {cfg.images} built-in domain images ('sunset stripes': {cfg.domain_discs_text()} "
+                  f"on pink bands, {cfg.image_px} px)")
+    images = draw_domain_images(out / "domain_images", cfg.images, colours=cfg.domain_colours())
 
     if cfg.base:
         base = Path(cfg.base)
@@ -286,7 +299,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     progress.say("    control = the fraction of pictures with a disc of the asked colour on a ground (each 8x8 cell "
                  "classed to the nearest palette colour; devkit/demo_world.py follows_ask)")
     progress.say("    stripe = the domain's 32-px horizontal banding (luminance Fourier amplitude down the columns "
-                 "minus across the rows; a plain disc scores about 0, the domain's pictures about 0.24)")
+                 "minus across the rows; a plain disc scores about 0, the domain's pictures about 0.12)")
     for key, st in stats.items():
         ctl = f"control {st['control']:.2f}" if "control" in st else "control  -  "
         progress.say(f"    {key:>13}: {ctl}  stripe {st['stripe']:+.3f}")
@@ -299,7 +312,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         st = stats[key]
         rows.append((row_label(key, title_, cfg, st) if "control" in st else f"{title_}\nstripe {st['stripe']:+.2f}",
                      shown[key]))
-    rows.append((f"the domain (training images:\nred and blue discs only)\nstripe {stats['domain images']['stripe']:+.2f}",
+    rows.append((f"the domain (training images:\n{cfg.domain_discs_text()})\nstripe {stats['domain images']['stripe']:+.2f}",
                  refs[:len(cfg.seeds)]))
     footer = ("each column: the same seed, prompt and steps in every row; " +
               ("the decoupled row's domain model is the plain fine-tune's own file" if domain == naive else
@@ -329,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-steps", type=int, help="the built tiny base UNet's training steps (cached per setting)")
     ap.add_argument("--sample-steps", type=int)
     ap.add_argument("--domain-weight", type=float)
+    ap.add_argument("--domain-start", type=float,
+                    help="the decoupled row's domain_start_percent (default 0.5: the base alone for the first half)")
     ap.add_argument("--prompt", help="one prompt for every column (default: 'a green disc', 'a red disc', 'a yellow disc', 'a blue disc'; the control statistic needs 'a <colour> disc')")
     ap.add_argument("--base", type=Path, help="use this base checkpoint instead of the built tiny one")
     ap.add_argument("--domain-unet", type=Path, help="use this domain UNet file instead of training one")
@@ -336,14 +351,18 @@ def main(argv=None) -> int:
     ap.add_argument("--form", choices=("plain", "full", "lora"), default="plain",
                     help="the decoupled row's domain model (default plain: the naive row's fine-tune itself; full: "
                          "the paper's null-text UNet copy; lora: a rank-8 adapter on the base's own weights)")
+    ap.add_argument("--coverage", choices=("full", "partial"), default="full",
+                    help="the domain pictures' disc colours: full = all four (default, the paper's setting), "
+                         "partial = red and blue only (the columns asking green and yellow ask outside the domain)")
     ap.add_argument("--batch", type=int, help="pictures per column (default 4; the statistics use all of them)")
     ap.add_argument("--lr", type=float, help="fine-tune learning rate (default: 3e-4; 2e-3 for the lora form)")
     args = ap.parse_args(argv)
     cfg = DemoConfig(out_dir=args.out, base=args.base, domain_unet=args.domain_unet, naive_unet=args.naive_unet,
-                     fast=args.fast, form=args.form, lr=args.lr)
+                     fast=args.fast, form=args.form, lr=args.lr,
+                     coverage=args.coverage)
     if args.fast:
         cfg.shrink()
-    for name in ("train_steps", "base_steps", "sample_steps", "domain_weight", "prompt", "batch"):
+    for name in ("train_steps", "base_steps", "sample_steps", "domain_weight", "domain_start", "prompt", "batch"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for p in (cfg.base, cfg.domain_unet, cfg.naive_unet):

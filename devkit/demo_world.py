@@ -13,9 +13,11 @@ pack does. Here instead:
   8x8-pixel cells encodes to its 8x8 latent exactly, and any latent decodes to a 64 px cell picture.
 - **A "plain" world** for the base UNet: one disc (red, green, blue or yellow) on a cream ground,
   prompt "a <colour> disc". The base is trained here, briefly, from its deterministic init (cached).
-- **The built-in domain, "sunset stripes"**: the same discs on warm horizontal bands over dark violet
-  (bands 2 cells high, period 4 cells = 32 px), unlabelled. The pack's trainer fine-tunes the domain UNet
-  on these pictures.
+- **The built-in domain, "sunset stripes"**: the same discs, in all four colours, on pink horizontal bands
+  across the cream ground (bands 2 cells high, period 4 cells = 32 px), unlabelled. The pack's trainer
+  fine-tunes the domain UNet on these pictures. The bands keep half the base's ground: over dark violet
+  bands (`low=VIOLET`) the base's text direction does not carry onto the domain's ground and decoupled
+  guidance loses the ask (docs/performance.md, "The demo").
 - **The domain statistic**, `stripe_score`: the amplitude of the 32-px horizontal banding (mean over
   columns of the 2-cycles-per-64-px Fourier amplitude of luminance down the column) minus the same
   measured across rows (vertical banding). A disc alone is about isotropic and scores near 0; the
@@ -46,8 +48,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 CREAM = (235, 232, 220)
 VIOLET = (40, 16, 60)
 WARM = (240, 120, 180)          # the bands' colour: a sunset pink, far from every disc colour (orange was close to yellow)
-STRIPE_PERIOD = 4              # cells (2 warm, 2 violet)
-DOMAIN_COLOURS = ("red", "blue")   # the domain covers only part of what the base can be asked for
+STRIPE_PERIOD = 4              # cells (2 warm, 2 of the low ground)
+DOMAIN_LOW = CREAM             # the bands' other half: the base's own ground
+PARTIAL_COLOURS = ("red", "blue")   # --coverage partial: a domain covering only part of what the base can be asked for
 GROUNDS = {"cream": CREAM, "violet": VIOLET, "warm": WARM}
 MIN_DISC_CELLS = 4             # the control rule: the asked colour covers at least this many cells ...
 MIN_GROUND_CELLS = 32          # ... on a ground covering at least half the picture
@@ -167,7 +170,7 @@ def _rgb(c) -> torch.Tensor:
 
 
 def render(colour: str, style: str, cx: float, cy: float, radius: float, phase: int = 0,
-           warm: tuple | None = None) -> torch.Tensor:
+           warm: tuple | None = None, low: tuple = DOMAIN_LOW) -> torch.Tensor:
     """One picture as (3, 8, 8) RGB cells in [0, 1]: a disc of `colour` on the style's ground."""
     ii, jj = torch.meshgrid(torch.arange(CELLS, dtype=torch.float32), torch.arange(CELLS, dtype=torch.float32),
                             indexing="ij")
@@ -176,14 +179,14 @@ def render(colour: str, style: str, cx: float, cy: float, radius: float, phase: 
         ground = _rgb(CREAM).view(3, 1, 1).expand(3, CELLS, CELLS)
     elif style == "sunset":
         band = (((ii + phase) % STRIPE_PERIOD) < STRIPE_PERIOD // 2).float()
-        ground = band * _rgb(warm or WARM).view(3, 1, 1) + (1 - band) * _rgb(VIOLET).view(3, 1, 1)
+        ground = band * _rgb(warm or WARM).view(3, 1, 1) + (1 - band) * _rgb(low).view(3, 1, 1)
     else:
         raise ValueError(f"unknown style {style!r}")
     return disc * _rgb(COLOURS[colour]).view(3, 1, 1) + (1 - disc) * ground
 
 
 def random_pictures(n: int, style: str, gen: torch.Generator,
-                    colours=None) -> tuple[torch.Tensor, list[str]]:
+                    colours=None, low: tuple = DOMAIN_LOW) -> tuple[torch.Tensor, list[str]]:
     """n random pictures of a style as (n, 3, 8, 8) cells, and the colour of each disc (drawn from `colours`,
     default all four)."""
     names = list(colours or COLOURS)
@@ -195,7 +198,7 @@ def random_pictures(n: int, style: str, gen: torch.Generator,
         phase = int(torch.randint(0, STRIPE_PERIOD, (1,), generator=gen))
         warm = (WARM[0], WARM[1] - 20 + int(torch.randint(0, 40, (1,), generator=gen)),
                 WARM[2] - 20 + int(torch.randint(0, 40, (1,), generator=gen)))
-        cells.append(render(colour, style, cx, cy, r, phase, warm))
+        cells.append(render(colour, style, cx, cy, r, phase, warm, low))
         colours.append(colour)
     return torch.stack(cells), colours
 
@@ -218,9 +221,10 @@ def write_pictures(folder: Path, cells: torch.Tensor, prefix: str) -> Path:
     return folder
 
 
-def draw_domain_pictures(folder: Path, count: int, seed: int = 0, colours=DOMAIN_COLOURS) -> Path:
-    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs: red and blue discs only (or `colours`)."""
-    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed), colours)
+def draw_domain_pictures(folder: Path, count: int, seed: int = 0, colours=None, low: tuple = DOMAIN_LOW) -> Path:
+    """The built-in domain ('sunset stripes'), `count` unlabelled 64 px PNGs: discs of every colour (or of
+    `colours`) on pink bands over `low`."""
+    cells, _ = random_pictures(count, "sunset", torch.Generator().manual_seed(seed), colours, low)
     return write_pictures(folder, cells, "sunset")
 
 

@@ -1,9 +1,9 @@
 """The demo (python -m indomain.demo) end to end in its fast mode: real trainer, real server, the shared
 text-guided workflow over HTTP, a labelled picture with three rows, and the claim in two statistics per row: the
 base follows the asked colour, the plain fine-tune carries the domain and loses the ask, decoupled guidance
-carries the domain; that it keeps the base's control is a strict xfail (not met at this toy scale: docs/performance.md
-"The demo"). Plus the pieces that make the picture mean something: the
-linear VAE through ComfyUI's own VAE class, and both statistics on pictures whose answer is known."""
+carries the domain and keeps the base's control (docs/performance.md "The demo"). Plus the pieces that make the
+picture mean something: the linear VAE through ComfyUI's own VAE class, and both statistics on pictures whose
+answer is known."""
 from __future__ import annotations
 
 import json
@@ -17,11 +17,15 @@ import torch
 from indomain.devkit import demo_world
 from indomain.devkit import host as host_mod
 
-# the decoupled row's mean stripe score must beat the base row's by this much (the domain images score
-# about 0.24, plain discs about 0.00; see docs/performance.md "The demo" for measured values)
-MARGIN = 0.08
+# the plain fine-tune's mean stripe score must beat the base row's by this much (the domain images score
+# about 0.12, plain discs about 0.00; see docs/performance.md "The demo" for measured values)
+MARGIN = 0.04
+# decoupled guidance reaches the domain: its mean stripe score is at least this fraction of the domain images'
+DOMAIN_FRACTION = 0.6
 # decoupled guidance keeps the base's control to within this (control = fraction of pictures following the ask)
 CONTROL_MARGIN = 0.25
+# ... and keeps more of it than the plain fine-tune, by at least this
+OVER_NAIVE = 0.15
 # the base must follow the ask for the comparison to mean anything
 BASE_CONTROL = 0.75
 
@@ -51,9 +55,9 @@ def test_stripe_score_separates_the_domain_from_plain_pictures():
     p = demo_world.stripe_score(demo_world.to_pixels(plain))
     s = demo_world.stripe_score(demo_world.to_pixels(sunset))
     assert np.abs(p).max() < 0.06
-    assert s.min() > 0.15
+    assert s.min() > 0.07 and s.mean() > 0.1
     # vertical stripes are not the domain: the score is about direction, not just contrast
-    assert (demo_world.stripe_score(demo_world.to_pixels(sunset.transpose(2, 3))) < -0.15).all()
+    assert (demo_world.stripe_score(demo_world.to_pixels(sunset.transpose(2, 3))) < -0.07).all()
     noise = np.random.RandomState(0).rand(8, 64, 64, 3)
     assert np.abs(demo_world.stripe_score(noise)).max() < 0.03
 
@@ -68,9 +72,9 @@ def test_control_rule_passes_the_asked_colour_and_fails_the_others():
         for shift in (1, 2, 3):
             wrong = [names[(names.index(c) + shift) % len(names)] for c in colours]
             assert not demo_world.follows_ask(pictures, wrong).any(), (style, shift)
-    # the domain pictures have only red and blue discs, and they follow their own colours
-    cells, colours = demo_world.random_pictures(16, "sunset", gen, demo_world.DOMAIN_COLOURS)
-    assert set(colours) <= set(demo_world.DOMAIN_COLOURS)
+    # a partial-coverage domain has only red and blue discs, and they follow their own colours
+    cells, colours = demo_world.random_pictures(16, "sunset", gen, demo_world.PARTIAL_COLOURS)
+    assert set(colours) <= set(demo_world.PARTIAL_COLOURS)
     assert demo_world.control_score(demo_world.to_pixels(cells), colours) == 1.0
     # no disc (a bare ground), a flood of the asked colour, or blotches of every colour do not follow any ask
     cream = demo_world.render("red", "plain", 4, 4, 0.0)[None]
@@ -117,17 +121,17 @@ def test_demo_fast_mode_runs_three_rows_and_reports_both_statistics(fast_demo):
         sheet = np.asarray(im.convert("RGB"), dtype=np.float32)
     assert sheet.shape[0] > 500 and sheet.shape[1] > 500
     assert sheet.std() > 10  # not a flat colour
-    batch, seeds = int(report["config"]["batch"]), 2
+    batch, seeds = int(report["config"]["batch"]), 4
     # three generated rows, made over HTTP from the same seeds and prompts
     for key, files in rows.items():
         assert [p.name for p in files] == sorted(report["rows"][key])
         assert len(files) == seeds * batch, key
-        assert sorted({p.name.split("_")[2] for p in files}) == ["s1", "s2"]
-    assert "green" in asked  # at least one column asks for a colour the domain pictures lack
+        assert sorted({p.name.split("_")[2] for p in files}) == ["s1", "s2", "s3", "s4"]
+    assert sorted(set(asked)) == sorted(demo_world.COLOURS)  # every colour is asked for
     for key, (control, stripe) in stats.items():
         assert report["scores"][key]["control"] == pytest.approx(control, abs=1e-3), key
         assert report["scores"][key]["stripe"] == pytest.approx(stripe, abs=1e-3), key
-    assert report["scores"]["domain images"]["stripe"] > 0.15
+    assert report["scores"]["domain images"]["stripe"] > 0.1
 
 
 def test_demo_base_follows_the_ask_and_plain_fine_tuning_gets_the_domain_and_loses_it(fast_demo):
@@ -136,16 +140,15 @@ def test_demo_base_follows_the_ask_and_plain_fine_tuning_gets_the_domain_and_los
     assert base_c >= BASE_CONTROL, stats
     assert naive_c < base_c, stats
     assert naive_s - base_s >= MARGIN, stats
-    assert dec_s - base_s >= MARGIN, stats
 
 
-@pytest.mark.xfail(strict=True, reason="not shown at this scale yet: measured --fast base control 1.00, plain fine-tune "
-                   "0.12, decoupled 0.25 (default run 0.94 / 0.19 / 0.25); the base's text direction does not carry onto "
-                   "the domain's ground (docs/performance.md, The demo)")
 def test_demo_decoupled_guidance_keeps_the_base_control_in_the_domain(fast_demo):
-    """The paper's claim on the demo's picture: decoupled guidance reaches the domain (above) and keeps the
-    base's control to within CONTROL_MARGIN."""
-    stats = fast_demo[-1]
-    (base_c, _), (naive_c, _), (dec_c, _) = stats["base"], stats["naive"], stats["decoupled"]
+    """The paper's claim on the demo's picture: decoupled guidance reaches the domain and keeps the base's
+    control to within CONTROL_MARGIN, well above the plain fine-tune's."""
+    report, stats = fast_demo[2], fast_demo[-1]
+    (base_c, base_s), (naive_c, _), (dec_c, dec_s) = stats["base"], stats["naive"], stats["decoupled"]
+    domain_s = report["scores"]["domain images"]["stripe"]
+    assert dec_s - base_s >= DOMAIN_FRACTION * domain_s, stats
     assert dec_c >= base_c - CONTROL_MARGIN, stats
+    assert dec_c >= naive_c + OVER_NAIVE, stats
     assert dec_c > naive_c, stats
