@@ -580,15 +580,20 @@ def test_demo_sweep_bench_fast(comfy, tmp_path):
     from indomain.demo import sweep as demo_sweep
 
     out = tmp_path / "demo_sweep.json"
-    data = demo_sweep.main(["--fast", "--coverage", "full", "--settings", "base:2.5:0,decoupled:2.5:1", "--out", str(out)])
+    settings = "base:2.5:0,decoupled:2.5:1,naive:2.5:0:0.5,decoupled:2.5:1:0.5"
+    data = demo_sweep.main(["--fast", "--coverage", "full", "--settings", settings, "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == data["rows"]
-    assert [(r["row"], r["cfg"], r["domain_weight"]) for r in data["rows"]] == [("base", 2.5, 0.0), ("decoupled", 2.5, 1.0)]
+    assert [(r["row"], r["cfg"], r["domain_weight"], r["domain_start_percent"]) for r in data["rows"]] == [
+        ("base", 2.5, 0.0, 0.0), ("decoupled", 2.5, 1.0, 0.0), ("naive", 2.5, 0.0, 0.5), ("decoupled", 2.5, 1.0, 0.5)]
     for r in data["rows"]:
         assert r["pictures"] == 2 * 4 and 0.0 <= r["control"] <= 1.0 and math.isfinite(r["stripe"])
         assert r["control"] == pytest.approx(sum(r["control_by_colour"].values()) / len(r["control_by_colour"]))
-    assert (tmp_path / "demo_sweep_full_fast" / "domain_images").is_dir()
-    with pytest.raises(SystemExit):
-        demo_sweep.main(["--fast", "--settings", "nonsense:1:1", "--out", str(out)])
+    folder = tmp_path / "demo_sweep_full_fast"
+    assert (folder / "domain_images_cream").is_dir()
+    assert len(list((folder / "models" / "domain_unets").glob("naive_*_full_cream_*.png"))) == 4  # a picture per row
+    for bad in ("nonsense:1:1", "decoupled:2.5:1:0.5:9"):
+        with pytest.raises(SystemExit):
+            demo_sweep.main(["--fast", "--settings", bad, "--out", str(out)])
 
 
 def test_toy_base_ema_option(comfy):
