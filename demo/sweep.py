@@ -60,18 +60,17 @@ def main(argv=None) -> dict:
 
     torch.set_flush_denormal(True)  # as the demo: subnormal Adam moments are slow on CPU
     # the domain pictures and the fine-tune go beside the JSON
-    cfg = DemoConfig(out_dir=args.out.parent / f"demo_sweep_{args.coverage}{'_fast' if args.fast else ''}")
+    cfg = DemoConfig(out_dir=args.out.parent / f"demo_sweep_{args.coverage}{'_fast' if args.fast else ''}",
+                     coverage=args.coverage, lr=args.lr)
     sample_steps, seeds = cfg.sample_steps, args.seeds
     if args.fast:
         cfg.base_steps, cfg.train_steps, cfg.images, sample_steps, seeds = 4, 3, 8, 2, 2
-    colours = tuple(demo_world.COLOURS) if args.coverage == "full" else demo_world.PARTIAL_COLOURS
-    progress = Progress(1)
-    base = demo_world.demo_checkpoint(cfg.base_steps, cfg.base_batch, cfg.base_lr, log=progress.say)
     if args.train_steps:
         cfg.train_steps = args.train_steps
-    cfg.lr = args.lr
-    low = demo_world.GROUNDS[args.low]
-    images = demo_world.draw_domain_pictures(cfg.out_dir / f"domain_images_{args.low}", cfg.images, colours=colours, low=low)
+    progress = Progress(1)
+    base = demo_world.demo_checkpoint(cfg.base_steps, cfg.base_batch, cfg.base_lr, log=progress.say)
+    images = demo_world.draw_domain_pictures(cfg.out_dir / f"domain_images_{args.low}", cfg.images,
+                                             colours=cfg.domain_colours(), low=demo_world.GROUNDS[args.low])
     models = cfg.out_dir / "models"
     naive = models / "domain_unets" / f"naive_b{cfg.base_steps}_t{cfg.train_steps}_lr{cfg.learning_rate('plain'):g}_{args.coverage}_{args.low}.safetensors"
     if not naive.exists():
