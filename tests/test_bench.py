@@ -353,6 +353,35 @@ def test_toy_bench_fast_partial(comfy, tmp_path):
         assert r["control"] == pytest.approx(inside + (1 - share) * r["control_beyond_content"], abs=1e-9), pid
 
 
+def test_toy_spread_at_partial_coverage_splits_control(tmp_path, capsys):
+    """At partial coverage the spread also reads control inside and beyond the domain's content, per family over
+    its seeds; --replot recomputes it from the points (an older JSON gains the split) and prints both columns. A
+    family whose prompts all lie beyond the content reads '-' inside it, not an error."""
+    from indomain.bench.toy.run import main as toy_main
+
+    def row(pid, control, inside, beyond):
+        fam = pid.rsplit(" seed=", 1)[0]
+        return {"id": pid, "family": fam, "control": control, "domain_score": 1.0, "fd": 100.0 + control,
+                "texture_ratio": 0.9, "control_in_content": inside, "control_beyond_content": beyond}
+
+    vals = {"b cfg=3 seed=0": (0.75, 1.0, 0.5), "b cfg=3 seed=1": (0.5, 0.75, 0.25),
+            "c cfg=5 wd=1 seed=0": (0.25, None, 0.25), "c cfg=5 wd=1 seed=1": (0.125, None, 0.125)}
+    payload = {"coverage": "partial", "fast": True, "config": {"seeds": 2}, "timings_s": {},
+               "points": {pid: row(pid, *v) for pid, v in vals.items()}, "results": {"spread": list(vals)},
+               "derived": {"spread": {}},  # stale: written without the split
+               "references": {"fd_real_domain_vs_real_domain": 1.0, "fd_real_plain_vs_real_domain": 2.0,
+                              "evaluator_accuracy_on_fresh_real_data": 1.0}}
+    src = tmp_path / "toy_partial.json"
+    src.write_text(json.dumps(payload))
+    got = toy_main(["--replot", str(src)])["derived"]["spread"]
+    data = dict(payload, derived={"spread": got})
+    _check_family_stats(data, "spread", got, ("control", "control_beyond_content"))
+    assert got["b cfg=3"]["control_in_content"]["mean"] == pytest.approx(0.875)
+    assert got["c cfg=5 wd=1"]["control_in_content"] == {"mean": None, "sd": None, "n": 0}
+    printed = capsys.readouterr().out
+    assert "control, beyond the content" in printed and "0.375 ± 0.18" in printed
+
+
 def test_toy_texture_statistic():
     """The overshoot statistic: real domain images sit at their own level, plain images near 0."""
     import torch

@@ -90,6 +90,8 @@ class Metrics:
 
 def mean_sd(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None]
+    if not xs:  # e.g. control on the domain's content when no asked prompt lies inside it
+        return {"mean": None, "sd": None, "n": 0}
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 

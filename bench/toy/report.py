@@ -6,6 +6,14 @@ import json
 from .. import common
 
 
+COLUMN = {"control": "control", "domain_score": "domain score", "fd": "FD", "texture_ratio": "texture ratio",
+          "control_in_content": "control, domain content", "control_beyond_content": "control, beyond the content"}
+
+
+def mean_sd_text(stat: dict) -> str:
+    return "-" if stat["mean"] is None else f"{stat['mean']:.3g} ± {stat['sd']:.2g}"
+
+
 def report(payload: dict) -> str:
     rows = payload["points"]
     head = ["point", "control", "domain score", "FD", "texture ratio"]
@@ -28,9 +36,9 @@ def report(payload: dict) -> str:
                                 f"{exp} ({payload['coverage']} coverage)"))
     sp = payload["derived"].get("spread")
     if sp:
-        out.append(common.table(["point", "control", "domain score", "FD", "texture ratio"],
-                                [[f] + [f"{v[k]['mean']:.3g} ± {v[k]['sd']:.2g}" for k in
-                                        ("control", "domain_score", "fd", "texture_ratio")] for f, v in sp.items()],
+        keys = list(next(iter(sp.values())))
+        out.append(common.table(["point", *(COLUMN[k] for k in keys)],
+                                [[f] + [mean_sd_text(v[k]) for k in keys] for f, v in sp.items()],
                                 f"spread over {payload['config']['seeds']} seeds (mean ± sd)"))
     cache = payload["derived"].get("cache")
     if cache:

@@ -98,6 +98,9 @@ def parse_args(argv):
 def replot(args) -> dict:
     """--replot: redraw the Pareto plot and print the tables from a JSON this benchmark wrote."""
     payload = json.loads(args.replot.read_text())
+    if "spread" in payload["results"]:  # recomputed from the points, so an older JSON gains the partial split
+        payload["derived"]["spread"] = family_stats(payload["points"], payload["results"]["spread"],
+                                                    spread_keys(payload["coverage"]))
     if "sweep" in payload["results"]:
         plot = write_pareto(payload, args.replot.with_suffix(".pareto.png"))
         if not payload["fast"] and args.docs:
@@ -109,6 +112,12 @@ def replot(args) -> dict:
 
 
 QUALITY = ("control", "domain_score", "fd", "texture_ratio")
+# at partial coverage the spread also reads control on the prompts the domain shows and on those it lacks
+CONTENT_SPLIT = ("control_in_content", "control_beyond_content")
+
+
+def spread_keys(coverage: str) -> tuple[str, ...]:
+    return QUALITY + (CONTENT_SPLIT if coverage == "partial" else ())
 
 
 def family_stats(rows: dict, ids: list[str], keys=QUALITY) -> dict:
@@ -476,7 +485,7 @@ class Run:
         if "sweep" in results:
             derived["claim"] = summarise(rows, results["sweep"])
         if "spread" in results:
-            derived["spread"] = family_stats(rows, results["spread"])
+            derived["spread"] = family_stats(rows, results["spread"], spread_keys(cfg.coverage))
         if "forgetting" in results:
             derived["forgetting"] = [
                 {"family": rows[pid]["family"].replace(" long", ""), "length": rows[pid]["length"],
