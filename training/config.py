@@ -38,7 +38,7 @@ class TrainConfig:
     hflip: float = 0.5
     seed: int = 0
     save_every: int = 500              # also saved at the end and on interruption; 0 = only then
-    mixed_precision: str = "auto"      # "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
+    mixed_precision: str = "auto"      # "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU) | "no" | "bf16" (CPU too, if native) | "fp16"
     grad_checkpointing: Optional[bool] = None  # recompute block activations in the backward pass; None = the
                                        # form's default (on for the LoRA form, off for full/plain): see with_defaults()
     base_precision: str = "auto"       # LoRA form: dtype of the frozen base while it trains: "auto" (the base's own
