@@ -226,10 +226,16 @@ def test_toy_bench_fast(comfy, tmp_path):
     assert isinstance(claim["c_pareto_dominates_b"], bool) and len(claim["per_b_point"]) == len(toy.CFGS)
     _check_claim(data)
     # spread: every headline family over every seed, with mean and sd (recomputed from the points)
+    # spread: every sweep point over every seed, with mean and sd (recomputed from the points); the front and the
+    # claim read from the means
     spread = data["derived"]["spread"]
-    assert len(spread) == 8 and all(v["control"]["n"] == cfg["seeds"] for v in spread.values())
+    assert set(spread) == {pts[i]["family"] for i in data["results"]["sweep"]}
+    assert all(v["control"]["n"] == cfg["seeds"] for v in spread.values())
     assert {pts[i]["seed"] for i in data["results"]["spread"]} == set(range(cfg["seeds"]))
     _check_family_stats(data, "spread", spread, ("control", "domain_score", "fd", "texture_ratio"))
+    over = data["derived"]["claim_over_seeds"]
+    assert over["front"] and all(f["control"] == spread[f["family"]]["control"] for f in over["front"])
+    assert len(over["claim"]["per_b_point"]) == len(toy.CFGS)
     # forgetting: (b) and (c) at both fine-tuning lengths, the long one long_factor x the steps; each entry is its point
     forget = data["derived"]["forgetting"]
     assert {(f["family"].split()[0], f["length"]) for f in forget} == {(m, ln) for m in "bc" for ln in ("short", "long")}
@@ -361,7 +367,8 @@ def test_toy_spread_at_partial_coverage_splits_control(tmp_path, capsys):
 
     def row(pid, control, inside, beyond):
         fam = pid.rsplit(" seed=", 1)[0]
-        return {"id": pid, "family": fam, "control": control, "domain_score": 1.0, "fd": 100.0 + control,
+        return {"id": pid, "family": fam, "method": pid[0], "schedule": [0.0, 1.0], "control": control,
+                "domain_score": 1.0, "fd": 100.0 + control,
                 "texture_ratio": 0.9, "control_in_content": inside, "control_beyond_content": beyond}
 
     vals = {"b cfg=3 seed=0": (0.75, 1.0, 0.5), "b cfg=3 seed=1": (0.5, 0.75, 0.25),
@@ -380,6 +387,40 @@ def test_toy_spread_at_partial_coverage_splits_control(tmp_path, capsys):
     assert got["c cfg=5 wd=1"]["control_in_content"] == {"mean": None, "sd": None, "n": 0}
     printed = capsys.readouterr().out
     assert "control, beyond the content" in printed and "0.375 ± 0.18" in printed
+
+
+def test_toy_claim_over_seeds_reads_the_means(tmp_path, capsys):
+    """The front and the claim are read from the means over seeds, not from seed 0: here (c) beats (b) on the
+    domain at seed 0 but (b) dominates it on the means; a half-schedule point stays off the front. Expected
+    values worked out by hand below."""
+    from indomain.bench.toy.run import main as toy_main
+
+    seeds = {  # family: (method, schedule, [(control, domain score) per seed])
+        "a cfg=3": ("a", [0.0, 1.0], [(1.0, 0.0), (1.0, 0.0)]),
+        "b cfg=3": ("b", [0.0, 1.0], [(0.8, 0.9), (0.6, 0.9)]),
+        "c cfg=5 wd=1": ("c", [0.0, 1.0], [(0.5, 0.95), (0.7, 0.85)]),
+        "c cfg=3 wd=1.5 sched=0.5-1": ("c", [0.5, 1.0], [(1.0, 1.0), (1.0, 1.0)]),
+        "d cfg=5 wd=1": ("d", [0.0, 1.0], [(0.9, 0.5), (0.9, 0.5)]),
+    }
+    points = {f"{fam} seed={k}": {"id": f"{fam} seed={k}", "family": fam, "method": m, "schedule": sch,
+                                  "control": c, "domain_score": d, "fd": 100.0, "texture_ratio": 1.0}
+              for fam, (m, sch, vals) in seeds.items() for k, (c, d) in enumerate(vals)}
+    ids = list(points)
+    payload = {"coverage": "full", "fast": True, "config": {"seeds": 2}, "timings_s": {}, "points": points,
+               "results": {"spread": ids}, "derived": {},
+               "references": {"fd_real_domain_vs_real_domain": 1.0, "fd_real_plain_vs_real_domain": 2.0,
+                              "evaluator_accuracy_on_fresh_real_data": 1.0}}
+    src = tmp_path / "toy_full.json"
+    src.write_text(json.dumps(payload))
+    over = toy_main(["--replot", str(src), "--docs", str(tmp_path / "docs")])["derived"]["claim_over_seeds"]
+    # means: a (1.0, 0), b (0.7, 0.9), c (0.6, 0.9), d (0.9, 0.5); b dominates c; the half schedule is left out
+    assert [f["family"] for f in over["front"]] == ["a cfg=3", "d cfg=5 wd=1", "b cfg=3"]
+    b = next(f for f in over["front"] if f["family"] == "b cfg=3")
+    assert b["control"]["mean"] == pytest.approx(0.7) and b["control"]["sd"] == pytest.approx(0.1414213562)
+    assert over["claim"]["c_points_dominated_by_some_b"] == ["c cfg=5 wd=1"]
+    assert over["claim"]["c_pareto_dominates_b"] is False
+    assert over["claim"]["best_a"]["id"] == "a cfg=3"
+    assert "the front of (a)-(d) read from the means over 2 seeds" in capsys.readouterr().out
 
 
 def test_toy_texture_statistic():

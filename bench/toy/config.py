@@ -79,6 +79,10 @@ class ToyConfig:
     seeds: int = 3
     gate_samples: int = 16                       # samples per prompt for the sampled gates: 16 x 16 = 4x the FD's 64 dims
     seed: int = 0
+    # bf16: autocast (bf16 matmuls, fp32 weights and optimiser) in every training and sampling call; about 2x faster
+    # on a CPU with native bf16 (AVX512-BF16 / AMX; precision_speed.py), much slower on one without. Its models are other models
+    # (their own cache keys) and its readings are another instrument's: the published figures are fp32.
+    precision: str = "fp32"
 
     @classmethod
     def fast(cls) -> "ToyConfig":
@@ -87,6 +91,8 @@ class ToyConfig:
 
     def key(self, *fields_, **extra) -> str:
         d = dataclasses.asdict(self)
+        if self.precision != "fp32":  # fp32 models keep the keys they had before the setting existed
+            extra = dict(extra, precision=self.precision)
         blob = json.dumps({"v": TOY_VERSION, **{f: d[f] for f in fields_}, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -98,6 +104,16 @@ CNET_FIELDS = BASE_FIELDS + ("cnet_steps", "cnet_lr", "cnet_batch", "cnet_p_unco
 
 def cache_dir() -> Path:
     return Path(os.environ.get("INDOMAIN_CACHE", common.PACK_ROOT / ".cache")) / "toy"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(cfg: ToyConfig):
+    """The autocast context of cfg.precision for CPU work (a no-op context at fp32)."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def log(msg: str) -> None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import common
-from .config import BOUNDS, CACHE_MODES, C_CFGS, CFGS, CNET_CFGS, DOMAIN_WEIGHTS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, ToyConfig
+from .config import (BOUNDS, CACHE_MODES, C_CFGS, CFGS, CNET_CFGS, DOMAIN_WEIGHTS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS,
+                     ToyConfig, autocast)
 
 METHODS = {
     "a": "(a) base + CFG",
@@ -59,21 +60,25 @@ class Point:
         return self.id.rsplit(" seed=", 1)[0]
 
 
+def sweep_points() -> list[Point]:
+    """The Pareto sweep (seed 0): (a), (b) over CFGS, (c) over DOMAIN_WEIGHTS x C_CFGS, (c)'s half schedules and
+    (d) at the HEADLINE points' weights."""
+    pts = [Point("a", c) for c in CFGS] + [Point("b", c) for c in CFGS]
+    pts += [Point("c", c, wd) for c in C_CFGS for wd in DOMAIN_WEIGHTS]
+    pts += [Point("c", c, wd, s, e) for wd, c in HEADLINE for s, e, _ in HALVES]
+    pts += [Point("d", c, wd) for wd in sorted({w for w, _ in HEADLINE}) for c in C_CFGS]
+    return pts
+
+
 def experiment_points(cfg: ToyConfig, experiments) -> dict[str, list[Point]]:
     out = {}
     if "sweep" in experiments:
-        pts = [Point("a", c) for c in CFGS] + [Point("b", c) for c in CFGS]
-        pts += [Point("c", c, wd) for c in C_CFGS for wd in DOMAIN_WEIGHTS]
-        pts += [Point("c", c, wd, s, e) for wd, c in HEADLINE for s, e, _ in HALVES]
-        pts += [Point("d", c, wd) for wd in sorted({w for w, _ in HEADLINE}) for c in C_CFGS]
-        out["sweep"] = pts
+        out["sweep"] = sweep_points()
     if "forgetting" in experiments:
         out["forgetting"] = [Point("b", c, length=ln) for ln in ("short", "long") for c in (3.0, 5.0)] + [
             Point("c", c, wd, length=ln) for ln in ("short", "long") for wd, c in HEADLINE]
-    if "spread" in experiments:
-        fam = [Point("a", 3.0), Point("a", 5.0), Point("b", 3.0), Point("b", 5.0)]
-        fam += [Point(m, c, wd) for m in ("c", "d") for wd, c in HEADLINE]
-        out["spread"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in fam]
+    if "spread" in experiments:  # every sweep point over every seed: the front is read from the means
+        out["spread"] = [dataclasses.replace(p, seed=k) for k in range(cfg.seeds) for p in sweep_points()]
     if "remedies" in experiments:
         out["remedies"] = [Point("c", c, wd, remedy=r) for wd, c in REMEDY_POINTS for r in ("", *REMEDIES)]
         # fairness (G8): the core remedies (model patches) given to (c) are given to (b) too, at (c)'s cfgs
@@ -183,6 +188,10 @@ class ToySampler:
         return steps
 
     def sample(self, pt: Point, names: dict, base=None) -> torch.Tensor:
+        with autocast(self.cfg):  # fp32: a no-op
+            return self._sample(pt, names, base)
+
+    def _sample(self, pt: Point, names: dict, base=None) -> torch.Tensor:
         c = self.cfg
         seed = 1000 + 100000 * pt.seed
         latent = {"samples": torch.zeros(self.n, 4, 8, 8)}

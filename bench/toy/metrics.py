@@ -101,10 +101,10 @@ def dominates(p: dict, q: dict) -> bool:
 
 
 def summarise(rows: dict, sweep_ids: list[str]) -> dict:
-    """The claim's questions, answered from the sweep (seed 0)."""
+    """The claim's questions, answered from the sweep's rows (one seed's points, or per-family means)."""
     sw = {i: rows[i] for i in sweep_ids}
     by = {m: [r for r in sw.values() if r["method"] == m and r["schedule"] == [0.0, 1.0]] for m in "abcd"}
-    if not by["b"] or not by["c"]:
+    if not (by["a"] and by["b"] and by["c"]):
         return {}
     best_a = max(by["a"], key=lambda r: r["control"])
     per_b = []
@@ -121,3 +121,24 @@ def summarise(rows: dict, sweep_ids: list[str]) -> dict:
     return {"best_a": {"id": best_a["id"], "control": best_a["control"], "domain_score": best_a["domain_score"]},
             "c_pareto_dominates_b": all(x["dominated_by_c"] for x in per_b), "per_b_point": per_b,
             "c_points_dominated_by_some_b": c_dominated}
+
+
+def front(rows: list[dict]) -> list[dict]:
+    """The rows no other row dominates (control and domain score), by descending control."""
+    return sorted([r for r in rows if not any(dominates(q, r) for q in rows)], key=lambda r: -r["control"])
+
+
+def summarise_over_seeds(stats: dict, rows: dict, ids: list[str]) -> dict:
+    """The claim's questions answered from the means over seeds (`stats`: family -> key -> mean_sd), and the front
+    of every method together (full schedule, no remedy) with each point's mean ± sd: a front point whose sd
+    reaches its neighbour's mean is not separated from it."""
+    first = {}
+    for pid in ids:
+        first.setdefault(rows[pid]["family"], rows[pid])
+    mean_rows = {f: {"id": f, "method": r["method"], "schedule": r["schedule"],
+                     **{k: stats[f][k]["mean"] for k in ("control", "domain_score", "fd")}}
+                 for f, r in first.items()}
+    full = [r for r in mean_rows.values() if r["schedule"] == [0.0, 1.0]]
+    return {"claim": summarise(mean_rows, list(mean_rows)),
+            "front": [{"family": r["id"], "method": r["method"],
+                       **{k: stats[r["id"]][k] for k in ("control", "domain_score")}} for r in front(full)]}

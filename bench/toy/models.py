@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import common
-from .config import DOMAIN_FIELDS, ToyConfig, log
+from .config import DOMAIN_FIELDS, ToyConfig, autocast, log
 
 def encode(clip, text: str) -> torch.Tensor:
     cond, _pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
@@ -26,9 +26,11 @@ def base_lr_at(cfg: ToyConfig, step: int) -> float:
     return lr
 
 
-def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None) -> tuple[dict, list[float]]:
+def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None,
+               step_ends: list | None = None) -> tuple[dict, list[float]]:
     """Train the tiny UNet from its deterministic init on the plain world, text-conditioned. With cfg.base_ema the
-    weights returned are the exponential moving average (the raw last weights go to `raw_out` when given)."""
+    weights returned are the exponential moving average (the raw last weights go to `raw_out` when given).
+    `step_ends`, when given, gets the perf_counter at the end of every step (step times without the set-up)."""
     from ...devkit import toy_world as world
     from ...forms.model import detached_unet_copy, native_target, noisy_inputs, sample_sigmas
     from ...training.optim import EMA
@@ -59,8 +61,9 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
             xc, t, x_noisy = noisy_inputs(ms, b.latents, sigma, noise)
             for g in opt.param_groups:
                 g["lr"] = base_lr_at(cfg, step)
-            pred = unet(xc, t, context=ctx)
-            loss = torch.nn.functional.mse_loss(pred, native_target(ms, sigma, b.latents, noise, x_noisy))
+            with autocast(cfg):
+                pred = unet(xc, t, context=ctx)
+            loss = torch.nn.functional.mse_loss(pred.float(), native_target(ms, sigma, b.latents, noise, x_noisy))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -68,6 +71,8 @@ def train_base(cfg: ToyConfig, model_patcher, clip, raw_out: dict | None = None)
             if ema is not None:
                 ema.update(unet, cfg.base_ema)
             losses.append(float(loss.detach()))
+            if step_ends is not None:
+                step_ends.append(time.perf_counter())
             if step % 20 == 0 or step == cfg.base_steps - 1:
                 log(f"base step {step + 1}/{cfg.base_steps} loss {losses[-1]:.4f} "
                     f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
@@ -132,9 +137,10 @@ def train_controlnet(cfg: ToyConfig, model_patcher, clip) -> tuple[dict, list[fl
             xc, t, x_noisy = noisy_inputs(ms, b.latents, sigma, noise)
             for g in opt.param_groups:
                 g["lr"] = cfg.cnet_lr * min(1.0, (step + 1) / 20)
-            control = cn(x=xc, hint=hint, timesteps=t, context=ctx)
-            pred = unet(xc, t, context=ctx, control=control)
-            loss = torch.nn.functional.mse_loss(pred, native_target(ms, sigma, b.latents, noise, x_noisy))
+            with autocast(cfg):
+                control = cn(x=xc, hint=hint, timesteps=t, context=ctx)
+                pred = unet(xc, t, context=ctx, control=control)
+            loss = torch.nn.functional.mse_loss(pred.float(), native_target(ms, sigma, b.latents, noise, x_noisy))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
@@ -175,7 +181,8 @@ def finetune(cfg: ToyConfig, which: str, seed: int, steps: int, base_model, base
     tc = TrainConfig(steps=steps, lr=cfg.lora_lr if which == "lora" else cfg.domain_lr, batch_size=cfg.domain_batch,
                      resolution=64, hflip=0.0, seed=cfg.seed + seed, save_every=0, form=FORM_OF[which],
                      ema_decay=cfg.ema_decay, calibration_images=min(64, cfg.domain_images), keep_resume_state=False,
-                     lora_rank=cfg.lora_rank, cache_dir=str(root / "latent_cache"))
+                     lora_rank=cfg.lora_rank, cache_dir=str(root / "latent_cache"),
+                     mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     res = train_on_latents(base_model, base_clip, latents, tc, out_path=path)
     summary = {"form": FORM_OF[which], "seed": cfg.seed + seed, "steps": res.steps_done,
                "first_loss": res.losses[0], "last_loss": res.losses[-1],

@@ -78,7 +78,12 @@ def pareto_png(series: list[dict], path: Path, title: str, fd_floor: float | Non
                 yv = yval(p)
                 if yv is None:
                     continue
-                pts.append((x0 + p["x"] * (x1 - x0), y1 - min(max(yv, 0), 1) * (y1 - y0), p.get("tag", "")))
+                x, y = x0 + p["x"] * (x1 - x0), y1 - min(max(yv, 0), 1) * (y1 - y0)
+                pts.append((x, y, p.get("tag", "")))
+                if p.get("xerr"):  # ± sd over seeds
+                    d.line([x - p["xerr"] * (x1 - x0), y, x + p["xerr"] * (x1 - x0), y], fill=col, width=1)
+                if p.get("yerr") and not ox:
+                    d.line([x, y - p["yerr"] * (y1 - y0), x, y + p["yerr"] * (y1 - y0)], fill=col, width=1)
             if s.get("line") and len(pts) > 1:
                 d.line([(x, y) for x, y, _ in pts], fill=col, width=2)
             for x, y, tag in pts:
@@ -103,11 +108,21 @@ def pareto_png(series: list[dict], path: Path, title: str, fd_floor: float | Non
 
 
 def sweep_series(payload: dict) -> list[dict]:
+    """The sweep's points; where the spread covers a point, its means over seeds with ± sd bars."""
     rows = payload["points"]
     sweep = [rows[i] for i in payload["results"]["sweep"]]
+    spread = payload["derived"].get("spread") or {}
 
     def pts(sel, tag):
-        return [{"x": r["domain_score"], "y": r["control"], "fd": r["fd"], "tag": tag(r)} for r in sel]
+        out = []
+        for r in sel:
+            st = spread.get(r["family"])
+            if st and st["control"]["n"] > 1:
+                out.append({"x": st["domain_score"]["mean"], "y": st["control"]["mean"], "fd": st["fd"]["mean"],
+                            "xerr": st["domain_score"]["sd"], "yerr": st["control"]["sd"], "tag": tag(r)})
+            else:
+                out.append({"x": r["domain_score"], "y": r["control"], "fd": r["fd"], "tag": tag(r)})
+        return out
 
     full = [r for r in sweep if r["schedule"] == [0.0, 1.0]]
     series = [{"label": "(a) base + CFG, cfg " + "/".join(f"{c:g}" for c in CFGS), "line": True,
@@ -128,8 +143,11 @@ def sweep_series(payload: dict) -> list[dict]:
 
 
 def write_pareto(payload: dict, path: Path) -> Path:
+    spread = payload["derived"].get("spread") or {}
+    seeds = max((v["control"]["n"] for v in spread.values()), default=1)
     title = (f"Toy world, {payload['coverage']} coverage: control vs domain score (left), FD to the domain (right); "
-             f"{payload['config']['samples_per_prompt']} samples x {len(payload['world']['prompts'])} prompts per point")
+             f"{payload['config']['samples_per_prompt']} samples x {len(payload['world']['prompts'])} prompts per point"
+             + (f"; means over {seeds} seeds, bars ± sd" if seeds > 1 else ""))
     return pareto_png(sweep_series(payload), path, title, payload["references"]["fd_real_domain_vs_real_domain"])
 
 

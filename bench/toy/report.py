@@ -77,9 +77,17 @@ def report(payload: dict) -> str:
                                   r["single_err_over_c_minus_u"], r["per_level_err_over_u"],
                                   r["per_level_err_over_c_minus_u"]] for r in consts],
                                 "the untrained null-text UNet D0 against the base's u, per noise level (batch means)"))
+    over = payload["derived"].get("claim_over_seeds")
+    if over:
+        out.append(common.table(["front point (means over seeds)", "control", "domain score"],
+                                [[f["family"], mean_sd_text(f["control"]), mean_sd_text(f["domain_score"])]
+                                 for f in over["front"]],
+                                f"the front of (a)-(d) read from the means over {payload['config']['seeds']} seeds "
+                                "(mean ± sd)"))
+        out.append("claim over seeds: " + json.dumps(over["claim"], indent=1, default=float))
     claim = payload["derived"].get("claim")
     if claim:
-        out.append("claim: " + json.dumps(claim, indent=1, default=float))
+        out.append("claim (seed 0): " + json.dumps(claim, indent=1, default=float))
     ref = payload["references"]
     out.append(f"FD floor (real domain vs real domain, same count): {ref['fd_real_domain_vs_real_domain']:.3g}; "
                f"plain vs domain: {ref['fd_real_plain_vs_real_domain']:.3g}; evaluator accuracy "

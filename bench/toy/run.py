@@ -15,13 +15,14 @@ from .. import common
 from . import world
 from .config import (C_CFGS, CFGS, CNET_CFGS, CNET_FIELDS, CNET_MODES, DIAGNOSE_POINTS, DOMAIN_WEIGHTS, EXPERIMENTS,
                      EXTRA_EXPERIMENTS, OWN_COMMAND_EXPERIMENTS, BASE_FIELDS, HALVES, HEADLINE, REMEDIES, REMEDY_POINTS, TOY_VERSION, ToyConfig,
-                     cache_dir, log)
+                     PRECISIONS, cache_dir, log)
 from .experiments import METHODS, SAMPLED_THROUGH, Point, ToySampler, experiment_points
-from .metrics import Metrics, mean_sd, summarise
+from .metrics import Metrics, mean_sd, summarise, summarise_over_seeds
 from .models import FOLDER_OF, finetune, finetune_name, train_base, train_controlnet
 from . import gates as G
 from .plot import write_controlnet_grid, write_grid, write_pareto
 from .report import report
+from ...training.optim import cpu_has_native_bf16
 
 GATE_MODES = ("enforce", "only", "report")
 
@@ -88,22 +89,32 @@ def parse_args(argv):
             setattr(cfg, f.name, v)
     if cfg.coverage not in world.COVERAGES:
         p.error(f"--coverage must be one of {', '.join(world.COVERAGES)} (got {cfg.coverage!r})")
+    if cfg.precision not in PRECISIONS:
+        p.error(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
+    if cfg.precision == "bf16" and not cpu_has_native_bf16():
+        p.error("--precision bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one emulates it, many "
+                "times slower than fp32: leave --precision at fp32")
     if not 1 <= cfg.prompts <= 16:
         p.error(f"--prompts must be 1..16 (got {cfg.prompts})")
     if args.out == common.PACK_ROOT / "artifacts" / "bench" / "toy.json":
-        args.out = args.out.with_name(f"toy_{cfg.coverage}{'_fast' if args.fast else ''}.json")
+        tags = ("_fast" if args.fast else "") + ("" if cfg.precision == "fp32" else "_" + cfg.precision)
+        args.out = args.out.with_name(f"toy_{cfg.coverage}{tags}.json")
     return args, cfg, experiments
+
+
+def publishes(fast: bool, precision: str) -> bool:
+    """Whether a run's pictures go to docs/: the published figures are full-size fp32 runs'."""
+    return not fast and precision == "fp32"
 
 
 def replot(args) -> dict:
     """--replot: redraw the Pareto plot and print the tables from a JSON this benchmark wrote."""
     payload = json.loads(args.replot.read_text())
-    if "spread" in payload["results"]:  # recomputed from the points, so an older JSON gains the partial split
-        payload["derived"]["spread"] = family_stats(payload["points"], payload["results"]["spread"],
-                                                    spread_keys(payload["coverage"]))
+    if "spread" in payload["results"]:  # recomputed from the points, so an older JSON gains the newer readings
+        payload["derived"].update(spread_reading(payload["points"], payload["results"]["spread"], payload["coverage"]))
     if "sweep" in payload["results"]:
         plot = write_pareto(payload, args.replot.with_suffix(".pareto.png"))
-        if not payload["fast"] and args.docs:
+        if publishes(payload["fast"], payload["config"].get("precision", "fp32")) and args.docs:
             args.docs.mkdir(parents=True, exist_ok=True)
             shutil.copy(plot, args.docs / f"toy_pareto{'' if payload['coverage'] == 'full' else '_partial'}.png")
         print(f"Pareto plot: {plot}")
@@ -118,6 +129,12 @@ CONTENT_SPLIT = ("control_in_content", "control_beyond_content")
 
 def spread_keys(coverage: str) -> tuple[str, ...]:
     return QUALITY + (CONTENT_SPLIT if coverage == "partial" else ())
+
+
+def spread_reading(rows: dict, ids: list[str], coverage: str) -> dict:
+    """The spread experiment's reading: every family's mean ± sd over seeds, and the claim read from the means."""
+    spread = family_stats(rows, ids, spread_keys(coverage))
+    return {"spread": spread, "claim_over_seeds": summarise_over_seeds(spread, rows, ids)}
 
 
 def family_stats(rows: dict, ids: list[str], keys=QUALITY) -> dict:
@@ -485,7 +502,7 @@ class Run:
         if "sweep" in results:
             derived["claim"] = summarise(rows, results["sweep"])
         if "spread" in results:
-            derived["spread"] = family_stats(rows, results["spread"], spread_keys(cfg.coverage))
+            derived.update(spread_reading(rows, results["spread"], cfg.coverage))
         if "forgetting" in results:
             derived["forgetting"] = [
                 {"family": rows[pid]["family"].replace(" long", ""), "length": rows[pid]["length"],
@@ -565,7 +582,7 @@ class Run:
         write_grid(payload, self.samples, self.metrics, self.prompts, cfg.samples_per_prompt, grid)
         if "controlnet" in self.points:
             write_controlnet_grid(self.samples, self.metrics, self.prompts, out.with_suffix(".controlnet.png"))
-        if not args.fast and args.docs and "sweep" in self.points:
+        if publishes(args.fast, cfg.precision) and args.docs and "sweep" in self.points:
             args.docs.mkdir(parents=True, exist_ok=True)
             shutil.copy(plot, args.docs / f"toy_pareto{suffix}.png")
             shutil.copy(grid, args.docs / f"toy_grid{suffix}.png")
