@@ -624,6 +624,8 @@ def test_toy_run_refuses_with_a_broken_evaluator(comfy, tmp_path, monkeypatch, c
     on_disk = json.loads(out.read_text())
     assert on_disk["reading"] is None and on_disk["verdict"] == data["verdict"]
     assert set(on_disk["gates"]) == {"G1", "G6", "G8"} and "not measured: G2" in on_disk["verdict"]
+    toy_main(["--replot", str(out)])  # a refused run's JSON replots as its verdict, not a traceback
+    assert "instrument not calibrated: G1" in capsys.readouterr().out
     assert not list((tmp_path / "cache" / "toy" / "models" / "checkpoints").glob("*.safetensors"))  # no base trained
 
 

@@ -16,10 +16,10 @@ def mean_sd_text(stat: dict) -> str:
 
 def report(payload: dict) -> str:
     rows = payload["points"]
-    head = ["point", "control", "domain score", "FD", "texture ratio"]
-
+    keys = ["control", "domain_score", "fd", "texture_ratio"]
     if payload["coverage"] == "partial":
-        head += ["control, domain content", "control, beyond the content"]
+        keys += ["control_in_content", "control_beyond_content"]
+    head = ["point", *(COLUMN[k] for k in keys)]
     out = []
     reading = payload.get("reading")
     if reading and not reading.get("calibrated"):
@@ -29,9 +29,7 @@ def report(payload: dict) -> str:
         spatial = exp == "controlnet"
         for pid in ids:
             r = rows[pid]
-            extra = [r.get("control_in_content"), r.get("control_beyond_content")] if payload["coverage"] == "partial" else []
-            extra += [r["iou"], r["iou_ge_half"]] if spatial else []
-            table_rows.append([pid, r["control"], r["domain_score"], r["fd"], r["texture_ratio"], *extra])
+            table_rows.append([pid, *(r.get(k) for k in keys), *([r["iou"], r["iou_ge_half"]] if spatial else [])])
         out.append(common.table(head + (["IoU with hint", "IoU >= 0.5"] if spatial else []), table_rows,
                                 f"{exp} ({payload['coverage']} coverage)"))
     sp = payload["derived"].get("spread")

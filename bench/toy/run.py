@@ -110,6 +110,9 @@ def publishes(fast: bool, precision: str) -> bool:
 def replot(args) -> dict:
     """--replot: redraw the Pareto plot and print the tables from a JSON this benchmark wrote."""
     payload = json.loads(args.replot.read_text())
+    if "results" not in payload:  # a refused run: its verdict, no reading to draw
+        print(payload.get("verdict", "no reading in this JSON"))
+        return payload
     if "spread" in payload["results"]:  # recomputed from the points, so an older JSON gains the newer readings
         payload["derived"].update(spread_reading(payload["points"], payload["results"]["spread"], payload["coverage"]))
     if "sweep" in payload["results"]:
